@@ -1,0 +1,272 @@
+"""sample.py end to end: the downloader against a local hub, every task on the official-format reduced files and on a
+native checkpoint folder, and the host-RAM peak while loading.
+
+The "hub" is a local `http.server` on 127.0.0.1 serving a complete reduced release built from tests/fixtures/ in the
+official hub layout (official file names, the sharded `.bin` LLaMA with its index, the diffusers unCLIP folder).
+Faults are injected per path: a connection cut half-way (once), a wrong sha256 ETag, a 404.
+"""
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+EVA_URL_PATH = "/lavis/BLIP2/eva_vit_g.pth"  # where the fake storage bucket serves the EVA ViT
+
+
+# ------------------------------------------------------------------------------------------------------
+# A reduced official release in the hub layout, and a local server for it
+# ------------------------------------------------------------------------------------------------------
+
+def build_hub(root: Path) -> Path:
+    """Copy the shared fixtures into the hub layout under the official file names (see COMMON.md)."""
+    def put(src: Path, rel: str):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, root / rel)
+
+    tok, llm, unclip = sample.TOKENIZER_REPO, sample.LLM_REPOS["8b"], sample.UNCLIP_REPO
+    # The official quantizer file has no `visual_encoder.*`: the ViT comes from LAVIS's eva_vit_g.pth.
+    put(FIXTURES / "seed_tokenizer/seed_quantizer_no_vit.pt", f"{tok}/seed_quantizer.pt")
+    put(FIXTURES / "seed_tokenizer/eva_vit_g.pth", sample.EVA_VIT_PATH)
+    for f in ("tokenizer.model", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"):
+        put(FIXTURES / "llama" / f, f"{tok}/{f}")
+    # SEED-LLaMA: the 2023-era config (`torch_dtype`) and the fp16 `.bin` shards with their index, as released.
+    put(FIXTURES / "llama/config.seed_era_4.30.2.json", f"{llm}/config.json")
+    for f in ("generation_config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+              "pytorch_model-00002-of-00002.bin"):
+        put(FIXTURES / "llama" / f, f"{llm}/{f}")
+    # The whole diffusers folder, image_encoder/ and feature_extractor/ included: the test checks they are not fetched.
+    for src in sorted((FIXTURES / "unclip/pipeline").rglob("*")):
+        if src.is_file():
+            put(src, f"{unclip}/{src.relative_to(FIXTURES / 'unclip/pipeline')}")
+    return root
+
+
+class Hub(http.server.ThreadingHTTPServer):
+    """Serves `root` as `/{owner}/{repo}/resolve/main/{file}` (and the EVA file at EVA_URL_PATH), with Range support,
+    a sha256 ETag on weight files as the hub sends for LFS files, a request log and injectable faults."""
+    daemon_threads = True
+
+    def __init__(self, root: Path):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root, self.log = root, []
+        self.cut_once, self.bad_etag, self.missing = set(), set(), set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def env(self, cache: Path, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "SEED_CACHE", "XDG_CACHE_HOME")}
+        return {**env, "HF_ENDPOINT": self.url, "SEED_EVA_VIT_URL": self.url + EVA_URL_PATH,
+                "SEED_CACHE": str(cache), **extra}
+
+    def file_requests(self) -> list[str]:
+        return [rel for rel, _ in self.log]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        hub: Hub = self.server
+        path = self.path.split("?")[0]
+        if path == EVA_URL_PATH:
+            rel = sample.EVA_VIT_PATH
+        else:
+            owner, name, resolve, main, file = (path.lstrip("/").split("/", 4) + [""] * 5)[:5]
+            rel = f"{owner}/{name}/{file}" if (resolve, main) == ("resolve", "main") else ""
+        hub.log.append((rel, self.headers.get("Range")))
+        src = hub.root / rel
+        if not rel or rel in hub.missing or not src.is_file():
+            self.send_error(404)
+            return
+        data = src.read_bytes()
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        if src.suffix in (".bin", ".pt", ".pth", ".safetensors", ".model"):
+            sha = "0" * 64 if rel in hub.bad_etag else hashlib.sha256(data).hexdigest()
+            self.send_header("ETag", f'"{sha}"')
+        self.end_headers()
+        if rel in hub.cut_once:  # send half the body, then drop the connection (once)
+            hub.cut_once.discard(rel)
+            self.wfile.write(data[start:start + (len(data) - start) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = Hub(build_hub(tmp_path_factory.mktemp("hub")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def hub_env(hub, monkeypatch):
+    """Point this process's downloader at the local hub (for the in-process downloader tests)."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("SEED_EVA_VIT_URL", hub.url + EVA_URL_PATH)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub.log.clear()
+    return hub
+
+
+# ------------------------------------------------------------------------------------------------------
+# The downloader, in process
+# ------------------------------------------------------------------------------------------------------
+
+def test_cache_folder_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("SEED_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert sample.weights_root() == tmp_path / "xdg" / "seed-from-scratch"
+    monkeypatch.setenv("SEED_CACHE", str(tmp_path / "cache"))
+    assert sample.weights_root() == tmp_path / "cache"
+    assert sample.weights_root(str(tmp_path / "w")) == tmp_path / "w"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("SEED_CACHE")
+    assert sample.weights_root() == Path.home() / ".cache" / "seed-from-scratch"
+
+
+def test_urls(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.delenv("SEED_EVA_VIT_URL", raising=False)
+    assert sample.hub_url("AILab-CVC/seed-tokenizer-2/seed_quantizer.pt") == \
+        "https://huggingface.co/AILab-CVC/seed-tokenizer-2/resolve/main/seed_quantizer.pt"
+    assert sample.hub_url(sample.EVA_VIT_PATH) == sample.EVA_VIT_URL
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror/")
+    assert sample.hub_url("a/b/c/d.json") == "http://mirror/a/b/resolve/main/c/d.json"
+
+
+def test_download_and_reuse(hub_env, tmp_path):
+    files = sample.resolve_official(tmp_path, "8b")
+    got = hub_env.file_requests()
+    assert len(got) == len(set(got)), "a file was requested twice"
+    assert not any("image_encoder" in r or "feature_extractor" in r for r in got), "SEED never runs these"
+    assert f"{sample.LLM_REPOS['8b']}/pytorch_model-00002-of-00002.bin" in got, "shards come from the index"
+    assert (files.unclip / "unet/diffusion_pytorch_model.safetensors").read_bytes() == \
+        (hub_env.root / sample.UNCLIP_REPO / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert files.vit.read_bytes() == (FIXTURES / "seed_tokenizer/eva_vit_g.pth").read_bytes()
+    assert not list(tmp_path.rglob("*.incomplete"))
+    hub_env.log.clear()
+    sample.resolve_official(tmp_path, "8b")
+    assert hub_env.log == [], "a complete cache must not touch the network"
+
+
+def test_fp16_variant_names(hub_env, tmp_path):
+    """The fp16 run asks for the `.fp16.` unCLIP weights (the reduced hub has none, so it is a clear 404)."""
+    with pytest.raises(sample.DownloadError, match="404.*diffusion_pytorch_model.fp16.safetensors"):
+        sample.resolve_official(tmp_path, "8b", variant="fp16")
+
+
+def test_resume_after_cut(hub_env, tmp_path):
+    rel = f"{sample.LLM_REPOS['8b']}/pytorch_model-00001-of-00002.bin"
+    size = (hub_env.root / rel).stat().st_size
+    hub_env.cut_once.add(rel)
+    sample.download(sample.hub_url(rel), tmp_path / "shard.bin")
+    assert (tmp_path / "shard.bin").read_bytes() == (hub_env.root / rel).read_bytes()
+    assert hub_env.log == [(rel, None), (rel, f"bytes={size // 2}-")], "the second request resumes at the cut"
+
+
+def test_resume_from_an_earlier_run(hub_env, tmp_path):
+    rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
+    data = (hub_env.root / rel).read_bytes()
+    (tmp_path / "q.pt.incomplete").write_bytes(data[:1000])
+    sample.download(sample.hub_url(rel), tmp_path / "q.pt")
+    assert (tmp_path / "q.pt").read_bytes() == data
+    assert hub_env.log == [(rel, "bytes=1000-")]
+
+
+def test_sha256_mismatch_from_server(hub_env, tmp_path):
+    rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
+    hub_env.bad_etag.add(rel)
+    try:
+        with pytest.raises(sample.DownloadError, match="SHA-256.*moved to .*q.pt.corrupt"):
+            sample.download(sample.hub_url(rel), tmp_path / "q.pt")
+    finally:
+        hub_env.bad_etag.discard(rel)
+    assert not (tmp_path / "q.pt").exists() and (tmp_path / "q.pt.corrupt").exists()
+    sample.download(sample.hub_url(rel), tmp_path / "q.pt")  # the next run fetches it afresh
+    assert (tmp_path / "q.pt").read_bytes() == (hub_env.root / rel).read_bytes()
+
+
+def test_sha256_mismatch_from_known_table(hub_env, tmp_path):
+    """A file of exactly the official tokenizer.model size must have the official hash (OFFICIAL_FORMATS.md §c.2)."""
+    size, sha = sample.KNOWN_FILES[f"{sample.TOKENIZER_REPO}/tokenizer.model"]
+    (hub_env.root / "fake/repo/tokenizer.model").parent.mkdir(parents=True, exist_ok=True)
+    (hub_env.root / "fake/repo/tokenizer.model").write_bytes(b"x" * size)
+    with pytest.raises(sample.DownloadError, match=f"SHA-256 differs from the expected {sha}"):
+        sample.download(sample.hub_url("fake/repo/tokenizer.model"), tmp_path / "tokenizer.model",
+                        known=(size, sha))
+    assert (tmp_path / "tokenizer.model.corrupt").exists() and not (tmp_path / "tokenizer.model").exists()
+
+
+def test_404(hub_env, tmp_path):
+    rel = f"{sample.UNCLIP_REPO}/vae/config.json"
+    hub_env.missing.add(rel)
+    try:
+        with pytest.raises(sample.DownloadError, match=r"vae/config.json does not exist \(HTTP 404\)"):
+            sample.resolve_official(tmp_path, "8b")
+    finally:
+        hub_env.missing.discard(rel)
+
+
+def test_no_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setattr(sample.time, "sleep", lambda s: None)
+    with pytest.raises(sample.DownloadError, match="cannot reach .*Check the network"):
+        sample.download(sample.hub_url("a/b/c.json"), tmp_path / "c.json")
+
+
+def test_offline_names_missing_files(hub_env, monkeypatch, tmp_path):
+    sample.resolve_official(tmp_path, "8b")
+    llm = tmp_path / sample.LLM_REPOS["8b"]
+    (llm / "pytorch_model-00002-of-00002.bin").unlink()
+    (tmp_path / sample.EVA_VIT_PATH).unlink()
+    hub_env.log.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(sample.DownloadError) as e:
+        sample.resolve_official(tmp_path, "8b")
+    assert "HF_HUB_OFFLINE=1" in str(e.value) and "pytorch_model-00002-of-00002.bin" in str(e.value) \
+        and sample.EVA_VIT_PATH in str(e.value)
+    assert hub_env.log == []
+
+
+def test_not_enough_space(hub_env, monkeypatch, tmp_path):
+    monkeypatch.setattr(sample.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
+    with pytest.raises(sample.DownloadError, match="not enough disk space for q.pt"):
+        sample.download(sample.hub_url(rel), tmp_path / "q.pt")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to simulate a full disk")
+def test_disk_full_while_writing(hub_env, tmp_path):
+    (tmp_path / "q.pt.incomplete").symlink_to("/dev/full")  # every write fails with ENOSPC
+    rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
+    with pytest.raises(sample.DownloadError, match="the disk is full"):
+        sample.download(sample.hub_url(rel), tmp_path / "q.pt")
