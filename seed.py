@@ -1,0 +1,658 @@
+"""The SEED image tokenizer: image -> 32 causal discrete codes -> 1024-d image embedding for the unCLIP decoder.
+
+SEED (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", ICLR 2024, arXiv:2310.01218), tokenizer v2:
+    pixels (B, 3, 224, 224)
+      -> EVA ViT-g/14 (BLIP-2's frozen image encoder, 39 blocks) -> ln_vision        (B, 257, 1408)
+      -> Causal Q-Former (qformer.py): 32 queries, query i sees queries 0..i          (B, 32, 768)
+      -> encode_task_layer (Linear, Tanh, Linear) -> z                               (B, 32, 32)
+      -> nearest of 8192 codebook rows (vq.py)                                       (B, 32) codes
+and back, for generation:
+    codes -> codebook rows -> decode_task_layer (Linear, Tanh, Linear)               (B, 32, 768)
+      -> + pos_embed_image -> 4 pre-LN ViT blocks -> image_down (768->256->128->32)  (B, 32, 32)
+      -> flatten -> distill_image_proj                                               (B, 1024)
+The 1024-d output lives in the space of OpenCLIP ViT-H/14 image embeddings, which the unCLIP UNet (unet.py) draws from.
+
+Mirrors (AILab-CVC/SEED @ 93b3cf4) `models/seed_qformer/qformer_quantizer.py` (`Blip2QformerQuantizer`:
+`get_codebook_indices` = `encode`, `get_codebook_entry` = `embed`), `eva_vit.py` (`create_eva_vit_g`), `vit.py`
+(`Block`), and the preprocessing of `models/transforms.py` (`get_transform(type='clip')`).
+Official files: `AILab-CVC/seed-tokenizer-2/seed_quantizer.pt` and BLIP-2's `eva_vit_g.pth`.
+
+Public API (other modules rely on these names):
+  * `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")`: 32x32 images, patch 4);
+  * `EVAViT(image_size, patch_size, width, depth, n_heads, mlp_hidden)`: `forward(pixels) -> (B, 1+N, width)`, all
+    tokens, no final norm; usable on its own (train.py's tiny CLIP uses it as its image tower);
+  * `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6, attention=Attention)`: the timm pre-LN block of `blocks_image`
+    (EVA's blocks are the same with `attention=EVAAttention`);
+  * `SeedTokenizer(config=None, causal=None)`:
+      - `encode(pixels) -> (B, 32) long`, `embed(codes) -> (B, E)`, `preprocess(image) -> (3, S, S)`;
+      - the chain as small differentiable steps, which `encode`/`embed` compose and train.py trains:
+        `image_features(pixels)` (ViT + ln_vision) -> `query_embeddings(feats)` (B, 32, Dq) -> `to_code_space(q)` z
+        -> `quantize(z)` = (z_q straight-through, codes, loss) -> `from_code_space(z_q)` (B, 32, Dq)
+        -> `image_embedding(q_rec)` (B, E);
+      - `from_official(quantizer_path, vit_path=None, device=None, dtype=None, ...)`, `save_pretrained(folder)`,
+        `from_pretrained(folder, device=None, dtype=None)`;
+  * `load_image(image) -> PIL RGB image` (path, bytes, PIL image or array), used by `preprocess`.
+
+Loading the official files (`from_official`): every size is read from tensor shapes (ViT width/depth/patch/MLP,
+Q-Former width/layers/intermediate/cross-attention period, codebook, decoder depth/MLP, image_down, output width), so
+reduced checkpoints in the official format load too. Head counts cannot be read from shapes: they are keyword
+arguments whose defaults are the official ones (ViT 16, Q-Former 12, decoder 12). Official key names map to ours by
+`OFFICIAL_RENAMES` (the Q-Former only; every other module is named as in the file) and `OFFICIAL_IGNORED` lists the
+keys dropped on purpose. Any missing or mis-shaped key is an error that names it (and lists the unused keys, which
+usually show a rename); unused keys alone are allowed, as the official `strict=False` load allows them (the released
+`seed_quantizer.pt` holds ~146 unknown tensors), and are counted in one log line.
+
+Deviations: attention runs through `F.scaled_dot_product_attention` (EVA scales q before q k^T; SDPA scales the
+scores: equal up to rounding); the tokenizer does not build the training-only reconstruction branch
+(`pos_embed` + `blocks`, see `OFFICIAL_IGNORED`); on fp16 the official code keeps LayerNorms in fp32, torch's
+LayerNorm kernels accumulate in fp32 anyway.
+"""
+import io
+import json
+import logging
+import os
+import re
+import zipfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from qformer import CausalQFormer, QFormerConfig
+from vq import VectorQuantizer
+
+log = logging.getLogger(__name__)
+
+# CLIP's normalisation (SEED: `transforms.Normalize` in models/transforms.py).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class SeedConfig:
+    # EVA ViT-g/14 as BLIP-2 builds it: 16 heads of 88, MLP int(1408 * 4.3637), the penultimate of 40 blocks.
+    image_size: int = 224
+    patch_size: int = 14
+    vit_width: int = 1408
+    vit_depth: int = 39
+    vit_heads: int = 16
+    vit_mlp: int = 6144
+    # Causal Q-Former (bert-base-uncased geometry, cross-attention to the ViT in every 2nd layer, 32 queries).
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    causal: bool = True
+    # Codebook: 8192 codes of 32 dims.
+    n_codes: int = 8192
+    code_dim: int = 32
+    # Decoder from codes to the unCLIP image embedding: 4 timm ViT blocks (12 heads hard-coded officially).
+    decoder_depth: int = 4
+    decoder_heads: int = 12
+    decoder_mlp: int = 3072
+    image_down: tuple[int, ...] = (256, 128, 32)  # bias-free Linear/ReLU widths after the blocks
+    embed_dim: int = 1024  # OpenCLIP ViT-H/14 image-embedding width
+
+    def __post_init__(self):
+        self.image_down = tuple(self.image_down)
+        checks = [
+            (self.image_size % self.patch_size == 0, f"image_size {self.image_size} % patch_size {self.patch_size}"),
+            (self.vit_width % self.vit_heads == 0, f"vit_width {self.vit_width} % vit_heads {self.vit_heads}"),
+            (self.qformer.width % self.decoder_heads == 0,
+             f"decoder width {self.qformer.width} % decoder_heads {self.decoder_heads}"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"SeedConfig: {what} must be 0")
+        if self.qformer.vision_width != self.vit_width:
+            raise ValueError(f"qformer.vision_width {self.qformer.vision_width} must equal vit_width {self.vit_width}")
+
+    @classmethod
+    def preset(cls, name: str) -> "SeedConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown SeedConfig preset {name!r}; choices: {', '.join(PRESETS)}")
+        return PRESETS[name]()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SeedConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"SeedConfig: unknown fields {sorted(unknown)}")
+        return cls(**{**d, "qformer": QFormerConfig(**d.get("qformer", {}))})
+
+
+def _tiny() -> SeedConfig:
+    # The shapes world (SHAPES_WORLD.md): 32x32 images, 4x4 patches (64 tokens + CLS), width 128.
+    # Still 32 queries, so an image is 32 tokens for the LLM, as in the official model.
+    return SeedConfig(
+        image_size=32, patch_size=4, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=512,
+        qformer=QFormerConfig(width=128, n_layers=2, n_heads=4, intermediate=512, vision_width=128,
+                              max_text_len=32, proj_dim=64),
+        n_codes=256, code_dim=16,
+        decoder_depth=2, decoder_heads=4, decoder_mlp=512, image_down=(64, 32, 8), embed_dim=128,
+    )
+
+
+PRESETS = {"seed-tokenizer-2": SeedConfig, "tiny": _tiny}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ViT building blocks (timm `vit.Block`; EVA's variant of its attention)
+# ----------------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """timm ViT self-attention: one fused qkv projection (rows q | k | v, heads contiguous), no mask."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def project_qkv(self, x):
+        return self.qkv(x)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.project_qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, T, 3C) -> 3 x (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
+
+
+class EVAAttention(Attention):
+    """EVA's attention: the qkv bias is cat(q_bias, 0, v_bias), stored as two parameters (k has no bias)."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__(dim, n_heads)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+
+    def project_qkv(self, x):
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        return F.linear(x, self.qkv.weight, bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as nn.GELU()
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer block: x += attn(norm1(x)); x += mlp(norm2(x)). No layer scale, no drop path."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_hidden: int, eps: float = 1e-6, attention=Attention):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = attention(dim, n_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, mlp_hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class EVAViT(nn.Module):
+    """EVA ViT-g/14 as BLIP-2 uses it: patch embedding + CLS + absolute positions + pre-LN blocks, no final norm."""
+
+    def __init__(self, image_size=224, patch_size=14, width=1408, depth=39, n_heads=16, mlp_hidden=6144):
+        super().__init__()
+        self.image_size, self.patch_size = image_size, patch_size
+        n_patches = (image_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)  # includes the CLS position
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.blocks = nn.ModuleList(
+            ViTBlock(width, n_heads, mlp_hidden, eps=1e-6, attention=EVAAttention) for _ in range(depth)
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        S = self.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, S, S):
+            raise ValueError(f"expected pixels (B, 3, {S}, {S}), got {tuple(pixels.shape)}")
+        x = self.patch_embed.proj(pixels).flatten(2).transpose(1, 2)  # (B, C, S/p, S/p) -> (B, N, C)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, C)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_image(image) -> Image.Image:
+    """A path, bytes, PIL image or array (H, W[, C], uint8 or uint16) as an RGB PIL image; ValueError if unreadable."""
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif isinstance(image, (bytes, bytearray)):
+        if not image:
+            raise ValueError("empty image bytes")
+        image = _open(io.BytesIO(image), "image bytes")
+    elif isinstance(image, (str, os.PathLike)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image file not found: {image}")
+        image = _open(image, str(image))
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected a path, bytes, PIL image or numpy array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"empty image ({image.width}x{image.height})")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit grey (PNG): PIL's convert("RGB") would clip to 255, so rescale 0..65535 to 0..255 first.
+        image = _array_to_pil(np.asarray(image).astype(np.uint16))
+    # Like the official `Image.open(p).convert('RGB')`: alpha is dropped, palette / grey / CMYK are converted.
+    return image.convert("RGB")
+
+
+def _open(source, name: str) -> Image.Image:
+    try:
+        image = Image.open(source)
+        image.load()  # decode now, so a truncated file fails here with a clear error
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read {name} as an image: {e}") from e
+    return image
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    if a.size == 0:
+        raise ValueError(f"empty image array of shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = (a.astype(np.uint32) * 255 + 32767) // 65535  # 16-bit -> 8-bit, rounded
+    elif a.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 or uint16, got {a.dtype}")
+    a = a.astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    return Image.fromarray(a)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+class SeedTokenizer(nn.Module):
+    def __init__(self, config: SeedConfig | None = None, causal: bool | None = None):
+        super().__init__()
+        config = config or SeedConfig()
+        if causal is not None:
+            config = replace(config, causal=causal)  # kept in the config, so save/load round-trips it
+        self.config = c = config
+        D, Q = c.qformer.width, c.qformer.n_queries
+        self.visual_encoder = EVAViT(c.image_size, c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp)
+        self.ln_vision = nn.LayerNorm(c.vit_width, eps=1e-5)  # torch default eps, unlike the ViT's 1e-6
+        self.qformer = CausalQFormer(c.qformer, causal=c.causal)
+        self.encode_task_layer = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, c.code_dim))
+        self.quantize = VectorQuantizer(c.n_codes, c.code_dim)
+        self.decode_task_layer = nn.Sequential(nn.Linear(c.code_dim, c.code_dim), nn.Tanh(), nn.Linear(c.code_dim, D))
+        self.pos_embed_image = nn.Parameter(torch.randn(1, Q, D) * 0.02)
+        self.blocks_image = nn.ModuleList(ViTBlock(D, c.decoder_heads, c.decoder_mlp) for _ in range(c.decoder_depth))
+        widths = (D, *c.image_down)
+        down = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            down += [nn.Linear(w_in, w_out, bias=False), nn.ReLU()]
+        self.image_down = nn.Sequential(*down[:-1])  # no ReLU after the last Linear
+        self.distill_image_proj = nn.Linear(Q * c.image_down[-1], c.embed_dim)
+
+    # --- the chain, step by step (differentiable) ---------------------------------------------------------------
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, 1+N, vit_width): all ViT tokens (CLS included) after ln_vision."""
+        return self.ln_vision(self.visual_encoder(pixels))
+
+    def query_embeddings(self, image_feats: torch.Tensor) -> torch.Tensor:
+        """(B, 1+N, vit_width) -> (B, 32, Dq): the causal Q-Former embeddings."""
+        return self.qformer(image_feats)
+
+    def to_code_space(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, 32, Dq) -> (B, 32, code_dim): z, the input of the quantizer."""
+        return self.encode_task_layer(queries)
+
+    def from_code_space(self, z_q: torch.Tensor) -> torch.Tensor:
+        """(B, 32, code_dim) -> (B, 32, Dq): the reconstruction of the query embeddings (official query_output_up)."""
+        return self.decode_task_layer(z_q)
+
+    def image_embedding(self, queries: torch.Tensor) -> torch.Tensor:
+        """(B, 32, Dq) reconstructed queries -> (B, E) image embedding (official get_codebook_entry, after the VQ)."""
+        x = queries + self.pos_embed_image
+        for block in self.blocks_image:
+            x = block(x)  # no final norm after the blocks
+        x = self.image_down(x)  # (B, 32, Dq) -> (B, 32, 32)
+        return self.distill_image_proj(x.flatten(1))  # (B, 32 * 32) -> (B, E)
+
+    # --- inference -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels (see `preprocess`) -> (B, 32) long codes in [0, n_codes)."""
+        pixels = pixels.to(device=self.ln_vision.weight.device, dtype=self.ln_vision.weight.dtype)
+        z = self.to_code_space(self.query_embeddings(self.image_features(pixels)))
+        return self.quantize.nearest(z)
+
+    @torch.no_grad()
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, 32) codes -> (B, E) image embedding, the condition of the unCLIP decoder."""
+        Q = self.config.qformer.n_queries
+        if codes.ndim != 2 or codes.shape[1] != Q:
+            raise ValueError(f"expected codes (B, {Q}), got {tuple(codes.shape)}")
+        z_q = self.quantize.lookup(codes.to(self.pos_embed_image.device))
+        return self.image_embedding(self.from_code_space(z_q))
+
+    def preprocess(self, image) -> torch.Tensor:
+        """Path / bytes / PIL image / uint8 array -> (3, S, S) float32, as the official scripts: bilinear resize
+        to S x S (no crop, aspect ratio not kept; PIL antialiases when shrinking), /255, CLIP mean/std."""
+        S = self.config.image_size
+        image = load_image(image).resize((S, S), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+        mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+        return (x - mean) / std
+
+    # --- native checkpoints ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder) -> None:
+        """Write config.json + model.safetensors into `folder`, each atomically (temp file + os.replace)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(self.config.to_dict(), indent=1)))
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None, dtype=None) -> "SeedTokenizer":
+        """Read a folder written by `save_pretrained`; every key must match exactly."""
+        folder = Path(folder)
+        for name in ("config.json", "model.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} not found (expected a folder written by save_pretrained)")
+        try:
+            config = SeedConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{folder / 'config.json'} is not a SeedConfig: {e}") from e
+        state = read_state_dict(folder / "model.safetensors")
+        with torch.device("meta"):
+            model = cls(config)
+        missing, misshaped, unexpected = _compare(model, state)
+        if missing or misshaped or unexpected:
+            raise ValueError(_mismatch_report(str(folder / "model.safetensors"), missing, misshaped, unexpected))
+        return _assign(model, state, device, dtype)
+
+    # --- official checkpoints --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_official(cls, quantizer_path, vit_path=None, device=None, dtype=None, *,
+                      vit_depth: int = 39, vit_heads: int = 16, qformer_heads: int = 12,
+                      decoder_heads: int = 12) -> "SeedTokenizer":
+        """Load the released `seed_quantizer.pt` (+ BLIP-2's `eva_vit_g.pth` when the quantizer has no
+        `visual_encoder.*` keys, as the released one). `.pt`/`.pth` files are read with
+        `torch.load(weights_only=True, mmap=True)`; `.safetensors` also work.
+
+        Sizes come from the tensor shapes. The keyword arguments are what shapes cannot tell: head counts, and
+        how many ViT blocks to use (BLIP-2 uses the first 39 of the file's 40; a file with fewer uses all).
+        """
+        quantizer = read_state_dict(quantizer_path)
+        has_vit = any(k.startswith("visual_encoder.") for k in quantizer)
+        if has_vit:
+            vit, vit_source = None, str(quantizer_path)
+        elif vit_path is None:
+            raise ValueError(f"{quantizer_path} holds no visual_encoder.* weights: pass vit_path (eva_vit_g.pth)")
+        else:
+            vit, vit_source = read_state_dict(vit_path), str(vit_path)
+        return cls.from_official_state_dict(
+            quantizer, vit, device, dtype, vit_depth=vit_depth, vit_heads=vit_heads,
+            qformer_heads=qformer_heads, decoder_heads=decoder_heads,
+            source=f"{quantizer_path}" + ("" if has_vit else f" + {vit_source}"),
+        )
+
+    @classmethod
+    def from_official_state_dict(cls, quantizer: dict, vit: dict | None = None, device=None, dtype=None, *,
+                                 vit_depth: int = 39, vit_heads: int = 16, qformer_heads: int = 12,
+                                 decoder_heads: int = 12, source: str = "official state dict") -> "SeedTokenizer":
+        """`from_official` on state dicts already in memory (tensors may live on the meta device: then only keys
+        and shapes are checked, which the key-coverage test uses)."""
+        official = dict(quantizer)
+        if vit is not None:  # eva_vit_g.pth keys carry no prefix
+            official.update({f"visual_encoder.{k}": v for k, v in vit.items()})
+        config = infer_config(official, vit_depth, vit_heads, qformer_heads, decoder_heads, source)
+        state, ignored, to_official = {}, 0, {}
+        for key, tensor in official.items():
+            if _is_ignored(key, config.vit_depth):
+                ignored += 1
+                continue
+            ours = official_to_ours(key)
+            state[ours], to_official[ours] = tensor, key
+        with torch.device("meta"):
+            model = cls(config)
+        missing, misshaped, unexpected = _compare(model, state)
+        if missing or misshaped:
+            # Report everything in the file's own (official) names.
+            raise ValueError(_mismatch_report(
+                source,
+                [ours_to_official(k) for k in missing],
+                [(to_official[k], a, b) for k, a, b in misshaped],
+                [to_official[k] for k in unexpected],
+                note=f"architecture inferred from the shapes: {config}",
+            ))
+        log.info(
+            "%s: loaded %d tensors, ignored %d on purpose (training-only recon branch, text branch, position_ids, "
+            "ViT blocks >= %d), skipped %d unknown tensors%s",
+            source, len(state) - len(unexpected), ignored, config.vit_depth, len(unexpected),
+            (": " + ", ".join(to_official[k] for k in unexpected[:5]) + (", ..." if len(unexpected) > 5 else ""))
+            if unexpected else "",
+        )
+        for k in unexpected:
+            del state[k]
+        return _assign(model, state, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Official checkpoint format: names, ignore list, size inference
+# ----------------------------------------------------------------------------------------------------------------
+
+# Official key -> our key, applied in order. Only the Q-Former differs: our attention and feed-forward are one module
+# each (BERT splits them into self/output and intermediate/output modules), and query_tokens lives in the Q-Former.
+OFFICIAL_RENAMES = [
+    (r"^query_tokens$", "qformer.query_tokens"),
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.input_norm."),
+    (r"^Qformer\.bert\.encoder\.layer\.", "qformer.layers."),
+    (r"\.(attention|crossattention)\.self\.", r".\1."),
+    (r"\.(attention|crossattention)\.output\.dense\.", r".\1.out."),
+    (r"\.(attention|crossattention)\.output\.LayerNorm\.", r".\1.norm."),
+    (r"\.intermediate_query\.dense\.", ".ffn_query.up."),
+    (r"\.output_query\.dense\.", ".ffn_query.down."),
+    (r"\.output_query\.LayerNorm\.", ".ffn_query.norm."),
+]
+
+# Official keys that are dropped on purpose (the official inference never reads them either).
+OFFICIAL_IGNORED = [
+    # recon_s=True builds a reconstruction branch used only by the training loss (pos_embed (1,32,768) and 4 blocks).
+    r"^pos_embed$",
+    r"^blocks\.\d+\.",
+    # BERT's int64 position-id buffer: queries get no position embedding.
+    r"^Qformer\.bert\.embeddings\.position_ids$",
+    # The text branch, which the official code sets to None after construction (word/position embeddings, the text
+    # feed-forward `intermediate`/`output` of each layer, the MLM head `cls`); absent from the released file.
+    r"^Qformer\.bert\.embeddings\.(word|position)_embeddings\.",
+    r"^Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.",
+    r"^Qformer\.cls\.",
+]
+
+
+# The inverse of OFFICIAL_RENAMES, to name missing keys as the file should have them (a test checks both directions).
+OURS_TO_OFFICIAL = [
+    (r"^qformer\.query_tokens$", "query_tokens"),
+    (r"^qformer\.input_norm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (r"^qformer\.layers\.", "Qformer.bert.encoder.layer."),
+    (r"\.(attention|crossattention)\.(query|key|value)\.", r".\1.self.\2."),
+    (r"\.(attention|crossattention)\.out\.", r".\1.output.dense."),
+    (r"\.(attention|crossattention)\.norm\.", r".\1.output.LayerNorm."),
+    (r"\.ffn_query\.up\.", ".intermediate_query.dense."),
+    (r"\.ffn_query\.down\.", ".output_query.dense."),
+    (r"\.ffn_query\.norm\.", ".output_query.LayerNorm."),
+]
+
+
+def _rename(key: str, table) -> str:
+    for pattern, repl in table:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def official_to_ours(key: str) -> str:
+    return _rename(key, OFFICIAL_RENAMES)
+
+
+def ours_to_official(key: str) -> str:
+    return _rename(key, OURS_TO_OFFICIAL)
+
+
+def _is_ignored(key: str, vit_depth: int) -> bool:
+    m = re.match(r"^visual_encoder\.blocks\.(\d+)\.", key)
+    if m and int(m.group(1)) >= vit_depth:
+        return True  # BLIP-2 uses EVA-CLIP-g's penultimate layer: eva_vit_g.pth's block 39 (the 40th) is unused
+    return any(re.match(p, key) for p in OFFICIAL_IGNORED)
+
+
+def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, decoder_heads=12,
+                 source="official state dict") -> SeedConfig:
+    """Every size of the tokenizer from the shapes of official-format tensors (quantizer + visual_encoder.*)."""
+    def shape(key):
+        if key not in official:
+            raise ValueError(f"{source}: missing key {key!r}, needed to infer the model size")
+        return tuple(official[key].shape)
+
+    def indices(pattern):
+        found = {int(m.group(1)) for k in official if (m := re.match(pattern, k))}
+        return sorted(found)
+
+    vit_blocks = indices(r"^visual_encoder\.blocks\.(\d+)\.")
+    n_layers = len(indices(r"^Qformer\.bert\.encoder\.layer\.(\d+)\."))
+    cross = indices(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.")
+    freq = next((f for f in range(1, n_layers + 1) if cross == list(range(0, n_layers, f))), None)
+    if freq is None:
+        raise ValueError(f"{source}: cross-attention in Q-Former layers {cross} of {n_layers} is not periodic")
+    width = shape("query_tokens")[2]
+    patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
+    n_tokens = shape("visual_encoder.pos_embed")[1]
+    grid = round((n_tokens - 1) ** 0.5)
+    vit_width = shape("visual_encoder.cls_token")[2]
+    n_down = len(indices(r"^image_down\.(\d+)\.weight$"))
+    try:
+        return SeedConfig(
+            image_size=grid * patch, patch_size=patch, vit_width=vit_width,
+            vit_depth=min(vit_depth, len(vit_blocks)), vit_heads=vit_heads,
+            vit_mlp=shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],
+            qformer=QFormerConfig(
+                width=width, n_layers=n_layers, n_heads=qformer_heads,
+                intermediate=shape("Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")[0],
+                vision_width=shape(f"Qformer.bert.encoder.layer.{cross[0]}.crossattention.self.key.weight")[1],
+                n_queries=shape("query_tokens")[1], cross_attention_freq=freq,
+            ),
+            n_codes=shape("quantize.embedding.weight")[0], code_dim=shape("quantize.embedding.weight")[1],
+            decoder_depth=len(indices(r"^blocks_image\.(\d+)\.")), decoder_heads=decoder_heads,
+            decoder_mlp=shape("blocks_image.0.mlp.fc1.weight")[0],
+            image_down=tuple(shape(f"image_down.{2 * i}.weight")[0] for i in range(n_down)),
+            embed_dim=shape("distill_image_proj.weight")[0],
+        )
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{source}: the tensor shapes do not describe a SEED tokenizer: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and checking state dicts
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} from .safetensors, or a torch.save file read with weights_only=True (mmap if zip)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        # Pre-1.6 torch.save files are not zip archives and cannot be memory-mapped.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # torch raises several types for foreign files (UnpicklingError, RuntimeError, KeyError)
+        detail = str(e)
+        if "GLOBAL" in detail:  # weights_only's refusal: the pickle names a function or class to call on load
+            what = next((line for line in detail.splitlines() if "GLOBAL" in line), "").strip()
+            raise ValueError(
+                f"{path}: refused to load: the pickle would construct objects that are not plain tensors, which can "
+                f"execute code (torch.load weights_only=True). {what}"
+            ) from e
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {type(e).__name__}: {detail[:200]}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (a flat dict of tensors), got {type(state).__name__}")
+    return state
+
+
+def _compare(model: nn.Module, state: dict):
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [(k, tuple(state[k].shape), tuple(expected[k].shape))
+                 for k in state if k in expected and state[k].shape != expected[k].shape]
+    return missing, misshaped, unexpected
+
+
+def _mismatch_report(source, missing, misshaped, unexpected, note="") -> str:
+    def listing(items):
+        return "\n    ".join(str(x) for x in items)
+
+    lines = [f"{source} does not match the SEED tokenizer:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}):\n    {listing(missing)}")
+    if misshaped:
+        lines.append(f"  mis-shaped ({len(misshaped)}), file vs model:\n    "
+                     + listing(f"{k}: {a} vs {b}" for k, a, b in misshaped))
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}):\n    {listing(unexpected)}")
+    if note:
+        lines.append(f"  ({note})")
+    return "\n".join(lines)
+
+
+def _assign(model: nn.Module, state: dict, device, dtype) -> nn.Module:
+    """Move the loaded tensors into a meta-device model without copies where possible (assign=True)."""
+    device = torch.device(device) if device is not None else _default_device()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".incomplete")
+    write(tmp)
+    os.replace(tmp, path)
