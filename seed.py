@@ -148,10 +148,10 @@ PRESETS = {"seed-tokenizer-2": SeedConfig, "tiny": _tiny}
 class Attention(nn.Module):
     """timm ViT self-attention: one fused qkv projection (rows q | k | v, heads contiguous), no mask."""
 
-    def __init__(self, dim: int, n_heads: int):
+    def __init__(self, dim: int, n_heads: int, qkv_bias: bool = True):
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def project_qkv(self, x):
@@ -169,8 +169,7 @@ class EVAAttention(Attention):
     """EVA's attention: the qkv bias is cat(q_bias, 0, v_bias), stored as two parameters (k has no bias)."""
 
     def __init__(self, dim: int, n_heads: int):
-        super().__init__(dim, n_heads)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        super().__init__(dim, n_heads, qkv_bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
 
@@ -213,7 +212,7 @@ class EVAViT(nn.Module):
         n_patches = (image_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)  # includes the CLS position
-        self.patch_embed = nn.Module()
+        self.patch_embed = nn.Module()  # a bare container, so that the key is patch_embed.proj.* as in the file
         self.patch_embed.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
         self.blocks = nn.ModuleList(
             ViTBlock(width, n_heads, mlp_hidden, eps=1e-6, attention=EVAAttention) for _ in range(depth)
@@ -401,7 +400,9 @@ class SeedTokenizer(nn.Module):
                       decoder_heads: int = 12) -> "SeedTokenizer":
         """Load the released `seed_quantizer.pt` (+ BLIP-2's `eva_vit_g.pth` when the quantizer has no
         `visual_encoder.*` keys, as the released one). `.pt`/`.pth` files are read with
-        `torch.load(weights_only=True, mmap=True)`; `.safetensors` also work.
+        `torch.load(weights_only=True, mmap=True)`; `.safetensors` also work. When the quantizer holds the ViT,
+        `vit_path` is not read: in the official code the quantizer's state dict is loaded after eva_vit_g.pth
+        and would overwrite it.
 
         Sizes come from the tensor shapes. The keyword arguments are what shapes cannot tell: head counts, and
         how many ViT blocks to use (BLIP-2 uses the first 39 of the file's 40; a file with fewer uses all).
