@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 
 # ======================================================================================================
-# Tokenizer: SentencePiece BPE read from tokenizer.model, plus SEED's added image tokens.
-# (owned by the tokenizer helper; everything between this banner and the next one)
+# Tokenizer: SentencePiece BPE read from tokenizer.model, SEED's image tokens and chat templates, and a small
+# BPE trainer for the tiny world. Pure Python: no sentencepiece, no transformers.
 # ======================================================================================================
 
 # Text becomes ids in two layers, each mirroring one reference:
@@ -64,7 +64,7 @@ def _proto_fields(buf: bytes, message: str):
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _read_varint(buf, pos)
-            value -= (value >> 63) << 64  # int32/int64 are two's complement: -1 is ten 0xFF-ish bytes
+            value -= (value >> 63) << 64  # negative int32/int64 are sent as 64-bit two's complement (pad_id -1)
         elif wire in (1, 2, 5):
             if wire == 2:
                 size, pos = _read_varint(buf, pos)
@@ -99,11 +99,11 @@ def _proto_field(number: int, value: int | float | str | bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
+# --- SentencePiece BPE -------------------------------------------------------------------------------------------
+
 _WORD_START = re.compile("(?<=[^\u2581])(?=\u2581)")  # before a '▁' that follows another character
 _AFTER_CHAR_SPACE = re.compile("[^\u2581]\u2581")
 
-
-# --- SentencePiece BPE -------------------------------------------------------------------------------------------
 
 class SentencePieceModel:
     """A SentencePiece BPE `tokenizer.model`: the protobuf `ModelProto` parsed by hand, plus encode/decode.
