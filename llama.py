@@ -537,13 +537,13 @@ class Tokenizer:
         self.eos_token, *eos_strip = _token_spec(special.get("eos_token", self.config.get("eos_token")), "</s>")
         self.unk_token, *unk_strip = _token_spec(special.get("unk_token", self.config.get("unk_token")), "<unk>")
         # (lstrip, rstrip) per token that the text is split on. Plain-string tokens strip both sides in 4.30.2.
-        self.strip = {self.bos_token: tuple(bos_strip), self.eos_token: tuple(eos_strip),
-                      self.unk_token: tuple(unk_strip)}
+        self._strip = {self.bos_token: tuple(bos_strip), self.eos_token: tuple(eos_strip),
+                       self.unk_token: tuple(unk_strip)}
         self.additional_special: list[str] = []
         for value in special.get("additional_special_tokens", []):
             content, lstrip, rstrip = _token_spec(value, "")
             self.additional_special.append(content)
-            self.strip[content] = (lstrip, rstrip) if isinstance(value, dict) else (True, True)
+            self._strip[content] = (lstrip, rstrip) if isinstance(value, dict) else (True, True)
         self.added: dict[str, int] = {}
         for token, token_id in sorted(added.items(), key=lambda kv: kv[1]):
             if token_id != len(self):  # transformers refuses the same (tokenization_utils_base.py: _from_pretrained)
@@ -558,7 +558,7 @@ class Tokenizer:
         if token in self.added or token in self.sp.piece_to_id:
             raise ValueError(f"added token {token!r} is already in the vocabulary")
         self.added[token] = len(self)
-        self.strip.setdefault(token, strip)
+        self._strip.setdefault(token, strip)
 
     def add_image_tokens(self, n_codes: int = 8192) -> ImageVocab:
         """Extend the vocabulary as SEED did: `<img_00000>`..`<img_{n-1}>`, then `<img>` and `</img>` as
@@ -619,7 +619,7 @@ class Tokenizer:
         for k, (token, is_token) in enumerate(parts):
             if not is_token:
                 continue
-            lstrip, rstrip = self.strip[token]
+            lstrip, rstrip = self._strip[token]
             if rstrip and k + 1 < len(parts):
                 parts[k + 1] = (parts[k + 1][0].lstrip(), parts[k + 1][1])
             if lstrip and k > 0:

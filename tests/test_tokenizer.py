@@ -61,7 +61,7 @@ def test_model_fields(sp):
 
 def test_not_a_tokenizer_model(tmp_path):
     cases = {"config.json": b'{"vocab_size": 770}', "empty.model": b"", "random.bin": bytes(range(256)) * 4,
-             "weights.safetensors": (LLAMA / "model.safetensors.index.json").read_bytes()}
+             "model.safetensors": (LLAMA / "model-00002-of-00002.safetensors").read_bytes()[:4096]}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError, match="is not a SentencePiece model"):
