@@ -11,11 +11,15 @@ import re
 import struct
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 # ======================================================================================================
 # Tokenizer: SentencePiece BPE read from tokenizer.model, SEED's image tokens and chat templates, and a small
@@ -743,3 +747,551 @@ def train_tokenizer(texts: Sequence[str], folder: str | os.PathLike, vocab_size:
 # Model: config, RMSNorm, RoPE, attention with KV cache, SwiGLU, blocks, generation, official loader.
 # (owned by the llama-model helper; everything below this banner)
 # ======================================================================================================
+
+@dataclass
+class LlamaConfig:
+    """Architecture of SEED-LLaMA. Defaults = seed-llama-8b (Vicuna-7B with the image tokens added),
+    hf:AILab-CVC/seed-llama-8b-pretrain/config.json; other models by name with `LlamaConfig.from_name`."""
+    vocab_size: int = 40194        # 32000 SentencePiece pieces + 8192 image codes + <img>, </img>
+    dim: int = 4096                # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention, as both SEED-LLaMAs)
+    ffn_dim: int = 11008           # intermediate_size of the SwiGLU MLP
+    norm_eps: float = 1e-6         # Vicuna-7B uses 1e-6, LLaMA-2-13B 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048        # max_position_embeddings: the context length
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(f"inconsistent LlamaConfig: dim {self.dim} must split into n_heads {self.n_heads} "
+                             f"heads of even size, and n_heads into n_kv_heads {self.n_kv_heads} groups")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> LlamaConfig:
+        if name not in LLAMA_PRESETS:
+            raise ValueError(f"unknown LLaMA preset {name!r}; choices: {sorted(LLAMA_PRESETS)}")
+        return cls(**LLAMA_PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> LlamaConfig:
+        """Translate a transformers `LlamaConfig` dict (an official config.json); refuse what we do not implement."""
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "rms_norm_eps", "max_position_embeddings")
+        missing = [k for k in required if k not in hf]
+        unsupported = [f"{k}={hf[k]!r}" for k, ok in (("hidden_act", "silu"), ("rope_scaling", None),
+                                                      ("tie_word_embeddings", False), ("attention_bias", False),
+                                                      ("mlp_bias", False)) if k in hf and hf[k] != ok]
+        if missing or unsupported:
+            raise ValueError(f"config.json is not a LLaMA this file implements: missing {missing}, "
+                             f"unsupported {unsupported}")
+        config = cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                     n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
+                     ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
+                     rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf["max_position_embeddings"])
+        # `pretraining_tp` (14B: 2) only slices the matmuls in transformers >= 4.31; the result is the same.
+        if hf.get("head_dim", config.head_dim) != config.head_dim:
+            raise ValueError(f"config.json head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+        return config
+
+
+# Named configs. `tiny` is the laptop model of `train.py --tiny` (about 1M parameters); its vocabulary is the
+# layout of the test tokenizer (640 pieces + 128 codes + 2); train.py replaces vocab_size with its tokenizer's.
+LLAMA_PRESETS = {
+    "seed-llama-8b": {},
+    "seed-llama-14b": dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824, norm_eps=1e-5),
+    "tiny": dict(vocab_size=770, dim=128, n_layers=4, n_heads=4, ffn_dim=344, norm_eps=1e-5, max_seq_len=256),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As HF LlamaRMSNorm: the statistics in fp32 even for fp16 activations, cast back *before* the weight.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(config: LlamaConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position, (max_seq_len, head_dim) in fp32, in the rotate_half layout of the HF
+    checkpoints: frequency j drives dimensions j and j + head_dim/2 (Meta's layout pairs 2j and 2j+1 instead)."""
+    hd = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # (hs/2,)
+    freqs = torch.outer(torch.arange(config.max_seq_len, device=device).float(), inv_freq)   # (S, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                                                   # (S, hs)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, nh, T, hs); cos, sin (T, hs) shared by the batch, or (B, 1, T, hs) with per-row positions
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, preallocated once (gpt-fast style) and written in place."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        # non-persistent: a cache is never part of a checkpoint
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # views (B, nkv, end, hs): no copy
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.cache: KVCache | None = None  # set by Llama.setup_cache
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start_pos is not None:
+            if self.cache is None:
+                raise RuntimeError("a cached forward needs Llama.setup_cache(batch_size, max_seq_len) first")
+            k, v = self.cache.update(start_pos, k, v)  # (B, nkv, S, hs), S = start_pos + T
+        # softmax(q k^T / sqrt(hs)) v; without a mask either the plain causal case or a single query that sees
+        # every cached key. enable_gqa shares each key/value head among n_heads / n_kv_heads query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos)  # pre-norm residual blocks
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """LLaMA decoder. Submodules are named as in HF `LlamaForCausalLM` (`model.layers.3.self_attn.q_proj`,
+    `lm_head`, ...), so the official state dicts load without a rename table."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.dim),
+            layers=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+            norm=RMSNorm(config.dim, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)  # untied from embed_tokens
+        # computed once; rebuilt on the real device after a meta-device load (they hold no learned values)
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # HF initializer_range 0.02; only used when training from scratch (the tiny model)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx: torch.Tensor, start_pos: int | None = None, pad: torch.Tensor | None = None):
+        """Final-normed hidden states (B, T, C) of the tokens idx (B, T).
+
+        start_pos: None = no cache (training, tests); an int = the cache slot of idx[:, 0]: the keys/values
+            are written to the cache from there and attention reads every slot before them.
+        pad: (B,) number of left-padding slots of each row. A row's first real token gets position 0 (so a
+            padded prompt gives what it gives alone) and padding slots are never attended.
+        """
+        B, T = idx.shape
+        start = 0 if start_pos is None else start_pos
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"{start + T} positions exceed the context of max_seq_len={self.config.max_seq_len}")
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        if pad is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+            mask = None  # SDPA's is_causal covers a prompt from slot 0 and a single new token
+            if start > 0 and T > 1:
+                slots = torch.arange(start, start + T, device=idx.device)
+                mask = torch.arange(start + T, device=idx.device) <= slots[:, None]  # (T, S) True = may attend
+        else:
+            slots = torch.arange(start, start + T, device=idx.device)
+            pos = (slots - pad[:, None]).clamp(min=0)  # (B, T) rotary positions
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hs)
+            keys = torch.arange(start + T, device=idx.device)
+            mask = (keys <= slots[:, None]) & (keys >= pad[:, None, None])  # (B, T, S): causal, no padding keys
+            # a padding query sees itself: a row with every key masked would make SDPA return NaN, and NaN
+            # values would then leak into the real rows (0 * NaN) even though their weight is zero
+            mask = (mask | (keys == slots[:, None]))[:, None]  # (B, 1, T, S)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # HF builds them in fp32 and casts to the activations
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, start_pos)
+        return self.model.norm(x)
+
+    def forward(self, idx: torch.Tensor, start_pos: int | None = None, pad: torch.Tensor | None = None):
+        """Logits (B, T, vocab_size) of every position; see `hidden` for the arguments."""
+        return self.lm_head(self.hidden(idx, start_pos, pad))
+
+    # ---- inference over the KV cache (gpt-fast style) ------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None):
+        """Preallocate the KV cache of every layer; an existing cache that is large enough is reused."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        w = self.lm_head.weight
+        for layer in self.model.layers:
+            c = layer.self_attn.cache
+            if (c is None or c.k.shape[0] != batch_size or c.k.shape[2] < max_seq_len
+                    or c.k.dtype != w.dtype or c.k.device != w.device):
+                layer.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
+                                                self.config.head_dim, w.dtype, w.device)
+
+    def prefill(self, idx: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the (left-padded) prompts idx (B, T) into the cache from slot 0; logits of the last slot (B, V)."""
+        return self.lm_head(self.hidden(idx, 0, pad)[:, -1])  # the head only where a token is sampled
+
+    def decode_one_token(self, tok: torch.Tensor, pos: int, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed tok (B,) at cache slot pos; logits of the next token (B, V)."""
+        return self.lm_head(self.hidden(tok[:, None], pos, pad)[:, 0])
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
+                 image_vocab: ImageVocab | None = None, uncond_prompt: Sequence[int] | None = None,
+                 generator: torch.Generator | None = None, on_token: Callable[[int, int], None] | None = None,
+                 **overrides) -> list[list[int]]:
+        """Continue each prompt (a list of token ids; prompts of different lengths are left-padded into one
+        batch). Returns the new tokens of each prompt, up to and including its first stop id.
+
+        config (or keyword overrides such as max_new_tokens=64): see GenerationConfig.
+        image_vocab: the ids of <img>, </img> and the codes; needed by the image-span options.
+        uncond_prompt: the unconditional prompt of classifier-free guidance (e.g. the template around an empty
+            request); it runs as extra rows of the batch and is fed the tokens chosen for its conditional row.
+        on_token(row, token): called for every new token as it is produced (streaming).
+        """
+        cfg = replace(config or GenerationConfig(), **overrides)
+        prompts = [list(p) for p in prompts]
+        if not prompts or any(not p or not isinstance(p[0], int) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty lists of token ids")
+        iv = image_vocab
+        if (cfg.constrain_images or cfg.force_image or cfg.cfg_scale != 1.0) and iv is None:
+            raise ValueError("constrain_images, force_image and cfg_scale need image_vocab")
+        if cfg.cfg_scale != 1.0 and not uncond_prompt:
+            raise ValueError("classifier-free guidance (cfg_scale != 1) needs an uncond_prompt")
+        B = len(prompts)
+        rows = prompts + ([list(uncond_prompt)] * B if cfg.cfg_scale != 1.0 else [])
+        if cfg.force_image:  # the flask demo's force_boi: <img> ends the prompt, so an image comes next
+            rows = [r + [iv.boi_id] for r in rows]
+        T = max(len(r) for r in rows)
+        if T > self.config.max_seq_len:
+            raise ValueError(f"prompt of {T} tokens is longer than the context (max_seq_len="
+                             f"{self.config.max_seq_len}); shorten it")
+        max_new = min(cfg.max_new_tokens, self.config.max_seq_len - T)  # generation stops at the context end
+        device = self.lm_head.weight.device
+        idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B', T), left-padded
+        pad = torch.tensor([T - len(r) for r in rows], device=device)
+        pad = pad if pad.any() else None  # no padding: the cheaper causal path
+        span = _SpanTracker(iv, cfg.codes_per_image, idx[:B]) if iv is not None else None
+        out: list[list[int]] = [[iv.boi_id] if cfg.force_image else [] for _ in range(B)]
+        if on_token is not None and cfg.force_image:
+            for b in range(B):
+                on_token(b, iv.boi_id)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(sorted(cfg.stop_ids), dtype=torch.long, device=device)
+        if max_new == 0:
+            return out
+
+        self.setup_cache(len(rows), T + max_new)
+        logits = self.prefill(idx, pad)
+        for step in range(max_new):
+            logits = logits.float()  # sampling math in fp32, as HF does for fp16 models
+            if span is not None and cfg.cfg_scale != 1.0:
+                logits = span.guide(logits[:B], logits[B:], cfg.cfg_scale)
+            if span is not None and cfg.constrain_images:
+                logits = span.constrain(logits)
+            tok = sample_next(logits, cfg, generator)  # (B,)
+            for b in (~done).nonzero()[:, 0].tolist():
+                out[b].append(tok[b].item())
+                if on_token is not None:
+                    on_token(b, out[b][-1])
+            done |= torch.isin(tok, stop)
+            if span is not None:
+                span.update(tok)
+            if done.all() or step == max_new - 1:
+                break
+            feed = tok.repeat(len(rows) // B)  # the unconditional rows follow their conditional row
+            logits = self.decode_one_token(feed, T + step, pad)
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None):
+        """Write config.json (LlamaConfig) + model.safetensors, atomically; also the tokenizer files if given."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(asdict(self.config), indent=2)))
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+        if tokenizer is not None:
+            tokenizer.save(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
+        """Read a folder written by save_pretrained (strict: every key and shape must match config.json)."""
+        folder = Path(folder)
+        config_path = folder / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} not found: not a folder written by Llama.save_pretrained")
+        raw = json.loads(config_path.read_text())
+        unknown = sorted(set(raw) - {f.name for f in fields(LlamaConfig)})
+        if unknown:
+            raise ValueError(f"{config_path} has keys LlamaConfig does not know: {unknown} "
+                             f"(an official HF folder? use Llama.from_official)")
+        return _load(LlamaConfig(**raw), _weight_files(folder, ("model.safetensors",)), device, dtype, None)
+
+    @classmethod
+    def from_official(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
+        """Load an official HF-format SEED-LLaMA folder (config.json + pytorch_model*.bin or model*.safetensors,
+        sharded with an index or single). Built on the meta device and filled shard by shard, memory-mapped and
+        cast as it goes, so host RAM peaks near one copy of the weights in the target dtype.
+
+        device: default cuda -> mps -> cpu. dtype: default fp32 on CPU (half-precision matmuls are slow there),
+        else the checkpoint's dtype if it is a half type, fp16 otherwise (the official code runs in fp16).
+        """
+        folder = Path(folder)
+        config_path = folder / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} not found: not a Hugging Face LLaMA folder")
+        hf = json.loads(config_path.read_text())
+        # transformers <= 4.56 writes `torch_dtype`, newer versions `dtype`
+        stored = hf.get("torch_dtype", hf.get("dtype"))
+        stored = getattr(torch, stored) if stored in ("float32", "float16", "bfloat16") else None
+        files = _weight_files(folder, ("model.safetensors.index.json", "pytorch_model.bin.index.json",
+                                       "model.safetensors", "pytorch_model.bin"))
+        return _load(LlamaConfig.from_hf(hf), files, device, dtype, stored)
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. The sampling values are the official ones: SEED's scripts call transformers 4.30.2
+    `generate(temperature=1.0, top_p=0.5, do_sample=True)`, whose default top_k=50 then applies too.
+    The image-span options are all off, so that the defaults decode as the official model does."""
+    max_new_tokens: int = 512          # scripts/seed_llama_inference_8B.py
+    do_sample: bool = False            # greedy unless asked; the official scripts sample
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 0.5
+    stop_ids: tuple[int, ...] = ()     # e.g. (tokenizer.eos_id,); empty = run to max_new_tokens
+    constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
+    force_image: bool = False          # append <img> to the prompt (returned as the first new token)
+    cfg_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
+    codes_per_image: int = 32          # SEED: one image = <img> + 32 codes + </img>
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: argmax, or sampling after HF's warpers in HF's order
+    (temperature -> top-k -> top-p; transformers 4.30.2 generation/utils.py `_get_logits_warper`)."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {cfg.temperature}")
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        logits = top_p_filter(logits, cfg.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th kept too, as HF TopKLogitsWarper)."""
+    kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter as HF TopPLogitsWarper: sort ascending and drop the tokens whose cumulative probability
+    is <= 1 - p, always keeping the most likely one."""
+    sorted_logits, order = logits.sort(dim=-1)
+    drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop[:, -1] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+class _SpanTracker:
+    """Where each row stands in an image span, for constrained decoding and guidance on image codes.
+    state = -1 outside a span, else the number of codes since the last <img>."""
+
+    def __init__(self, iv: ImageVocab, codes_per_image: int, prompts: torch.Tensor):
+        self.iv, self.n = iv, codes_per_image
+        self.is_code = self.is_eoi = None  # (V,) masks, built on first use when the vocabulary size is known
+        self.state = torch.full((prompts.shape[0],), -1, device=prompts.device)
+        for column in prompts.T:  # a prompt may end inside a span (a forced or user-written <img>)
+            self.update(column)
+
+    def update(self, tok: torch.Tensor):
+        iv = self.iv
+        is_code = (tok >= iv.code_offset) & (tok < iv.code_offset + iv.n_codes)
+        self.state = torch.where(tok == iv.boi_id, 0,
+                                 torch.where((self.state >= 0) & is_code, self.state + 1, -1))
+
+    def _masks(self, logits):
+        if self.is_code is None:
+            iv, V = self.iv, logits.shape[-1]
+            self.is_code = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            self.is_code[iv.code_offset:iv.code_offset + iv.n_codes] = True
+            self.is_eoi = torch.zeros_like(self.is_code)
+            self.is_eoi[iv.eoi_id] = True
+        return self.is_code, self.is_eoi
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        # inside a span: only codes until there are n of them, then only </img>; outside: no codes, no </img>
+        is_code, is_eoi = self._masks(logits)
+        need_code = ((self.state >= 0) & (self.state < self.n))[:, None]
+        need_eoi = (self.state >= self.n)[:, None]
+        allowed = torch.where(need_code, is_code, torch.where(need_eoi, is_eoi, ~(is_code | is_eoi)))
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        # classifier-free guidance u + s (c - u) on the code logits of the rows inside a span; text untouched
+        is_code, _ = self._masks(cond)
+        where = (self.state >= 0)[:, None] & is_code
+        return torch.where(where, uncond + scale * (cond - uncond), cond)
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+# Keys of the official checkpoints that are deliberately not loaded (the official code ignores them too).
+IGNORED_OFFICIAL_KEYS = [
+    # transformers <= 4.30 saved RoPE's inverse frequencies as a persistent buffer, one per layer (both SEED-LLaMA
+    # checkpoints have them); they are a function of rope_theta, recomputed by `rope_tables`.
+    re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
+]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _weight_files(folder: Path, names: Sequence[str]) -> list[Path]:
+    """The weight files of folder: the shards of the first index found, or the first single file."""
+    for name in names:
+        path = folder / name
+        if not path.exists():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path} names shard files that do not exist: {missing}")
+        return [folder / s for s in shards]
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {list(names)}")
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _open_shard(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
+    """name -> (shape, dtype, read) of every tensor in a shard, reading only its header (safetensors) or its
+    pickle with memory-mapped storage (.bin); the data is read when `read()` is called."""
+    try:
+        if path.suffix == ".safetensors":
+            f = safe_open(str(path), framework="pt", device="cpu")
+            return {k: (tuple(f.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()),
+                        lambda k=k: f.get_tensor(k)) for k in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: (tuple(t.shape), t.dtype, lambda t=t: t) for k, t in state.items()}
+    except Exception as e:  # safetensors, zip and pickle readers each raise their own types
+        raise ValueError(f"cannot read weight file {path} (truncated or not a checkpoint?): {e}") from e
+
+
+def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype) -> Llama:
+    """Build on the meta device, check every key and shape of every file against the config, then fill the
+    model file by file with load_state_dict(assign=True), casting each tensor on the way."""
+    shards = {path: _open_shard(path) for path in files}
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found, unexpected, misshaped = set(), [], []
+    for entries in shards.values():
+        for name, (shape, _, _) in entries.items():
+            if any(p.fullmatch(name) for p in IGNORED_OFFICIAL_KEYS):
+                continue
+            if name not in expected:
+                unexpected.append(name)
+            elif shape != expected[name]:
+                misshaped.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
+            found.add(name)
+    missing = sorted(set(expected) - found)
+    if missing or unexpected or misshaped:
+        raise ValueError(f"checkpoint {[str(f) for f in files]} does not match {config}:\n"
+                         f"  missing keys: {missing}\n  unexpected keys: {sorted(unexpected)}\n"
+                         f"  mis-shaped keys: {misshaped}")
+
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        stored_dtype = stored_dtype or next(iter(shards[files[0]].values()))[1]
+        dtype = torch.float32 if device.type == "cpu" else (
+            stored_dtype if stored_dtype in (torch.float16, torch.bfloat16) else torch.float16)
+    for path, entries in shards.items():
+        state = {name: read().to(device=device, dtype=dtype) for name, (_, _, read) in entries.items()
+                 if name in expected}
+        model.load_state_dict(state, strict=False, assign=True)
+        del state  # this file's tensors are now the model's; nothing else holds them
+    model.rope_cos, model.rope_sin = rope_tables(config, device)
+    return model.eval()

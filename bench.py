@@ -1,0 +1,127 @@
+"""bench.py: speed of our models against the reference implementations, on CPU, random weights.
+
+    python bench.py                 # every benchmark
+    python bench.py llama           # only the named ones
+    python bench.py llama --threads 2 --repeats 5
+
+Each benchmark is one function `bench_<name>(args)` that builds both implementations with the same weights,
+checks that they agree, times them (best of --repeats after a warm-up) and prints a table. The reference
+libraries (transformers, diffusers) are dev dependencies: a benchmark whose library is absent says so and is
+skipped. The machine's other load matters: run it on a quiet machine and report the best of a few runs.
+"""
+import argparse
+import time
+
+import torch
+
+import llama
+import unet
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of fn() in seconds over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_llama(args):
+    """Our Llama vs transformers' LlamaForCausalLM: prefill of a 256-token prompt and greedy decode of 64 tokens,
+    both through the public generate() (decode rate = 64 / (t(1 + 64 new tokens) - t(1 new token)))."""
+    try:
+        import transformers
+    except ImportError:
+        print("llama: skipped, transformers is not installed (pip install -r requirements-dev.txt)")
+        return
+    prompt_len, new_tokens = 256, 64
+    cfg = llama.LlamaConfig(vocab_size=40194, dim=1024, n_layers=8, n_heads=16, ffn_dim=2816)
+    torch.manual_seed(0)
+    ours = llama.Llama(cfg).eval()
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.ffn_dim,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+        attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    ref.load_state_dict(ours.state_dict())  # same key names: the same weights in both
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len))
+
+    def run_ours(n):
+        return ours.generate(prompt.tolist(), max_new_tokens=n)[0]
+
+    def run_ref(n):
+        out = ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, top_k=None, top_p=None)
+        return out[0, prompt_len:].tolist()
+
+    same = run_ours(new_tokens + 1) == run_ref(new_tokens + 1)
+    rows = []
+    with torch.inference_mode():
+        for name, run in (("ours", run_ours), ("transformers", run_ref)):
+            t_prefill = best_time(lambda: run(1), args.repeats)
+            t_all = best_time(lambda: run(1 + new_tokens), args.repeats)
+            rows.append((name, prompt_len / t_prefill, new_tokens / (t_all - t_prefill)))
+    print(f"\nLLaMA dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, FFN {cfg.ffn_dim}, vocab "
+          f"{cfg.vocab_size}, fp32, {torch.get_num_threads()} threads, transformers {transformers.__version__}; "
+          f"greedy tokens identical: {same}")
+    print(f"{'':14s} {'prefill ' + str(prompt_len) + ' tok/s':>18s} {'decode ' + str(new_tokens) + ' tok/s':>18s}")
+    for name, prefill, decode in rows:
+        print(f"{name:14s} {prefill:18.1f} {decode:18.1f}")
+    print(f"{'ratio':14s} {rows[0][1] / rows[1][1]:17.2f}x {rows[0][2] / rows[1][2]:17.2f}x")
+
+
+def bench_unet(args):
+    """One classifier-free-guidance step of the unCLIP UNet (batch 2 = [uncond; cond]) against diffusers'
+    UNet2DConditionModel: the official block layout and head size 64, widths / 5 (64-128-256-256 instead of
+    320-640-1280-1280), 1024-d text states of 77 tokens, 2048-d class labels, 64 x 64 latents (512 px)."""
+    try:
+        import diffusers
+    except ImportError:
+        print("unet: skipped, diffusers is not installed (pip install -r requirements-dev.txt)")
+        return
+    cfg = unet.UNetConfig(block_out_channels=(64, 128, 256, 256), attention_head_dim=(1, 2, 4, 4), sample_size=64)
+    ref = diffusers.UNet2DConditionModel(
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=cfg.attention_head_dim,
+        cross_attention_dim=cfg.cross_attention_dim, class_embed_type="projection",
+        projection_class_embeddings_input_dim=cfg.class_embed_dim, use_linear_projection=True,
+        norm_num_groups=cfg.norm_num_groups).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # diffusers zero-initialises some output layers; randomise every weight
+        for p in ref.parameters():
+            p.normal_(0, 0.02)
+    ours = unet.UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict())  # the same key names: the same weights in both
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    text, labels = torch.randn(2, 77, cfg.cross_attention_dim), torch.randn(2, cfg.class_embed_dim)
+    with torch.inference_mode():
+        a, b = ours(x, 951, text, labels), ref(x, 951, encoder_hidden_states=text, class_labels=labels).sample
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        t_ours = best_time(lambda: ours(x, 951, text, labels), args.repeats)
+        t_ref = best_time(lambda: ref(x, 951, encoder_hidden_states=text, class_labels=labels), args.repeats)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"\nunCLIP UNet, widths {cfg.block_out_channels}, {n_params / 1e6:.1f}M params, batch 2 (CFG) x 4 x "
+          f"{cfg.sample_size} x {cfg.sample_size}, fp32, {torch.get_num_threads()} threads, diffusers "
+          f"{diffusers.__version__}; max |ours - diffusers| / max |diffusers| = {err:.1e}")
+    print(f"{'':14s} {'s / CFG step':>14s}")
+    print(f"{'ours':14s} {t_ours:14.3f}\n{'diffusers':14s} {t_ref:14.3f}\n{'ratio':14s} {t_ref / t_ours:13.2f}x")
+
+
+BENCHMARKS = {"llama": bench_llama, "unet": bench_unet}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run, of {list(BENCHMARKS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the best is kept)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmarks {unknown}; choices: {list(BENCHMARKS)}")
+    torch.set_num_threads(args.threads)
+    for name in args.names or BENCHMARKS:
+        BENCHMARKS[name](args)
