@@ -248,6 +248,21 @@ def test_trained_model_loads_in_sentencepiece(tmp_path):
         assert ours.decode(ref.encode(text)) == ref.decode(ref.encode(text))
 
 
+@pytest.mark.parity
+def test_saved_folder_loads_in_transformers(tmp_path):
+    """The four files `train_tokenizer` writes are a valid HF LlamaTokenizer folder with the same vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    ours = train_tokenizer(WORLD, tmp_path, vocab_size=330, n_image_codes=16)
+    hf = transformers.LlamaTokenizer.from_pretrained(tmp_path, legacy=True)
+    assert len(hf) == len(ours) == 348
+    tokens = ["<img_00000>", "<img_00015>", "<img>", "</img>", "<s>", "</s>", "<unk>"]
+    assert hf.convert_tokens_to_ids(tokens) == [ours.split_tokens[t] for t in tokens]
+    assert hf.additional_special_tokens == ["<img>", "</img>"] and set(hf.all_special_ids) == ours.special_ids
+    for text in WORLD[:3] + ["<img><img_00003></img>two green"]:  # no whitespace next to an added token
+        assert hf(text, add_special_tokens=False).input_ids == ours.encode(text)
+
+
 def test_save_round_trip(tok, tmp_path):
     tok.save(tmp_path)
     assert (tmp_path / "tokenizer.model").read_bytes() == (LLAMA / "tokenizer.model").read_bytes()
