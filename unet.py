@@ -343,8 +343,8 @@ class CLIPTokenizer:
             texts = [texts]
         n = self.context_length - 2
         rows = [[self.bos_id, *self.encode(t)[:n], self.eos_id] for t in texts]
-        return torch.tensor([row + [self.pad_id] * (self.context_length - len(row)) for row in rows],
-                            dtype=torch.long)
+        padded = [row + [self.pad_id] * (self.context_length - len(row)) for row in rows]
+        return torch.tensor(padded, dtype=torch.long).view(len(texts), self.context_length)  # (B, 77), also B=0
 
 
 # ======================================================================================================

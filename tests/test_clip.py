@@ -180,3 +180,34 @@ def test_parity_with_transformers_clip_text_model():
     ids = torch.randint(0, 300, (3, 77), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).last_hidden_state, atol=1e-5, rtol=0)
+
+
+# --- golden: the official files ($SEED_WEIGHTS) ------------------------------------------------------------------
+
+SD21 = ("stabilityai", "stable-diffusion-2-1-unclip")
+
+
+@pytest.mark.golden
+def test_official_tokenizer_ids():
+    from conftest import official_file
+    folder = official_file(*SD21, "tokenizer", "vocab.json").parent
+    tok = CLIPTokenizer(folder)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (49406, 49407, 0)
+    assert tok("")[0].tolist() == [49406, 49407] + [0] * 75  # the only prompt SEED encodes
+    assert tok.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]  # the well-known CLIP ids
+
+
+@pytest.mark.golden
+def test_official_text_encoder_matches_transformers():
+    from conftest import official_file
+    weights = official_file(*SD21, "text_encoder", "model.safetensors")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CLIPTextModel.from_pretrained(weights.parent).eval()
+    ours = CLIPTextEncoder(CLIPTextConfig.from_hf(json.loads((weights.parent / "config.json").read_text())))
+    assert ours.config == CLIPTextConfig()
+    state = load_file(weights)
+    ours.load_state_dict({k: v.float() for k, v in state.items() if k not in CLIPTextEncoder.IGNORED_KEYS})
+    ids = torch.tensor([[49406, 49407] + [0] * 75, [49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70])
+    with torch.no_grad():
+        ref = hf(ids).last_hidden_state
+        torch.testing.assert_close(ours.eval()(ids), ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
