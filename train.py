@@ -38,12 +38,17 @@ Usage:
   torchrun --nproc_per_node=2 train.py --tiny  # data parallel (gloo on CPU, nccl on CUDA)
   python train.py --help                       # every field of the config dataclasses is a flag
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
+import platform
+import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,6 +62,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import llama
+import seed
+import unet
+import vq
+
 # ======================================================================================================
 # Config dataclasses and the CLI generated from them.  (train-core helper; train-llm adds its own dataclass here)
 # ======================================================================================================
@@ -67,38 +77,28 @@ class ClipStageConfig:
     steps: int = 250
     batch_size: int = 128
     lr: float = 2e-3
-    width: int = 128       # ViT width; 4 layers of 4 heads on 4x4 patches -> 64 patch tokens + CLS
-    depth: int = 4
-    heads: int = 4
-    patch_size: int = 4
-    text_width: int = 64   # text tower; 2 layers
-    text_depth: int = 2
-    embed_dim: int = 64    # E: the shared image/text embedding space (plays OpenCLIP ViT-H's 1024)
+    patch_size: int = 8    # ViT patch (seed.py's tiny preset: 4); 8 gives 16 patches, 4x cheaper on 2 cores
+    text_width: int = 64   # the text tower (the image tower is seed.py's tiny EVA ViT: 4 layers, width 128;
+    text_depth: int = 2    # E = its tiny embed_dim, 128, plays OpenCLIP ViT-H's 1024)
 
 
 @dataclass
 class QFormerStageConfig:
-    """Stage 1: the Causal Q-Former, ITC between the last query and the text [CLS] (ViT frozen)."""
+    """Stage 1: the Causal Q-Former, ITC between the last query and the text [CLS] (ViT frozen); its sizes are
+    seed.py's tiny preset (2 layers of width 128, 32 queries)."""
     steps: int = 300
     batch_size: int = 128
     lr: float = 2e-3
-    width: int = 128
-    depth: int = 4         # cross-attention in every 2nd layer, as the official (l % 2 == 0)
-    heads: int = 4
-    num_queries: int = 32  # the paper's 32 causal codes per image
     label_smoothing: float = 0.1  # official ITC
     temperature: float = 0.07     # official initial (learnable) temperature
 
 
 @dataclass
 class CodebookStageConfig:
-    """Stage 2: VQ codebook + reconstruction heads (Q-Former frozen)."""
+    """Stage 2: VQ codebook + reconstruction heads (Q-Former frozen); sizes from seed.py's tiny preset."""
     steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
-    n_embed: int = 256     # codebook size (official 8192)
-    code_dim: int = 32     # official 32
-    decoder_depth: int = 2 # ViT blocks of the embedding decoder (official 4)
     w_vq: float = 5.0      # official loss weights: 5 * VQ + 2 * cos + 0.5 * MSE
     w_cos: float = 2.0
     w_mse: float = 0.5
@@ -113,16 +113,29 @@ class DecoderStageConfig:
     lr: float = 2e-3
     ema: float = 0.995         # EMA decay (with warm-up: min(ema, (1 + step) / (10 + step)))
     cond_drop: float = 0.1     # probability of the zero class label (classifier-free guidance)
-    noise_level: int = 0       # unCLIP noise augmentation level used at sampling time
-    sample_steps: int = 25
+    train_noise_level: int = 100  # unCLIP noise augmentation levels drawn in [0, this] during training
+    noise_level: int = 0       # the level used at sampling time (the official default)
+    sample_steps: int = 25     # PNDM steps (unet.UnCLIPDecoder, as sample.py samples)
     guidance: float = 2.5
-    sampler: str = "ddim"      # "ddim" or "pndm" (unet.py's samplers)
     eval_images: int = 150     # reconstructions judged for the decoder metric (test images, one per combination)
 
 
 @dataclass
 class LLMConfig:
-    """Stages 4-5: SEED-LLaMA pretraining and instruction tuning.  (train-llm helper fills this in)"""
+    """Stages 4-5: SEED-LLaMA, llama.py's `tiny` LLaMA (dim 128, 4 layers, about 1M parameters) with its vocabulary
+    replaced by a BPE vocabulary of the world's text plus one token per code; pretrained on caption <-> image
+    sequences, then instruction-tuned in the official 8B chat template (LoRA, then full fine-tuning)."""
+    text_vocab_size: int = 640   # at most this many SentencePiece pieces (3 special + 256 bytes + merges)
+    batch_size: int = 32
+    pretrain_steps: int = 400
+    pretrain_lr: float = 3e-3
+    reverse_ratio: float = 0.5   # official: half of the image-text pairs are trained image -> caption
+    lora_steps: int = 100
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_lr: float = 3e-3
+    sft_steps: int = 300
+    sft_lr: float = 1e-3
 
 
 @dataclass
@@ -386,15 +399,1015 @@ def judge_accuracy(images, combos) -> dict[str, float]:
 # Stages 0-3: tiny CLIP, Causal Q-Former, codebook, decoder; their metrics.  (train-core helper)
 # ======================================================================================================
 
+# --- Stage 0: the tiny CLIP -----------------------------------------------------------------------------------------
+
+TEXT_LEN = 16  # token positions of the tiny text towers: bos + a caption of <= 7 words + eos fits with room to spare
+
+
+def build_clip_tokenizer(folder: Path, texts) -> "unet.CLIPTokenizer":
+    """Learn a CLIP-format BPE vocabulary on the world's words and write vocab.json / merges.txt /
+    special_tokens_map.json, so that the project's own `unet.CLIPTokenizer` reads it like the official one.
+
+    The layout is CLIP's: the 256 byte symbols, the same with the end-of-word marker `</w>`, then one token per
+    merge, then `<|startoftext|>` / `<|endoftext|>`. Merges are learned as BPE does (most frequent adjacent pair
+    first) until every word of the world is a single token, so encoding with the merges in rank order gives exactly
+    one id per word.
+    """
+    byte_symbols = list(unet._bytes_to_unicode().values())
+    counts: dict[tuple[str, ...], int] = {}
+    for text in texts:
+        for word in text.lower().split():
+            symbols = tuple(word[:-1]) + (word[-1] + "</w>",)
+            counts[symbols] = counts.get(symbols, 0) + 1
+    merges = []
+    while True:
+        pairs: dict[tuple[str, str], int] = {}
+        for symbols, n in counts.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken by the pair itself: deterministic
+        merges.append(best)
+        merged = {}
+        for symbols, n in counts.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        counts = merged
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                       encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+         "pad_token": "<|endoftext|>"}), encoding="utf-8")
+    return unet.CLIPTokenizer(folder)
+
+
+def tokenize(tokenizer: "unet.CLIPTokenizer", texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> ids (N, TEXT_LEN) = bos, words, eos, padding; and the position of eos (N,), whose feature is the
+    text embedding of a causal CLIP text tower (OpenAI/OpenCLIP pool at the eos token)."""
+    rows = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id] for t in texts]
+    if max(map(len, rows)) > TEXT_LEN:
+        raise ValueError(f"a text is longer than the {TEXT_LEN} positions of the tiny text towers")
+    ids = torch.tensor([r + [tokenizer.pad_id] * (TEXT_LEN - len(r)) for r in rows])
+    return ids, torch.tensor([len(r) - 1 for r in rows])
+
+
+def to_vit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """World tensors in [-1, 1] -> the ViT input: [0, 1] then CLIP mean/std, as `seed.SeedTokenizer.preprocess`
+    normalises an image (so sample.py can feed the trained tokenizer any PNG)."""
+    mean = torch.tensor(seed.CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(seed.CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
+class TinyCLIP(nn.Module):
+    """The tiny CLIP: EVA ViT image tower + CLIP text tower, each projected into the shared space E.
+
+    The image embedding is the projected, *unnormalised* feature of the ViT's CLS token (as OpenCLIP's
+    `image_embeds`), which is what the unCLIP decoder draws from; cosine similarity is only used in the loss.
+    """
+
+    def __init__(self, cfg: TrainConfig, vocab_size: int):
+        super().__init__()
+        c, cfg = tiny_seed_config(cfg), cfg.clip
+        self.visual = seed.EVAViT(c.image_size, c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp)
+        self.text = unet.CLIPTextEncoder(unet.CLIPTextConfig(
+            vocab_size=vocab_size, context_length=TEXT_LEN, width=cfg.text_width, layers=cfg.text_depth,
+            heads=max(1, cfg.text_width // 32), mlp_width=4 * cfg.text_width))
+        self.visual_norm = nn.LayerNorm(c.vit_width)  # the EVA ViT has no final norm; OpenCLIP's ln_post
+        self.visual_proj = nn.Linear(c.vit_width, c.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text_width, c.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's learnable temperature
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        tokens = self.visual(pixels)                              # (B, 3, 32, 32) -> (B, 1 + N, W)
+        return self.visual_proj(self.visual_norm(tokens[:, 0]))  # CLS -> (B, E)
+
+    def encode_text(self, ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        states = self.text(ids)                                       # (B, T) -> (B, T, D)
+        return self.text_proj(states[torch.arange(len(ids)), eos])   # eos feature -> (B, E)
+
+
+def tiny_seed_config(cfg: TrainConfig, vocab_size: int = 0) -> "seed.SeedConfig":
+    """seed.py's `tiny` preset (ViT, Q-Former, codebook and decoder sizes live there, once) with the ViT patch of
+    --clip.patch-size, --no-causal, and the Q-Former's text branch built for stage 1 when `vocab_size` > 0."""
+    c = seed.SeedConfig.preset("tiny")
+    return dataclasses.replace(c, patch_size=cfg.clip.patch_size, causal=not cfg.no_causal,
+                               qformer=dataclasses.replace(c.qformer, text_vocab_size=vocab_size))
+
+
+def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor,
+                           scale: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric contrastive loss of a batch of images against *all* 150 captions.
+
+    image -> text: a 150-way classification (each image has one true caption);
+    text -> image: for every caption present in the batch, the softmax over the batch's images, where all images of
+    that caption are positives (log of the summed probability): many images share a caption, so plain InfoNCE, which
+    assumes one positive per row, would push apart images that should match.
+    """
+    image_emb, caption_emb = F.normalize(image_emb, dim=-1), F.normalize(caption_emb, dim=-1)
+    logits = scale * image_emb @ caption_emb.t()                                # (B, 150)
+    i2t = F.cross_entropy(logits, combo, label_smoothing=label_smoothing)
+    present = torch.unique(combo)
+    t_logits = logits[:, present].t()                                           # (P, B)
+    positive = combo[None, :] == present[:, None]                               # (P, B)
+    t2i = -(torch.logsumexp(t_logits.masked_fill(~positive, -1e4), 1) - torch.logsumexp(t_logits, 1)).mean()
+    return (i2t + t2i) / 2
+
+
+@torch.no_grad()
+def caption_accuracy(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor) -> float:
+    """Fraction of images whose most similar caption (cosine, among all 150) is their own."""
+    sims = F.normalize(image_emb, dim=-1) @ F.normalize(caption_emb, dim=-1).t()
+    return (sims.argmax(1) == combo).float().mean().item()
+
+
+@torch.no_grad()
+def batched(fn, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """fn over x in chunks (precomputing frozen features of the whole world without a memory spike)."""
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def stage_clip(run: Run, prev: dict) -> dict:
+    """Stage 0: the tiny CLIP. Returns the model, the caption ids and the frozen features every later stage uses:
+    the ViT tokens (input of the Q-Former) and the image embeddings E (target of stage 2, condition of stage 3)."""
+    cfg, world, dev = run.cfg.clip, run.world, run.device
+    tokenizer = build_clip_tokenizer(run.out / "clip", CAPTIONS) if run.main else None
+    run.barrier()
+    tokenizer = tokenizer or unet.CLIPTokenizer(run.out / "clip")
+    ids, eos = tokenize(tokenizer, CAPTIONS)
+    ids, eos = ids.to(dev), eos.to(dev)
+    run.seed_everything(0)
+    model = TinyCLIP(run.cfg, len(tokenizer.vocab)).to(dev).train()
+    pixels, combo = to_vit_pixels(world.images).to(dev), world.combo.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+
+    def step(i, gen):
+        idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
+        image_emb = model.encode_image(pixels[idx])
+        caption_emb = model.encode_text(ids, eos)   # all 150 captions every step: they are the classes
+        return multi_positive_infonce(image_emb, caption_emb, combo[idx], model.logit_scale.exp().clamp(max=100))
+
+    run.train(0, "clip", {"clip": model}, optimizer, cfg.steps, cfg.lr, step)
+    model.requires_grad_(False)
+    vit_tokens = batched(model.visual, pixels)                # (1350, 1 + N, W): frozen input of the Q-Former
+    image_embeds = batched(model.encode_image, pixels)        # (1350, E): the unCLIP image-embedding space
+    caption_emb = model.encode_text(ids, eos)
+    test = world.test_idx.to(dev)
+    run.metrics["clip"] = {"caption_acc_test": caption_accuracy(image_embeds[test], caption_emb, combo[test])}
+    return {"clip": model, "clip_tokenizer": tokenizer, "caption_ids": ids, "caption_eos": eos,
+            "vit_tokens": vit_tokens, "image_embeds": image_embeds}
+
+
+# --- Stage 1: the Causal Q-Former ------------------------------------------------------------------------------------
+
+class Temperature(nn.Module):
+    """BLIP-2's learnable ITC temperature (`self.temp`, from 0.07, clamped to [0.001, 0.5] before use)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.temp = nn.Parameter(torch.tensor(value))
+
+    def forward(self) -> torch.Tensor:
+        return self.temp.clamp(0.001, 0.5)
+
+
+def qformer_text_features(tokenizer: "seed.SeedTokenizer", ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Caption ids -> (N, proj_dim): the projected [CLS] feature of the Q-Former's text branch. [CLS] is the first
+    token (here CLIP's bos id); padding after eos is masked out of the self-attention."""
+    mask = torch.arange(ids.shape[1], device=ids.device)[None, :] <= eos[:, None]   # (N, T): 1 = a real token
+    qf = tokenizer.qformer
+    return qf.text_proj(qf.encode_text(ids, mask)[:, 0])
+
+
+def last_query_features(tokenizer: "seed.SeedTokenizer", queries: torch.Tensor) -> torch.Tensor:
+    """(B, 32, D) query embeddings -> (B, proj_dim): SEED's ITC uses only the last causal query, the one that has
+    seen all the others (official: `image_feats[:, -1, :]` in blip2_qformer_causual.py)."""
+    return tokenizer.qformer.vision_proj(queries[:, -1])
+
+
+def stage_qformer(run: Run, prev: dict) -> dict:
+    """Stage 1: train ln_vision + the Causal Q-Former (and its text branch) with last-query ITC, the ViT frozen.
+    Returns the SeedTokenizer (ViT from stage 0) and the causal embeddings of all 1350 images."""
+    cfg, world, dev = run.cfg.qformer, run.world, run.device
+    ids, eos = prev["caption_ids"], prev["caption_eos"]
+    run.seed_everything(1)
+    tokenizer = seed.SeedTokenizer(tiny_seed_config(run.cfg, len(prev["clip_tokenizer"].vocab)))
+    tokenizer.visual_encoder.load_state_dict(prev["clip"].visual.state_dict())  # the frozen "pretrained" ViT
+    tokenizer = tokenizer.to(dev).requires_grad_(False)
+    trained = nn.ModuleDict({"ln_vision": tokenizer.ln_vision, "qformer": tokenizer.qformer}).requires_grad_(True)
+    temperature = Temperature(cfg.temperature).to(dev)
+    vit_tokens, combo = prev["vit_tokens"], world.combo.to(dev)
+    optimizer = torch.optim.AdamW([*trained.parameters(), *temperature.parameters()], lr=cfg.lr, weight_decay=0.05)
+
+    def step(i, gen):
+        idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
+        queries = tokenizer.query_embeddings(tokenizer.ln_vision(vit_tokens[idx]))   # (B, 65, W) -> (B, 32, D)
+        image = last_query_features(tokenizer, queries)
+        text = qformer_text_features(tokenizer, ids, eos)                            # all 150 captions
+        return multi_positive_infonce(image, text, combo[idx], 1 / temperature(), cfg.label_smoothing)
+
+    run.train(1, "qformer", {"trained": trained, "temperature": temperature}, optimizer, cfg.steps, cfg.lr, step)
+    tokenizer.requires_grad_(False)
+    queries = batched(lambda v: tokenizer.query_embeddings(tokenizer.ln_vision(v)), vit_tokens)  # (1350, 32, D)
+    with torch.no_grad():
+        text = qformer_text_features(tokenizer, ids, eos)
+        test = world.test_idx.to(dev)
+        acc = caption_accuracy(last_query_features(tokenizer, queries[test]), text, combo[test])
+    run.metrics["tokenizer"] = {"caption_acc_continuous": acc}
+    return {"tokenizer": tokenizer, "queries": queries, "qformer_text": text}
+
+
+# --- Stage 2: the codebook --------------------------------------------------------------------------------------------
+
+class QueryReconstructor(nn.Module):
+    """The training-only head that rebuilds the causal embeddings from the codes (official `recon_s`): learned
+    positions + ViT blocks on top of `decode_task_layer`. Official keys `pos_embed` / `blocks.*`; the official
+    loader ignores them and so does inference, so it lives here and not in seed.SeedTokenizer."""
+
+    def __init__(self, c: "seed.SeedConfig"):
+        super().__init__()
+        D, Q = c.qformer.width, c.qformer.n_queries
+        self.pos_embed = nn.Parameter(torch.randn(1, Q, D) * 0.02)
+        self.blocks = nn.ModuleList(seed.ViTBlock(D, c.decoder_heads, c.decoder_mlp) for _ in range(c.decoder_depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x  # (B, 32, D)
+
+
+@torch.no_grad()
+def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: torch.Generator) -> int:
+    """Re-seed every code that no vector of `z` (N, d) chooses with a randomly drawn vector of z (plus a little noise).
+
+    The official codebook is initialised in +-1/8192 and trained without restarts; at tiny scale most codes would
+    never be chosen (codebook collapse), which wastes the vocabulary the LLM learns. Returns how many were dead.
+    """
+    counts = torch.bincount(quantize.nearest(z).flatten(), minlength=quantize.n_codes)
+    dead = torch.nonzero(counts == 0).squeeze(1)
+    if len(dead):
+        pick = torch.randint(len(z), (len(dead),), generator=gen).to(z.device)
+        noise = torch.randn(len(dead), z.shape[1], generator=gen).to(z.device) * 0.01 * z.std()
+        quantize.embedding.weight.data[dead] = z[pick] + noise
+    return len(dead)
+
+
+def stage_codebook(run: Run, prev: dict) -> dict:
+    """Stage 2: encode_task_layer + VQ + decode_task_layer, the query reconstructor and the image-embedding head,
+    Q-Former frozen. Loss (official weights) 5 * VQ + 2 * (1 - cos(rebuilt queries, queries)) + 0.5 * MSE(image
+    embedding from the codes, tiny-CLIP image embedding)."""
+    cfg, world, dev = run.cfg.codebook, run.world, run.device
+    tokenizer, queries, targets = prev["tokenizer"], prev["queries"], prev["image_embeds"]
+    run.seed_everything(2)
+    recon = QueryReconstructor(tokenizer.config).to(dev)
+    trained = nn.ModuleDict({name: getattr(tokenizer, name) for name in (
+        "encode_task_layer", "quantize", "decode_task_layer", "blocks_image", "image_down", "distill_image_proj")})
+    head = nn.ParameterDict({"pos_embed_image": tokenizer.pos_embed_image})
+    modules = {"trained": trained, "head": head, "recon": recon}
+    for m in modules.values():
+        m.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=cfg.lr, weight_decay=0.0)
+    train_idx = world.train_idx.to(dev)
+
+    def step(i, gen):
+        idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
+        q = queries[idx]
+        z_q, codes, vq_loss = tokenizer.quantize(tokenizer.to_code_space(q))   # (B, 32, d), straight-through
+        rebuilt = tokenizer.from_code_space(z_q)                                # (B, 32, D)
+        cos = 1 - F.cosine_similarity(recon(rebuilt), q, dim=-1).mean()
+        mse = F.mse_loss(tokenizer.image_embedding(rebuilt), targets[idx])
+        return cfg.w_vq * vq_loss + cfg.w_cos * cos + cfg.w_mse * mse
+
+    def after_step(i, gen):
+        # Restarts stop in the last fifth, so that the heads settle on the final codebook.
+        if cfg.restart_every and (i + 1) % cfg.restart_every == 0 and i < 0.8 * run.cfg.codebook.steps:
+            with torch.no_grad():
+                restart_dead_codes(tokenizer.quantize, tokenizer.to_code_space(queries[train_idx]).flatten(0, 1), gen)
+
+    run.train(2, "codebook", modules, optimizer, cfg.steps, cfg.lr, step, after_step)
+    tokenizer.requires_grad_(False)
+    recon.requires_grad_(False)
+    with torch.no_grad():
+        codes = tokenizer.quantize.nearest(tokenizer.to_code_space(queries))            # (1350, 32)
+        rebuilt = tokenizer.from_code_space(tokenizer.quantize.lookup(codes))
+        embeds = tokenizer.image_embedding(rebuilt)                                      # (1350, E)
+        test = world.test_idx.to(dev)
+        used, perplexity = tokenizer.quantize.usage(codes[train_idx])
+        code_acc = caption_accuracy(last_query_features(tokenizer, recon(rebuilt[test])), prev["qformer_text"],
+                                    world.combo.to(dev)[test])
+        cosine = F.cosine_similarity(embeds[test], targets[test], dim=-1).mean().item()
+    run.metrics["tokenizer"].update({"caption_acc_codes": code_acc, "codebook_usage": used,
+                                     "codebook_perplexity": perplexity, "embedding_cosine": cosine,
+                                     "n_codes": tokenizer.quantize.n_codes})
+    run.save_pretrained(tokenizer, "seed")
+    return {"codes": codes, "recon": recon}
+
+
+# --- Stage 3: the unCLIP decoder in pixel space -----------------------------------------------------------------------
+
+def tiny_decoder_config(embed_dim: int) -> "unet.DecoderConfig":
+    """unet.py's `tiny` decoder preset (pixel space, 3 x 32 x 32, no VAE, no text) for image embeddings of width E:
+    the UNet's class label is the noised embedding ++ the embedding of its noise level, 2E."""
+    c = unet.DecoderConfig.from_preset("tiny")
+    return dataclasses.replace(c, unet=dataclasses.replace(c.unet, class_embed_dim=2 * embed_dim))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: DecoderStageConfig, seed: int,
+                      batch_size: int = 50) -> list[Image.Image]:
+    """Image embeddings (N, E) -> N images with the project's unCLIP pipeline (PNDM, CFG), in chunks, each chunk
+    seeded from `seed` so that the result does not depend on the chunking of an earlier run."""
+    images = []
+    for i in range(0, len(embeds), batch_size):
+        images += decoder(embeds[i:i + batch_size].cpu(), steps=cfg.sample_steps, guidance_scale=cfg.guidance,
+                          noise_level=cfg.noise_level, seed=seed + i)
+    return images
+
+
+def stage_decoder(run: Run, prev: dict) -> dict:
+    """Stage 3: the unCLIP UNet in pixel space on tiny-CLIP image embeddings of real (train) images.
+
+    As SD-2.1-unclip was trained: v-prediction on SD's scaled-linear schedule (the one the PNDM sampler of
+    unet.py assumes); the condition is the unCLIP class label = noise-augmented embedding ++ the embedding of the
+    noise level (levels drawn in [0, --decoder.train-noise-level]); the whole label is zeroed with probability
+    --decoder.cond-drop (classifier-free guidance); an EMA of the weights is what gets saved and sampled.
+    """
+    cfg, world, dev = run.cfg.decoder, run.world, run.device
+    embeds = prev["image_embeds"]
+    train_idx = world.train_idx.to(dev)
+    run.seed_everything(3)
+    decoder = unet.UnCLIPDecoder(tiny_decoder_config(embeds.shape[1])).to(dev)
+    # The unCLIP image normaliser (official image_normalizer: mean/std of the CLIP embeddings) from the train images.
+    decoder.noise_augmentation.mean.data.copy_(embeds[train_idx].mean(0, keepdim=True))
+    decoder.noise_augmentation.std.data.copy_(embeds[train_idx].std(0, keepdim=True))
+    decoder.noise_augmentation.requires_grad_(False)
+    model = decoder.unet.train()
+    ema = unet.UNet(model.config).to(dev).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    alphas_cumprod = unet.scaled_linear_alphas_cumprod().to(dev)
+    images = world.images.to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    def step(i, gen):
+        idx = run.batch(world.train_idx, cfg.batch_size, gen)
+        B = len(idx)
+        t = torch.randint(len(alphas_cumprod), (B,), generator=gen).to(dev)
+        noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
+        x0 = images[idx.to(dev)]
+        level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
+        label = decoder.noise_augmentation.noise_image_embeddings(
+            embeds[idx.to(dev)], level, noise=torch.randn(B, embeds.shape[1], generator=gen).to(dev))
+        keep = (torch.rand(B, 1, generator=gen) >= cfg.cond_drop).to(dev)
+        label = label * keep                                  # dropped: zeros over the whole 2E label
+        v = model(unet.add_noise(x0, noise, t, alphas_cumprod), t, None, label)
+        return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
+
+    def after_step(i, gen):
+        update_ema(ema, model, min(cfg.ema, (1 + i) / (10 + i)))  # EMA warm-up: average early weights less
+
+    run.train(3, "decoder", {"unet": model, "ema": ema}, optimizer, cfg.steps, cfg.lr, step, after_step)
+    decoder.unet = ema  # sample and save the averaged weights
+    decoder.requires_grad_(False).eval()
+    run.save_pretrained(decoder, "decoder")
+    # Reconstruction: image -> 32 codes -> embedding -> UNet -> image, on the test images (first test jitter of
+    # each combination), judged by the pixel heuristic.
+    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
+    with torch.no_grad():
+        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
+    recon = decode_embeddings(decoder, rebuilt, cfg, seed=run.cfg.seed)
+    truth = [COMBOS[int(world.combo[i])] for i in test]
+    run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
+    run.metrics["decoder"]["n_images"] = len(test)
+    return {"decoder": decoder, "reconstructions": list(zip(test, recon))}
+
 
 # ======================================================================================================
 # Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full); LLM metrics.  (train-llm helper)
 # ======================================================================================================
 
+# The instruction data. The four VQA questions and the edit instructions are SHAPES_WORLD.md's (QUESTIONS,
+# Combo.edit); the request templates are paraphrases, so the model learns the task and not one sentence. The first
+# template of each list is the one the evaluation asks with.
+CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "write a short caption for this image.")
+T2I_REQUESTS = ("draw {}.", "can you generate an image of {}?", "please make a picture of {}.", "show me {}.")
+ATTRIBUTES = ("shape", "colour", "size", "position")
+VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
+EOS = "</s>"  # every assistant turn ends with it (Vicuna v1.1's sep2); generation stops on it
+IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
+
+
+class SequenceBuilder:
+    """Token ids and loss labels of the LLM's sequences, encoded by the project's `llama.Tokenizer`.
+
+    Text is written with `<image>` placeholders (llama.chat_conversation's), and `images` gives the 32 codes of
+    each. Encoding goes through `Tokenizer.encode` on the text with every placeholder replaced by an empty span
+    `<img></img>`, then the codes are spliced in after each `<img>`: this equals encoding the full text (the
+    4.30.2 split strips the same whitespace around `<img>`/`</img>` with or without codes between them; a test
+    checks it), and the text part is cached, so building a batch costs almost nothing.
+    """
+
+    def __init__(self, tokenizer: llama.Tokenizer):
+        self.tok, self.iv = tokenizer, tokenizer.image_vocab
+        self._cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str, images) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = self.tok.encode(text.replace(llama.IMAGE_PLACEHOLDER,
+                                                                   llama.BOI_TOKEN + llama.EOI_TOKEN))
+        if ids.count(self.iv.boi_id) != len(images):
+            raise ValueError(f"{text!r} holds {ids.count(self.iv.boi_id)} images but {len(images)} were given")
+        out, k = [], 0
+        for i in ids:
+            out.append(i)
+            if i == self.iv.boi_id:
+                out += [self.iv.code_offset + int(c) for c in images[k]]
+                k += 1
+        return out
+
+    def plain(self, text: str, images) -> tuple[list[int], list[int]]:
+        """A pretraining sequence `<s>...</s>`: next-token loss on every token after `<s>`."""
+        ids = self.encode("<s>" + text + EOS, images)
+        return ids, ids
+
+    def chat(self, turns: list[tuple[str, str]], images) -> tuple[list[int], list[int]]:
+        """A conversation [(user, assistant), ...] in the official 8B template; the loss sees only the assistant
+        turns (each reply and its `</s>`), every prompt token is labelled IGNORE.
+
+        Turn k's prompt is `llama.chat_prompt` of the messages so far (it ends in "ASSISTANT:"); the reply follows
+        after one space, and the next turn's prompt continues that text. The ids of each prefix must be a prefix
+        of the ids of the whole, which holds for this tokenizer (pieces never cross a space; an added token splits
+        the text) and is checked, so a mask can never be off by a token.
+        """
+        messages = [m for user, reply in turns for m in (user, reply + EOS)]
+        ids: list[int] = []
+        labels: list[int] = []
+        for k in range(len(turns)):
+            prompt = "<s>" + llama.chat_conversation(messages[:2 * k + 1])
+            reply = prompt + " " + messages[2 * k + 1]
+            prompt_ids = self.encode(prompt, images[:prompt.count(llama.IMAGE_PLACEHOLDER)])
+            reply_ids = self.encode(reply, images[:reply.count(llama.IMAGE_PLACEHOLDER)])
+            if prompt_ids[:len(ids)] != ids or reply_ids[:len(prompt_ids)] != prompt_ids:
+                raise ValueError(f"the tokenization of turn {k} of {messages} does not extend the previous one")
+            labels += [IGNORE] * (len(prompt_ids) - len(ids)) + reply_ids[len(prompt_ids):]
+            ids = reply_ids
+        return ids, labels
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (ids, labels) rows into (B, T) tensors; padding is labelled IGNORE."""
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r, _ in rows], device=device)
+    labels = torch.tensor([l + [IGNORE] * (T - len(l)) for _, l in rows], device=device)
+    return ids, labels
+
+
+def lm_loss(model: llama.Llama, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: the logits at t predict labels[t + 1]; IGNORE labels are skipped."""
+    logits = model(ids[:, :-1])                                     # (B, T-1, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+class LLMData:
+    """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2).
+
+    Held-out compositions (HELD_OUT_PAIRS) are never the image the model is asked to draw: not in a caption ->
+    image sequence, not as a text-to-image reply, not as an edit target (also inside multi-turn chats). They do
+    appear as inputs: image -> caption, captioning, VQA, and as the source image of an edit.
+    """
+
+    def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder):
+        self.world, self.builder = world, builder
+        self.codes = codes.cpu().tolist()                                     # (1350, 32) as lists of ints
+        self.combos = [COMBOS[c] for c in world.combo.tolist()]
+        train = world.train_idx.tolist()
+        self.train = train
+        self.train_drawable = [i for i in train if not self.combos[i].held_out]
+        # index of (combo, jitter) -> image, for edit targets
+        self.image_of = {(c, j): i for i, (c, j) in enumerate(zip(world.combo.tolist(), world.jitter.tolist()))}
+        self.is_train = set(train)
+
+    def pretrain(self, rng: random.Random, reverse_ratio: float) -> tuple[list[int], list[int]]:
+        """caption -> image, or (with probability reverse_ratio, and always for held-out pairs) image -> caption:
+        SEED-LLaMA's pretraining on image-text pairs in both directions."""
+        i = rng.choice(self.train)
+        caption, image = self.combos[i].caption, [self.codes[i]]
+        if self.combos[i].held_out or rng.random() < reverse_ratio:
+            return self.builder.plain(llama.IMAGE_PLACEHOLDER + caption, image)
+        return self.builder.plain(caption + llama.IMAGE_PLACEHOLDER, image)
+
+    # --- instruction turns: each returns (user, assistant, images in order) ----------------------------------------
+
+    def caption_turn(self, rng, i):
+        return llama.IMAGE_PLACEHOLDER + rng.choice(CAPTION_REQUESTS), self.combos[i].caption, [self.codes[i]]
+
+    def vqa_turn(self, rng, i, with_image=True):
+        attribute = rng.choice(ATTRIBUTES)
+        user = (llama.IMAGE_PLACEHOLDER if with_image else "") + QUESTIONS[attribute]
+        return user, self.combos[i].answer(attribute), [self.codes[i]] if with_image else []
+
+    def t2i_turn(self, rng, i):
+        return rng.choice(T2I_REQUESTS).format(self.combos[i].caption), llama.IMAGE_PLACEHOLDER, [self.codes[i]]
+
+    def edit_target(self, rng, i) -> tuple[str, int] | None:
+        """A random edit of image i whose target is drawable (not held out): (instruction, target image), keeping
+        the jitter when the target with that jitter is a train image, else a random train jitter of it."""
+        attribute = rng.choice(ATTRIBUTES)
+        value = rng.choice([v for v in VALUES[attribute] if v != getattr(self.combos[i], attribute)])
+        instruction, target = self.combos[i].edit(attribute, value)
+        if target.held_out:
+            return None
+        c = COMBOS.index(target)
+        j = self.world.jitter[i].item()
+        t = self.image_of[c, j]
+        if t not in self.is_train:
+            t = self.image_of[c, rng.choice([j for j in range(len(JITTERS)) if self.image_of[c, j] in self.is_train])]
+        return instruction, t
+
+    def edit_turn(self, rng, i, with_image=True):
+        while (edit := self.edit_target(rng, i)) is None:
+            pass
+        instruction, t = edit
+        user = (llama.IMAGE_PLACEHOLDER if with_image else "") + instruction
+        return user, llama.IMAGE_PLACEHOLDER, ([self.codes[i]] if with_image else []) + [self.codes[t]], t
+
+    def instruct(self, rng: random.Random) -> tuple[list[int], list[int]]:
+        """One instruction-tuning chat: captioning, VQA, text-to-image, an edit, or a two-turn conversation."""
+        task = rng.choice(("caption", "vqa", "t2i", "edit", "chat"))
+        if task in ("caption", "vqa"):
+            user, reply, images = getattr(self, task + "_turn")(rng, rng.choice(self.train))
+            return self.builder.chat([(user, reply)], images)
+        if task == "t2i":
+            user, reply, images = self.t2i_turn(rng, rng.choice(self.train_drawable))
+            return self.builder.chat([(user, reply)], images)
+        if task == "edit":
+            user, reply, images, _ = self.edit_turn(rng, rng.choice(self.train))
+            return self.builder.chat([(user, reply)], images)
+        # two turns about the same image: draw it then edit what was drawn; or describe it then answer about it
+        if rng.random() < 0.5:
+            i = rng.choice(self.train_drawable)
+            user1, reply1, images1 = self.t2i_turn(rng, i)
+            user2, reply2, images2, _ = self.edit_turn(rng, i, with_image=False)
+        else:
+            i = rng.choice(self.train)
+            user1, reply1, images1 = self.caption_turn(rng, i)
+            user2, reply2, images2 = self.vqa_turn(rng, i, with_image=False)
+        return self.builder.chat([(user1, reply1), (user2, reply2)], images1 + images2)
+
+
+def llm_corpus() -> list[str]:
+    """Every text the LLM reads or writes, images left out, in the chat template: its BPE training text."""
+    texts = [c.caption for c in COMBOS] + list(CAPTION_REQUESTS) + list(QUESTIONS.values())
+    texts += [t.format(c.caption) for t in T2I_REQUESTS for c in COMBOS]
+    texts += [c.edit(a, v)[0] for c in COMBOS[:1] for a in ATTRIBUTES for v in VALUES[a]]
+    texts += [c.answer(a) for c in COMBOS for a in ATTRIBUTES]
+    return [llama.chat_conversation([t, t, t]) for t in texts]
+
+
+def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> llama.Tokenizer:
+    """SentencePiece-format BPE on the world's text (llama.train_bpe), then `<img_00000>`.. for every code of
+    the tiny codebook and `<img>`, `</img>`, exactly as SEED extends LLaMA's vocabulary; files written to folder."""
+    return llama.train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
+
+
+def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, lr: float, batch_size: int,
+              sample, pad_id: int, step_offset: int = 0) -> None:
+    """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`,
+    through the stage runner (checkpoints, resume, gradient all-reduce across ranks)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step(i, gen):
+        # The global batch depends on (seed, stage, step) only; each rank trains on its share of it.
+        rng = random.Random(int(torch.randint(2 ** 62, (1,), generator=gen)) + step_offset)
+        rows = [sample(rng) for _ in range(batch_size)][run.rank::run.world_size]
+        return lm_loss(model, *collate(rows, pad_id, run.device))
+
+    model.train()
+    run.train(stage, name, {"llm": model}, optimizer, steps, lr, step)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) * B A x (LoRA, Hu et al. 2021,
+    arXiv:2106.09685). B starts at zero, so the wrapped layer starts as exactly the base layer; `merge` folds
+    B A into W and returns a plain nn.Linear computing the same function."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base, self.scale = base.requires_grad_(False), alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t() * self.scale  # (.., in) -> (.., r) -> (.., out)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        self.base.weight += self.scale * (self.lora_b @ self.lora_a)  # (out, r) @ (r, in) -> (out, in)
+        return self.base
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """Freeze `model` and wrap every nn.Linear of its transformer blocks (attention q/k/v/o and the MLP) in
+    LoRALinear; embeddings, norms and the output head stay frozen, as in the usual LLaMA LoRA recipes."""
+    model.requires_grad_(False)
+    for block in model.model.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by its merged nn.Linear: the same function, the official module layout."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merge())
+    return model
+
+
+def stage_llm_pretrain(run: Run, prev: dict) -> dict:
+    """Stage 4: the tokenizer (BPE on the world's text + the image tokens), then SEED-LLaMA pretraining: a tiny
+    llama.Llama from scratch on caption -> image and image -> caption sequences, with the codes of stages 0-2."""
+    cfg, dev = run.cfg.llm, run.device
+    n_codes = prev["tokenizer"].quantize.n_codes
+    folder = run.out / "llama"
+    tokenizer = build_llm_tokenizer(folder, n_codes, cfg.text_vocab_size) if run.main else None
+    run.barrier()
+    tokenizer = tokenizer or llama.Tokenizer(folder)
+    builder = SequenceBuilder(tokenizer)
+    data = LLMData(run.world, prev["codes"], builder)
+    run.seed_everything(4)
+    # llama.py's `tiny` preset (its sizes live there, once), with this tokenizer's vocabulary
+    config = dataclasses.replace(llama.LlamaConfig.from_name("tiny"), vocab_size=len(tokenizer))
+    model = llama.Llama(config).to(dev)
+    train_llm(run, 4, "llm_pretrain", model, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size,
+              lambda rng: data.pretrain(rng, cfg.reverse_ratio), tokenizer.pad_id)
+    model.eval()
+    run.metrics["llm"] = {"params": sum(p.numel() for p in model.parameters()), "vocab_text": len(tokenizer.sp),
+                          "vocab": len(tokenizer)}
+    return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
+
+
+def stage_llm_instruct(run: Run, prev: dict) -> dict:
+    """Stage 5: instruction tuning in the official 8B chat template, prompt masked: LoRA on the pretrained model
+    (merged at the end), then full fine-tuning; then the LLM metrics, and the model saved to OUT/llama."""
+    cfg, model, data = run.cfg.llm, prev["llm"], prev["llm_data"]
+    run.seed_everything(5)
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    pad_id = prev["llm_tokenizer"].pad_id
+    train_llm(run, 5, "llm_lora", model, cfg.lora_steps, cfg.lora_lr, cfg.batch_size, data.instruct, pad_id)
+    merge_lora(model).requires_grad_(True)
+    train_llm(run, 5, "llm_sft", model, cfg.sft_steps, cfg.sft_lr, cfg.batch_size, data.instruct, pad_id,
+              step_offset=cfg.lora_steps)
+    model.eval().requires_grad_(False)
+    if run.main:
+        model.save_pretrained(run.out / "llama", prev["llm_tokenizer"])
+    run.barrier()
+    evaluation = evaluate_llm(run, prev, model)
+    return {"llm": model, "llm_eval": evaluation}
+
+
+# --- LLM metrics --------------------------------------------------------------------------------------------------
+
+def generate_batched(model: llama.Llama, tokenizer: llama.Tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                     batch_size: int = 128) -> list[list[int]]:
+    """Greedy continuations of many prompts, left-padded into batches (llama.Llama.generate); constrained
+    decoding stays off, so every image span is what the model wrote on its own."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += model.generate(prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,),
+                              image_vocab=tokenizer.image_vocab)
+    return out
+
+
+def reply_text(tokenizer: llama.Tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode([i for i in ids if i != tokenizer.eos_id], skip_special_tokens=True).strip()
+
+
+def reply_image(tokenizer: llama.Tokenizer, ids: list[int]) -> list[int] | None:
+    """The codes of the first image span of a reply, or None unless every span in it is valid (`<img>` +
+    exactly 32 codes + `</img>`, the flask demo's check) and there is at least one."""
+    try:
+        _, images = tokenizer.image_vocab.split([i for i in ids if i != tokenizer.eos_id])
+    except ValueError:
+        return None
+    return images[0] if images else None
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+    """Attributes named in a generated caption (None where the caption does not follow the world's grammar)."""
+    words = {a: "|".join(re.escape(v) for v in VALUES[a]) for a in ("shape", "colour", "size")}
+    places = "|".join(re.escape(p) for p in PLACES.values())
+    m = re.fullmatch(f"a ({words['size']}) ({words['colour']}) ({words['shape']}) ({places})", text)
+    if m is None:
+        return dict.fromkeys(ATTRIBUTES)
+    place = {p: k for k, p in PLACES.items()}[m.group(4)]
+    return {"size": m.group(1), "colour": m.group(2), "shape": m.group(3), "position": place}
+
+
+@torch.no_grad()
+def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id: int, device) -> float:
+    """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies: how well
+    the LLM models the codes of real images given their caption, the quantity behind the paper's causal vs
+    bidirectional comparison."""
+    iv, total, count = data.builder.iv, 0.0, 0
+    for k in range(0, len(images), 64):
+        rows = [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), llama.IMAGE_PLACEHOLDER)],
+                                  [data.codes[i]]) for i in images[k:k + 64]]
+        ids, labels = collate(rows, pad_id, device)
+        target = labels[:, 1:]
+        image_tok = ((target >= iv.code_offset) & (target < iv.code_offset + iv.n_codes)) | (target == iv.eoi_id)
+        logits = model(ids[:, :-1]).float()
+        losses = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
+        total += losses[image_tok].sum().item()
+        count += int(image_tok.sum())
+    return total / max(count, 1)
+
+
+def attribute_scores(records: list[dict], prefix: str) -> dict[str, float]:
+    """Per-attribute and all-attributes accuracy of judged records ({"target": Combo, "judged": dict|None})."""
+    n = max(len(records), 1)
+    scores = {}
+    for a in ATTRIBUTES:
+        scores[f"{prefix}_{a}"] = sum(r["judged"] is not None and r["judged"][a] == getattr(r["target"], a)
+                                      for r in records) / n
+    scores[f"{prefix}_all"] = sum(r["correct"] for r in records) / n
+    scores[f"{prefix}_n"] = len(records)
+    return scores
+
+
+def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
+    """The LLM metrics of SHAPES_WORLD.md on the test images and on all 150 prompts; generated images are drawn
+    by the trained pipeline (codes -> SeedTokenizer.embed -> UnCLIPDecoder) and judged by `judge`.
+    Returns the records of every generation (prompt, target, codes, image, verdict) for the reports."""
+    tok, data, world, dev = prev["llm_tokenizer"], prev["llm_data"], run.world, run.device
+    builder, limit = data.builder, 8 if run.cfg.smoke else None
+    test = world.test_idx.tolist()[:limit]
+    one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
+
+    def prompt(user: str, images=()) -> list[int]:
+        return builder.encode("<s>" + llama.chat_conversation([user]), list(images))
+
+    metrics: dict = {}
+    # Captioning and VQA on the held-out test images (every combination, two jitters each).
+    out = generate_batched(model, tok, [prompt(llama.IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
+                                        for i in test], 16)
+    captions = [reply_text(tok, o) for o in out]
+    metrics["caption_exact"] = sum(c == data.combos[i].caption for c, i in zip(captions, test)) / len(test)
+    for a in ATTRIBUTES:
+        metrics[f"caption_{a}"] = sum(parse_caption(c)[a] == getattr(data.combos[i], a)
+                                      for c, i in zip(captions, test)) / len(test)
+    questions = [(i, a) for i in test for a in ATTRIBUTES]
+    out = generate_batched(model, tok, [prompt(llama.IMAGE_PLACEHOLDER + QUESTIONS[a], [data.codes[i]])
+                                        for i, a in questions], 8)
+    metrics["vqa_acc"] = sum(reply_text(tok, o) == data.combos[i].answer(a) for o, (i, a) in zip(out, questions)) \
+        / len(questions)
+    # Text-to-image: one request per combination (held-out pairs included: never drawn in training).
+    records = [{"task": "t2i", "target": COMBOS[c], "images": [],
+                "prompt": T2I_REQUESTS[0].format(COMBOS[c].caption)} for c in range(len(COMBOS))][:limit]
+    # Edits: a random instruction on one test image per combination; the target may be a held-out pair.
+    rng = random.Random(run.cfg.seed)
+    for i in one_per_combo:
+        attribute = rng.choice(ATTRIBUTES)
+        value = rng.choice([v for v in VALUES[attribute] if v != getattr(data.combos[i], attribute)])
+        instruction, target = data.combos[i].edit(attribute, value)
+        records.append({"task": "edit", "target": target, "prompt": instruction, "source": i,
+                        "images": [data.codes[i]]})
+    out = generate_batched(model, tok, [prompt((llama.IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
+                                               r["images"]) for r in records], llama.CODES_PER_IMAGE + 8)
+    for r, o in zip(records, out):
+        r["codes"] = reply_image(tok, o)
+    valid = [r for r in records if r["codes"] is not None]
+    metrics["valid_spans"] = f"{len(valid)}/{len(records)}"
+    metrics["valid_span_rate"] = len(valid) / len(records)
+    if valid:
+        embeds = prev["tokenizer"].embed(torch.tensor([r["codes"] for r in valid], device=dev))
+        for r, image in zip(valid, decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, seed=run.cfg.seed)):
+            r["image"] = image
+    for r in records:
+        r["judged"] = judge(r["image"]) if "image" in r else None
+        r["correct"] = r["judged"] is not None and all(r["judged"][a] == getattr(r["target"], a) for a in ATTRIBUTES)
+    for task in ("t2i", "edit"):
+        for part, held_out in (("heldin", False), ("heldout", True)):
+            metrics.update(attribute_scores([r for r in records if r["task"] == task and r["target"].held_out
+                                             == held_out], f"{task}_{part}"))
+    held_in_test = [i for i in test if not data.combos[i].held_out]
+    metrics["image_code_loss"] = image_code_loss(model, data, held_in_test, tok.pad_id, dev)
+    run.metrics.setdefault("llm", {}).update(metrics)
+    return {"records": records, "captions": dict(zip(test, captions))}
+
 
 # ======================================================================================================
 # Reports: metrics.json, results table, samples.png, curves.png, codes.png, eval images.  (train-llm helper)
 # ======================================================================================================
+
+# The targets of issue 6 / SHAPES_WORLD.md that the results table checks: (group, metric) -> minimum.
+TARGETS = {("clip", "caption_acc_test"): 0.95, ("tokenizer", "caption_acc_continuous"): 0.95,
+           ("tokenizer", "caption_acc_codes"): 0.90, ("tokenizer", "codebook_usage"): 0.50,
+           ("decoder", "recon_all"): 0.85, ("llm", "caption_exact"): 0.90, ("llm", "vqa_acc"): 0.90,
+           ("llm", "t2i_heldin_all"): 0.80, ("llm", "t2i_heldout_all"): 0.50, ("llm", "valid_span_rate"): 0.98}
+CELL = 96  # pixels of one 32x32 image in the report figures (3x, nearest neighbour)
+
+
+def machine_info(run: Run) -> dict:
+    """Where the run ran: the numbers that make its timings meaningful (a busy machine is slower)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": str(run.device),
+            "torch_threads": torch.get_num_threads(), "world_size": run.world_size,
+            "load_average_1_5_15min": [round(x, 2) for x in load] if load else None}
+
+
+def _big(image: Image.Image) -> Image.Image:
+    return image.resize((CELL, CELL), Image.NEAREST)
+
+
+def _text_cell(text: str, width: int = CELL, height: int = CELL) -> Image.Image:
+    """A white cell with `text` wrapped to its width (PIL's default bitmap font, about 6 px per character)."""
+    cell = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, lines, line = ImageDraw.Draw(cell), [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width // 6:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    for k, line in enumerate(lines):
+        draw.text((3, 3 + 11 * k), line, fill=(0, 0, 0))
+    return cell
+
+
+def save_eval_images(run: Run, records: list[dict]) -> None:
+    """Every generated evaluation image as OUT/eval/<task>_<k>.png, with OUT/eval/index.json listing for each the
+    prompt, the intended attributes, whether the pair is held out, the 32 codes and the judge's verdict, so the
+    images can be re-judged by anyone. A generation without a valid image span has no file (file: null)."""
+    folder = run.out / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    for k, r in enumerate(records):
+        name = None
+        if "image" in r:
+            name = f"{r['task']}_{k:04d}.png"
+            r["image"].save(folder / name)
+        index.append({"file": name, "task": r["task"], "prompt": r["prompt"], "source_image": r.get("source"),
+                      "target": dataclasses.asdict(r["target"]), "held_out": r["target"].held_out,
+                      "codes": r["codes"], "judged": r["judged"], "correct": r["correct"]})
+    (folder / "index.json").write_text(json.dumps(index, indent=1))
+
+
+def draw_samples(run: Run, outputs: dict) -> Image.Image:
+    """samples.png: rows of input | reconstruction from its codes | generated caption | text-to-image (held-in) |
+    text-to-image (held-out) | an edit (instruction, then the result)."""
+    records, captions = outputs["llm_eval"]["records"], outputs["llm_eval"]["captions"]
+    recon = dict(outputs.get("reconstructions", []))
+    rows = [i for i in recon if i in captions][:4]
+    t2i_in = [r for r in records if r["task"] == "t2i" and not r["target"].held_out]
+    t2i_out = [r for r in records if r["task"] == "t2i" and r["target"].held_out]
+    edits = [r for r in records if r["task"] == "edit"]
+    header = ["input", "from 32 codes", "caption", "t2i held-in", "t2i held-out", "edit input", "edit result"]
+    sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 24) * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(header):
+        draw.text((c * CELL + 3, 2), title, fill=(0, 0, 0))
+
+    def generated(r):
+        return _big(r["image"]) if "image" in r else _text_cell("(no valid image span)")
+
+    for k, i in enumerate(rows):
+        y = 14 + k * (CELL + 24)
+        cells = [(_big(to_image(run.world.images[i])), CAPTIONS[int(run.world.combo[i])]),
+                 (_big(recon[i]), ""), (_text_cell(captions[i]), "")]
+        for pool in (t2i_in, t2i_out):
+            r = pool[(k * 7) % len(pool)] if pool else None
+            cells.append((generated(r), r["target"].caption) if r else (_text_cell(""), ""))
+        if edits:
+            r = edits[(k * 11) % len(edits)]
+            cells += [(_big(to_image(run.world.images[r["source"]])), r["prompt"]), (generated(r), "")]
+        for c, (cell, label) in enumerate(cells):
+            sheet.paste(cell, (c * CELL, y))
+            draw.text((c * CELL + 2, y + CELL + 2), label[:CELL // 6], fill=(60, 60, 60))
+    return sheet
+
+
+def draw_curves(curves: dict[str, list[float]]) -> Image.Image:
+    """curves.png: the training loss of every stage, one panel each (a 10-step moving average over the raw
+    loss in grey), drawn with PIL only."""
+    W, H, pad = 320, 200, 30
+    names = list(curves)
+    sheet = Image.new("RGB", (W * max(1, min(3, len(names))), H * max(1, math.ceil(len(names) / 3))), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, name in enumerate(names):
+        x0, y0 = (k % 3) * W, (k // 3) * H
+        values = [v for v in curves[name] if math.isfinite(v)]
+        draw.rectangle((x0 + pad, y0 + pad, x0 + W - 10, y0 + H - pad), outline=(0, 0, 0))
+        draw.text((x0 + pad, y0 + 8), f"{name}: {len(curves[name])} steps", fill=(0, 0, 0))
+        if len(values) < 2:
+            continue
+        lo, hi = min(values), max(values)
+        smooth = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
+
+        def xy(i, v):
+            return (x0 + pad + (W - 10 - 2 * pad) * i / (len(values) - 1),
+                    y0 + H - pad - (H - 2 * pad) * (v - lo) / max(hi - lo, 1e-12))
+
+        draw.line([xy(i, v) for i, v in enumerate(values)], fill=(200, 200, 200))
+        draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
+        draw.text((x0 + 2, y0 + pad - 4), f"{hi:.3g}", fill=(0, 0, 0))
+        draw.text((x0 + 2, y0 + H - pad - 8), f"{lo:.3g}", fill=(0, 0, 0))
+        draw.text((x0 + pad, y0 + H - pad + 4), f"final {smooth[-1]:.4g}", fill=(0, 0, 0))
+    return sheet
+
+
+def draw_codes(run: Run, codes: torch.Tensor, n_codes: int) -> Image.Image:
+    """codes.png: how often each code is used over all 1350 images (bars, codes sorted by frequency), and the
+    32 codes of a few test images, each code a colour cell with its number."""
+    counts = torch.bincount(codes.flatten().cpu(), minlength=n_codes).sort(descending=True).values
+    used = int((counts > 0).sum())
+    W, H = 2 * 16 * 34 + CELL, 160
+    examples = run.world.test_idx.tolist()[::50][:6]
+    sheet = Image.new("RGB", (W, H + len(examples) * (CELL // 2 + 40)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), f"code usage over all {codes.shape[0]} images: {used}/{n_codes} codes used, "
+                      f"sorted by frequency (max {int(counts[0])})", fill=(0, 0, 0))
+    bar = (W - 8) / n_codes
+    for k, c in enumerate(counts.tolist()):
+        h = (H - 30) * c / max(int(counts[0]), 1)
+        draw.rectangle((4 + k * bar, H - 4 - h, 4 + (k + 1) * bar, H - 4), fill=(30, 80, 200))
+    for row, i in enumerate(examples):
+        y = H + row * (CELL // 2 + 40)
+        sheet.paste(to_image(run.world.images[i]).resize((CELL // 2, CELL // 2), Image.NEAREST), (4, y))
+        draw.text((CELL // 2 + 10, y), CAPTIONS[int(run.world.combo[i])], fill=(0, 0, 0))
+        for q, code in enumerate(codes[i].tolist()):
+            hue = (code * 0.618034) % 1.0  # golden-ratio hues: neighbouring codes get distinct colours
+            colour = tuple(int(255 * (0.55 + 0.45 * math.cos(2 * math.pi * (hue + s / 3)))) for s in range(3))
+            x, yy = CELL // 2 + 10 + (q % 16) * 34, y + 14 + (q // 16) * 18
+            draw.rectangle((x, yy, x + 32, yy + 16), fill=colour)
+            draw.text((x + 3, yy + 3), str(code), fill=(0, 0, 0))
+    return sheet
+
+
+def results_table(run: Run) -> str:
+    """The table printed at the end: every metric, with the issue's target where there is one."""
+    lines = [f"{'metric':<34} {'value':>10}  target", "-" * 56]
+    for group, values in run.metrics.items():
+        for name, value in values.items():
+            target = TARGETS.get((group, name))
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            check = "" if target is None else f">= {target:.2f} {'ok' if value >= target else 'MISSED'}"
+            lines.append(f"{group + '/' + name:<34} {shown:>10}  {check}")
+    lines.append("-" * 56)
+    for name, seconds in run.timings.items():
+        lines.append(f"{'time/' + name:<34} {seconds:>9.1f}s")
+    m = machine_info(run)
+    lines.append(f"machine: {m['cpu_count']} cores, {m['device']}, {m['torch_threads']} torch threads, "
+                 f"{m['world_size']} process(es), load average {m['load_average_1_5_15min']}, {m['platform']}")
+    return "\n".join(lines)
+
+
+def write_reports(run: Run, outputs: dict) -> None:
+    """metrics.json, the evaluation images with index.json, samples.png, curves.png, codes.png, and the table."""
+    if not run.main:
+        return
+    if "judge" not in run.metrics:  # how far the judge itself can be trusted: its accuracy on the clean renders
+        truth = [COMBOS[int(c)] for c in run.world.combo]
+        run.metrics["judge"] = {f"clean_{k}": v for k, v in judge_accuracy(run.world.images, truth).items()}
+    if "llm_eval" in outputs:
+        save_eval_images(run, outputs["llm_eval"]["records"])
+        draw_samples(run, outputs).save(run.out / "samples.png")
+    if "codes" in outputs:
+        draw_codes(run, outputs["codes"], outputs["tokenizer"].quantize.n_codes).save(run.out / "codes.png")
+    if run.curves:
+        draw_curves(run.curves).save(run.out / "curves.png")
+    report = {"metrics": run.metrics, "timings_s": run.timings, "machine": machine_info(run),
+              "config": dataclasses.asdict(run.cfg)}
+    tmp = run.out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, run.out / "metrics.json")
+    print(results_table(run))
 
 
 # ======================================================================================================
@@ -538,7 +1551,7 @@ class Run:
             optimizer.step()
             if after_step is not None:
                 after_step(step, gen)
-            curve.append(float(loss))
+            curve.append(loss.item())
             if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
                 self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0)
             if step + 1 == crash_step:
@@ -569,7 +1582,7 @@ STAGES = ((0, "stage_clip"), (1, "stage_qformer"), (2, "stage_codebook"), (3, "s
           (4, "stage_llm_pretrain"), (5, "stage_llm_instruct"))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> Run:
     cfg = parse_config(argv)
     if not cfg.tiny:
         raise SystemExit("train.py has one training preset, the tiny SEED on the shapes world: "
@@ -588,7 +1601,7 @@ def main(argv: list[str] | None = None) -> dict:
         globals()["write_reports"](run, outputs)
     if run.world_size > 1:
         dist.destroy_process_group()
-    return outputs
+    return run
 
 
 if __name__ == "__main__":
