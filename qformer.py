@@ -2,7 +2,8 @@
 
 BLIP-2 (arXiv:2301.12597) introduced the Q-Former: a BERT whose inputs are learned query vectors that cross-attend to
 frozen image features. SEED (arXiv:2310.01218, Sec. 3.1) makes its self-attention causal, so query i depends only on
-queries 0..i; the 32 outputs then form a left-to-right sequence, which is what an autoregressive LLM predicts best.
+queries 0..i; the 32 outputs then form a left-to-right sequence, the order in which an autoregressive LLM reads
+and writes them.
 
 Mirrors (AILab-CVC/SEED @ 93b3cf4) `models/seed_qformer/qformer_causual.py` (a fork of LAVIS's BERT) as built by
 `Blip2Base.init_Qformer` with bert-base-uncased: 12 post-LN BERT layers, width 768, 12 heads of 64,
@@ -17,9 +18,11 @@ Public API (other modules rely on these names):
   * `CausalQFormer(config, causal=True)`: `forward(image_feats (B, N, vision_width)) -> (B, n_queries, width)`;
     `encode_text(ids (B, T), attention_mask (B, T)) -> (B, T, width)` when the text branch is built;
     `vision_proj` / `text_proj` project the last query / the [CLS] token for contrastive training.
-  * Submodules are named after the official keys with one simplification each (the loader in seed.py holds the
-    rename table): `layers.N.attention.{query,key,value,out,norm}` for `encoder.layer.N.attention.{self.*, output.*}`,
-    `layers.N.ffn_query.{up,down,norm}` for `intermediate_query.dense` / `output_query.{dense,LayerNorm}`.
+  * Submodules are named after the official keys, simplified where BERT splits one concept over two modules (the
+    loader in seed.py holds the rename table): `layers.N.attention.{query,key,value,out,norm}` for
+    `Qformer.bert.encoder.layer.N.attention.{self.*, output.*}`, `layers.N.ffn_query.{up,down,norm}` for
+    `intermediate_query.dense` / `output_query.{dense,LayerNorm}`, `input_norm` for `bert.embeddings.LayerNorm`;
+    `query_tokens` (a top-level tensor of the official quantizer) lives here, with the queries it defines.
 
 The text branch (word and position embeddings, each layer's text feed-forward `ffn_text`, the projections) exists only
 for training the tiny model (BLIP-2 style: text tokens run through the same self-attention weights, with a padding

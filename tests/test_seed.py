@@ -273,6 +273,12 @@ def test_presets_and_causal_flag():
     model = SeedTokenizer(SeedConfig.preset("tiny"), causal=False)
     assert model.config.causal is False and model.qformer.causal is False
     assert SeedTokenizer(SeedConfig.preset("tiny")).qformer.causal is True
+    tiny = SeedConfig.preset("tiny")
+    assert SeedConfig.from_dict(json.loads(json.dumps(tiny.to_dict()))) == tiny
+    with pytest.raises(ValueError, match="unknown fields.*'colour'"):
+        SeedConfig.from_dict({**tiny.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="vision_width"):
+        SeedConfig(vit_width=1024)
 
 
 def test_tiny_chain_trains_end_to_end():
