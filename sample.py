@@ -30,7 +30,6 @@ import http.client
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
 import sys
@@ -43,6 +42,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from llama import CODES_PER_IMAGE, Llama, Tokenizer
+from seed import SeedTokenizer, load_image
+from unet import UnCLIPDecoder
 
 # ======================================================================================================
 # The official files, laid out as on the hub (OFFICIAL_FORMATS.md §g)
@@ -205,7 +208,7 @@ def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries
                                         f"{dest.parent} has {_gb(free)} free. Free some space, or choose another "
                                         f"folder with --weights or SEED_CACHE.")
             bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                       leave=False, file=sys.stderr, mininterval=0.5)
+                       leave=False, file=sys.stderr, mininterval=0.5, disable=None)  # None: only on a terminal
             try:
                 with open(part, "ab" if offset else "wb") as f, bar:
                     while chunk := resp.read(1 << 20):
@@ -289,3 +292,440 @@ def resolve_official(root: Path, model: str = "8b", variant: str | None = None) 
         fetch_files(root, fixed + [f"{llm}/{s}" for s in sorted(set(weight_map.values()))])
     return OfficialFiles(quantizer=root / TOKENIZER_REPO / "seed_quantizer.pt", vit=root / EVA_VIT_PATH,
                          tokenizer=root / TOKENIZER_REPO, llm=root / llm, unclip=root / UNCLIP_REPO, variant=variant)
+
+
+# ======================================================================================================
+# The built-in test picture
+# ======================================================================================================
+
+def test_picture(size: int = 448) -> Image.Image:
+    """A house on a meadow under a blue sky with a sun, drawn with PIL: something every task can talk about when no
+    `--image` is given (deterministic, no file needed)."""
+    img = Image.new("RGB", (size, size))
+    d = ImageDraw.Draw(img)
+    s = size / 448  # every coordinate below is for 448 px
+    for y in range(int(300 * s)):  # sky: lighter towards the horizon
+        t = y / (300 * s)
+        d.line([(0, y), (size, y)], fill=(int(70 + 110 * t), int(130 + 90 * t), 235))
+    d.rectangle([0, 300 * s, size, size], fill=(70, 160, 60))               # meadow
+    d.ellipse([330 * s, 40 * s, 400 * s, 110 * s], fill=(255, 215, 40))    # sun
+    d.rectangle([120 * s, 200 * s, 280 * s, 330 * s], fill=(235, 225, 200))  # walls
+    d.polygon([(100 * s, 205 * s), (200 * s, 120 * s), (300 * s, 205 * s)], fill=(190, 50, 40))  # roof
+    d.rectangle([180 * s, 260 * s, 220 * s, 330 * s], fill=(110, 70, 40))   # door
+    d.rectangle([135 * s, 225 * s, 170 * s, 255 * s], fill=(120, 180, 230))  # windows
+    d.rectangle([230 * s, 225 * s, 265 * s, 255 * s], fill=(120, 180, 230))
+    return img
+
+
+# ======================================================================================================
+# The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls
+# ======================================================================================================
+
+@dataclass
+class Settings:
+    """How to generate: the LLM's decoding (official defaults: T 1.0, top-k 50, top-p 0.5) and the decoder's."""
+    temperature: float = 1.0       # 0 = greedy
+    top_p: float = 0.5
+    top_k: int = 50
+    max_new_tokens: int = 256
+    constrained: bool = False      # image spans always valid: only codes after <img>, then </img>
+    steps: int = 20                # PNDM steps of the unCLIP decoder
+    guidance: float = 10.0         # classifier-free guidance scale of the unCLIP decoder
+    negative: bool = True          # generated images: the LLM's unconditional codes as the negative image
+    seed: int = 0
+
+
+class SeedLlama:
+    """The SEED tokenizer (`seed`), SEED-LLaMA (`llm`) with its text tokenizer, and the unCLIP decoder, with
+    `encode_image` (picture -> 32 codes), `generate` (prompt -> new token ids), `read` (ids -> text + codes of each
+    image) and `draw` (codes -> picture).
+
+    With `low_vram` every model stays in host memory and `running(model)` moves only the one at work to the device
+    and back, in pipeline order: tokenizer -> LLM -> decoder.
+    """
+
+    def __init__(self, seed, llm, tokenizer, decoder, device: torch.device, low_vram: bool = False,
+                 template: str = "8B"):
+        self.seed, self.llm, self.tokenizer, self.decoder = seed, llm, tokenizer, decoder
+        self.device, self.low_vram, self.template = device, low_vram, template
+        self.image_vocab = tokenizer.image_vocab
+        # The three parts were trained together: their interfaces must agree, or the outputs are garbage.
+        if self.image_vocab is None:
+            raise ValueError("the LLM tokenizer has no image tokens (<img_00000>.., <img>, </img>)")
+        if self.image_vocab.n_codes != seed.config.n_codes:
+            raise ValueError(f"the LLM knows {self.image_vocab.n_codes} image codes but the SEED tokenizer has "
+                             f"{seed.config.n_codes}")
+        if len(tokenizer) > llm.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM only {llm.config.vocab_size}")
+        if decoder.config.embed_dim != seed.config.embed_dim:
+            raise ValueError(f"the decoder draws from {decoder.config.embed_dim}-d image embeddings but the SEED "
+                             f"tokenizer makes {seed.config.embed_dim}-d ones")
+        self._uncond_codes = None
+
+    @contextlib.contextmanager
+    def running(self, model: torch.nn.Module):
+        """--low-vram: `model` is on the device only for the duration of the block."""
+        if not self.low_vram:
+            yield model
+            return
+        model.to(self.device)
+        try:
+            yield model
+        finally:
+            model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def encode_image(self, image: Image.Image) -> list[int]:
+        """Picture -> its 32 codes (SEED resizes it to 224 x 224 with CLIP's normalisation)."""
+        pixels = self.seed.preprocess(image)[None]  # (3, S, S) -> (1, 3, S, S)
+        with self.running(self.seed):
+            return self.seed.encode(pixels.to(self.device))[0].tolist()
+
+    def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
+                 max_new_tokens: int | None = None) -> list[int]:
+        """Sample the LLM's continuation of `prompt_ids` until `</s>` (or `<s>`, the 8B's legacy eos, §c.4).
+        `force_image` starts the answer with `<img>` and leaves room for the whole span (32 codes + `</img>`)."""
+        max_new_tokens = max_new_tokens or settings.max_new_tokens
+        if force_image:
+            max_new_tokens = max(max_new_tokens, CODES_PER_IMAGE + 1)
+        generator = torch.Generator(self.device).manual_seed(settings.seed)
+        with self.running(self.llm):
+            return self.llm.generate(
+                [prompt_ids], do_sample=settings.temperature > 0, temperature=settings.temperature or 1.0,
+                top_k=settings.top_k or None, top_p=settings.top_p,
+                max_new_tokens=max_new_tokens,
+                stop_ids=(self.tokenizer.eos_id, self.tokenizer.bos_id), constrain_images=settings.constrained,
+                force_image=force_image, image_vocab=self.image_vocab, generator=generator)[0]
+
+    def read(self, new_ids: list[int]) -> tuple[str, list[list[int]]]:
+        """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image)."""
+        try:
+            return self.tokenizer.decode_with_images(new_ids)
+        except ValueError as e:
+            raise ValueError(f"the model wrote a broken image span ({e}); --constrained prevents that") from None
+
+    def unconditional_codes(self, settings: Settings) -> list[int]:
+        """The codes the LLM draws from `<s><img>` alone: the negative image of the official evaluation's
+        classifier-free guidance. Sampled once per run (constrained, so it is always a valid span)."""
+        if self._uncond_codes is None:
+            ids = self.generate(self.tokenizer.encode("<s>"), Settings(**{**vars(settings), "constrained": True}),
+                                force_image=True, max_new_tokens=CODES_PER_IMAGE + 1)
+            self._uncond_codes = self.read(ids)[1][0]
+        return self._uncond_codes
+
+    def draw(self, codes: list[int], settings: Settings, negative: list[int] | None = None) -> Image.Image:
+        """32 codes -> image embedding -> unCLIP decoder -> picture (768 x 768 for the official decoder)."""
+        rows = [codes] + ([negative] if negative is not None else [])
+        with self.running(self.seed):
+            embeds = self.seed.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
+        with self.running(self.decoder):
+            return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
+                                guidance_scale=settings.guidance, seed=settings.seed)[0]
+
+
+def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: str = "8b", weights: str | None = None,
+                  low_vram: bool = False) -> SeedLlama:
+    """`ckpt` = "official" (the released weights, fetched into the cache) or a folder written by train.py."""
+    home = torch.device("cpu") if low_vram else device  # where the weights live between uses
+    if ckpt == "official":
+        # Half precision reads the fp16 unCLIP files (half the download); the others are cast as they load.
+        variant = "fp16" if dtype in (torch.float16, torch.bfloat16) else None
+        files = resolve_official(weights_root(weights), model, variant)
+        seed = SeedTokenizer.from_official(files.quantizer, files.vit, device=home, dtype=dtype)
+        llm = Llama.from_official(files.llm, device=home, dtype=dtype)
+        tokenizer = Tokenizer(files.tokenizer)
+        decoder = UnCLIPDecoder.from_official(files.unclip, device=home, dtype=dtype, variant=variant)
+        template = model.upper()
+    else:
+        folder = Path(ckpt)
+        parts = {name: folder / name for name in ("seed", "llama", "decoder")}
+        missing = [str(p) for p in parts.values() if not p.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"--ckpt {ckpt}: expected a folder written by train.py with seed/, llama/ and "
+                                    f"decoder/ (or 'official'); missing: {', '.join(missing)}")
+        seed = SeedTokenizer.from_pretrained(parts["seed"], device=home, dtype=dtype)
+        llm = Llama.from_pretrained(parts["llama"], device=home, dtype=dtype)
+        tokenizer = Tokenizer(parts["llama"])
+        decoder = UnCLIPDecoder.from_pretrained(parts["decoder"], device=home, dtype=dtype)
+        template = "8B"  # train.py instruction-tunes in the official 8B chat template
+    return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
+
+
+# ======================================================================================================
+# The tasks. Each prints what it did, the 32 codes of every image, and where each picture was saved.
+# ======================================================================================================
+
+def show_codes(label: str, codes: list[int]) -> None:
+    print(f"  {label} codes ({len(codes)}): {' '.join(map(str, codes))}")
+
+
+def save(image: Image.Image, out: Path, name: str) -> Path:
+    path = out / f"{name}.png"
+    image.save(path)
+    print(f"  saved {path}")
+    return path
+
+
+def input_image(args) -> tuple[Image.Image, str]:
+    if args.image is None:
+        return test_picture(), "the built-in test picture (a house on a meadow, a sun)"
+    return load_image(args.image), args.image
+
+
+def run_reconstruct(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    image, name = input_image(args)
+    print(f"[reconstruct] {name} -> 32 codes -> image embedding -> unCLIP decoder")
+    codes = pipe.encode_image(image)
+    show_codes("input", codes)
+    save(pipe.draw(codes, s), out, "reconstruct")
+
+
+def ask(pipe: SeedLlama, s: Settings, out: Path, task: str, question: str, codes: list[int] | None,
+        force_image: bool = False) -> tuple[str, list[list[int]]]:
+    """One official single-turn prompt (image first, then the text, as the scripts) -> printed answer, with each
+    image the answer holds drawn and saved."""
+    message = ("<image>" if codes is not None else "") + question
+    prompt = pipe.tokenizer.encode_chat([message], pipe.template, images=[codes] if codes is not None else [])
+    text, images = pipe.read(pipe.generate(prompt, s, force_image=force_image))
+    print(f"  answer: {text.replace('<image>', '[image]').strip()}")
+    for k, image_codes in enumerate(images):
+        show_codes(f"answer image {k}", image_codes)
+        negative = pipe.unconditional_codes(s) if s.negative else None
+        save(pipe.draw(image_codes, s, negative), out, task if k == 0 else f"{task}_{k}")
+    return text, images
+
+
+def run_caption(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    image, name = input_image(args)
+    print(f"[caption] {name}")
+    codes = pipe.encode_image(image)
+    show_codes("input", codes)
+    ask(pipe, s, out, "caption", DEFAULT_PROMPTS["caption"], codes)
+
+
+def run_vqa(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    image, name = input_image(args)
+    question = args.prompt or DEFAULT_PROMPTS["vqa"]
+    print(f"[vqa] {name}; question: {question}")
+    codes = pipe.encode_image(image)
+    show_codes("input", codes)
+    ask(pipe, s, out, "vqa", question, codes)
+
+
+def run_t2i(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    request = args.prompt or DEFAULT_PROMPTS["t2i"]
+    print(f"[t2i] {request}")
+    if s.negative:
+        show_codes("unconditional (negative)", pipe.unconditional_codes(s))
+    ask(pipe, s, out, "t2i", request, None, force_image=True)
+
+
+def run_edit(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    image, name = input_image(args)
+    instruction = args.prompt or DEFAULT_PROMPTS["edit"]
+    print(f"[edit] {name}; instruction: {instruction}")
+    codes = pipe.encode_image(image)
+    show_codes("input", codes)
+    ask(pipe, s, out, "edit", instruction, codes, force_image=True)
+
+
+class Chat:
+    """A multi-turn conversation as the official demo keeps it: the messages as text with `<image>` placeholders
+    and the codes of every image in order, the user's (encoded once) and the model's (kept as generated, never
+    re-encoded from pixels). Every turn re-sends the whole history in the official multi-turn template."""
+
+    def __init__(self, pipe: SeedLlama, settings: Settings, out: Path):
+        self.pipe, self.settings, self.out = pipe, settings, out
+        self.messages, self.images, self.saved = [], [], 0
+
+    def turn(self, text: str, image: Image.Image | None = None, draw: bool = False) -> str:
+        message = text
+        if image is not None:
+            codes = self.pipe.encode_image(image)
+            show_codes("your image", codes)
+            self.images.append(codes)
+            message = "<image>" + text
+        prompt = self.prompt(message)
+        answer, images = self.pipe.read(self.pipe.generate(prompt, self.settings, force_image=draw))
+        print(f"  assistant: {answer.replace('<image>', '[image]').strip()}")
+        for codes in images:
+            show_codes("assistant image", codes)
+            negative = self.pipe.unconditional_codes(self.settings) if self.settings.negative else None
+            self.saved += 1
+            save(self.pipe.draw(codes, self.settings, negative), self.out, f"chat_{self.saved}")
+        self.messages += [message, answer.strip()]
+        self.images += images
+        return answer
+
+    def prompt(self, message: str) -> list[int]:
+        """The ids of the history plus `message`; the oldest exchanges are forgotten while the prompt leaves fewer
+        than 64 tokens of the context window for the answer (34 of them being one image)."""
+        while True:
+            ids = self.pipe.tokenizer.encode_chat(self.messages + [message], self.pipe.template, images=self.images)
+            if len(ids) + 64 <= self.pipe.llm.config.max_seq_len or not self.messages:
+                return ids
+            dropped = self.messages[0].count("<image>") + self.messages[1].count("<image>")
+            self.messages, self.images = self.messages[2:], self.images[dropped:]
+            print("  (the oldest exchange was dropped to fit the context window)")
+
+    def reset(self) -> None:
+        self.messages, self.images = [], []
+
+
+def run_chat(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    """Read turns from stdin: plain text, '/image PATH [text]', '/draw TEXT', '/reset', '/quit'."""
+    chat = Chat(pipe, s, out)
+    interactive = sys.stdin.isatty()
+    print("[chat] type a message; '/image PATH [text]' attaches a picture, '/draw TEXT' asks for one, "
+          "'/reset' starts over, '/quit' leaves.")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if not interactive:
+            print(f"you> {line}")
+        command, _, rest = line.partition(" ")
+        try:
+            if command == "/reset":
+                chat.reset()
+                print("  (conversation cleared)")
+            elif command == "/image":
+                # the path is the first word, or a quoted string when it holds spaces
+                quote = rest[:1] if rest[:1] in ("'", '"') else " "
+                path, _, text = rest[1:].partition(quote) if quote != " " else rest.partition(" ")
+                if not path:
+                    raise ValueError("usage: /image PATH [text]")
+                chat.turn(text.strip(), load_image(path))
+            elif command == "/draw":
+                chat.turn(rest, draw=True)
+            else:
+                chat.turn(line)
+        except (FileNotFoundError, ValueError) as e:  # a bad path or a broken span ends the turn, not the chat
+            print(f"  error: {e}")
+
+
+def run_chat_demo(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    """`--task all`: a scripted two-turn chat on the input picture; the second turn asks for a new picture, so the
+    history ends up holding one image of each origin."""
+    image, name = input_image(args)
+    print(f"[chat] two scripted turns on {name}")
+    chat = Chat(pipe, s, out)
+    print("you> [image] What is in this picture?")
+    chat.turn("What is in this picture?", image)
+    print("you> /draw Now draw the same scene at night.")
+    chat.turn("Now draw the same scene at night.", draw=True)
+
+
+RUNNERS = {"reconstruct": run_reconstruct, "caption": run_caption, "vqa": run_vqa, "t2i": run_t2i, "edit": run_edit,
+           "chat": run_chat, "chat-demo": run_chat_demo}
+
+
+# ======================================================================================================
+# The CLI
+# ======================================================================================================
+
+TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
+DEFAULT_PROMPTS = {  # the vqa/t2i/edit questions are the official script's examples, adapted to the test picture
+    "caption": "Please describe the image in one sentence.",
+    "vqa": "What is in this picture?",
+    "t2i": "Can you generate an image of a dog on the green grass?",
+    "edit": "Can you make it a winter scene with snow?",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python sample.py --ckpt official                   # every task on the built-in picture\n"
+               "  python sample.py --ckpt official --task vqa --image cat.jpg --prompt 'What is this animal?'\n"
+               "  python sample.py --ckpt official --task chat --low-vram\n"
+               "  python sample.py --ckpt out/tiny --task t2i --prompt 'draw a large red circle on the left'\n"
+               "chat commands: '/image PATH [text]' attaches a picture, '/draw TEXT' asks for a picture,\n"
+               "  '/reset' forgets the conversation, '/quit' (or end of input) leaves.\n"
+               "environment: HF_ENDPOINT (hub mirror), SEED_EVA_VIT_URL, HF_HUB_OFFLINE=1, SEED_CACHE, XDG_CACHE_HOME.")
+    p.add_argument("--ckpt", required=True,
+                   help="'official' for the released weights (downloaded once into the cache), or a folder written "
+                        "by train.py holding seed/, llama/ and decoder/")
+    p.add_argument("--task", default="all", choices=["all"] + TASKS,
+                   help="what to do (default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn "
+                        "chat, one after the other; 'chat' alone reads turns from the terminal)")
+    p.add_argument("--image", help="input picture for reconstruct/caption/vqa/edit (default: a built-in test picture)")
+    p.add_argument("--prompt", help="question (vqa), request (t2i) or instruction (edit); each has a default")
+    p.add_argument("--model", default="8b", choices=sorted(LLM_REPOS),
+                   help="which SEED-LLaMA to use with --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
+    p.add_argument("--weights", help="folder holding the official files laid out as on the hub (missing files are "
+                                     "downloaded into it); default: $SEED_CACHE or ~/.cache/seed-from-scratch")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weights and compute dtype (default: float16 on cuda/mps, float32 on cpu); half precision "
+                        "also selects the fp16 unCLIP files, half the download")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same outputs (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 = greedy (default 1.0, the official scripts')")
+    p.add_argument("--top-p", type=float, default=0.5, help="nucleus sampling mass (default 0.5, official)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="keep the k most likely tokens, 0 = all (default 50, what the official HF generate applies)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest answer in tokens (default 256, the official demo's); capped by the context window, "
+                        "raised to 33 when an image is requested so that its span fits")
+    p.add_argument("--steps", type=int, default=20, help="unCLIP denoising steps (default 20 = 21 UNet calls)")
+    p.add_argument("--guidance", type=float, default=10.0, help="classifier-free guidance scale (default 10)")
+    p.add_argument("--negative", choices=["uncond", "none"], default="uncond",
+                   help="negative image for the guidance of generated images: 'uncond' = the embedding of codes the "
+                        "LLM samples from '<s><img>' alone (as the official evaluation), 'none' = a zero label "
+                        "(default uncond; reconstructions always use none)")
+    p.add_argument("--constrained", action="store_true",
+                   help="after <img>, allow only image codes for 32 tokens and then force </img>, so every image "
+                        "span is valid (the official code samples freely)")
+    p.add_argument("--low-vram", action="store_true",
+                   help="keep every model in host memory and move only the running one to the GPU (tokenizer -> "
+                        "LLM -> decoder): SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
+    p.add_argument("--out", default="samples", help="folder for the PNG files (default ./samples)")
+    return p
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        pipe = load_pipeline(args.ckpt, device, dtype, model=args.model, weights=args.weights, low_vram=args.low_vram)
+    except (DownloadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    settings = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_new_tokens=args.max_new_tokens, constrained=args.constrained, steps=args.steps,
+                        guidance=args.guidance, negative=args.negative == "uncond", seed=args.seed)
+    tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
+    try:
+        for task in tasks:
+            RUNNERS[task](pipe, settings, args, out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

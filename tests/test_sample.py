@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import sample
 
@@ -270,3 +271,191 @@ def test_disk_full_while_writing(hub_env, tmp_path):
     rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
     with pytest.raises(sample.DownloadError, match="the disk is full"):
         sample.download(sample.hub_url(rel), tmp_path / "q.pt")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Every task, end to end, in a subprocess on the CPU
+# ------------------------------------------------------------------------------------------------------
+
+# Random weights never close an image span on their own and ramble for the whole budget: constrain the spans, keep
+# answers short and the decoder at 2 steps, so a run takes seconds.
+FAST = ["--device", "cpu", "--constrained", "--max-new-tokens", "8", "--steps", "2"]
+
+
+def run_sample(args: list[str], env: dict, stdin: str = "") -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], env=env, input=stdin, text=True,
+                          capture_output=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"sample.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def printed_codes(stdout: str) -> list[list[int]]:
+    rows = [line.split(":", 1)[1].split() for line in stdout.splitlines() if " codes (" in line]
+    return [[int(c) for c in row] for row in rows]
+
+
+def check_all_tasks(stdout: str, out: Path, n_codes: int) -> None:
+    for task in ("reconstruct", "caption", "vqa", "t2i", "edit", "chat"):
+        assert f"[{task}]" in stdout, f"task {task} did not run"
+    for name in ("reconstruct", "t2i", "edit", "chat_1"):
+        with Image.open(out / f"{name}.png") as im:
+            assert im.mode == "RGB" and im.width > 0
+    codes = printed_codes(stdout)
+    # input (reconstruct, caption, vqa, edit, chat), the negative, t2i, edit and chat outputs
+    assert len(codes) >= 9 and all(len(c) == 32 and all(0 <= x < n_codes for x in c) for c in codes)
+
+
+@pytest.fixture(scope="module")
+def official_run(hub, tmp_path_factory):
+    """`python sample.py --ckpt official` (every task) against the local hub, from an empty cache."""
+    tmp = tmp_path_factory.mktemp("official")
+    hub.log.clear()
+    proc = run_sample(["--ckpt", "official", "--out", str(tmp / "out"), *FAST], hub.env(tmp / "cache"))
+    return tmp, proc, list(hub.log)
+
+
+@pytest.mark.slow
+def test_official_every_task(official_run):
+    tmp, proc, log = official_run
+    check_all_tasks(proc.stdout, tmp / "out", n_codes=128)
+    requested = [rel for rel, _ in log]
+    assert len(requested) == len(set(requested)) and f"{sample.LLM_REPOS['8b']}/pytorch_model-00001-of-00002.bin" \
+        in requested and not any("image_encoder" in r for r in requested)
+
+
+@pytest.mark.slow
+def test_official_chat_from_cache(official_run, hub, tmp_path):
+    """The second run reads the cache only (no request at all) and holds a multi-turn chat from stdin."""
+    cache = official_run[0] / "cache"
+    test_picture_path = tmp_path / "in.png"
+    sample.test_picture(64).save(test_picture_path)
+    hub.log.clear()
+    turns = f"/image {test_picture_path} What is this?\n/draw Draw it bigger.\nAnd now?\n/reset\nhello\n/quit\n"
+    proc = run_sample(["--ckpt", "official", "--task", "chat", "--out", str(tmp_path / "out"), *FAST],
+                      hub.env(cache), stdin=turns)
+    assert hub.log == [], "a complete cache must not touch the network"
+    assert proc.stdout.count("assistant:") == 4 and "(conversation cleared)" in proc.stdout
+    assert (tmp_path / "out/chat_1.png").is_file()
+    assert len(printed_codes(proc.stdout)) == 2  # the attached picture and the drawn one
+
+
+def test_official_offline_run_names_missing(hub, tmp_path):
+    env = hub.env(tmp_path / "empty", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", "official", *FAST], env=env,
+                          text=True, capture_output=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and "HF_HUB_OFFLINE=1" in proc.stderr and "seed_quantizer.pt" in proc.stderr
+
+
+def native_checkpoint(folder: Path) -> Path:
+    """A checkpoint folder as train.py writes it, from tiny random models: seed/, llama/ (+ tokenizer), decoder/."""
+    from dataclasses import replace
+
+    from llama import Llama, LlamaConfig, Tokenizer
+    from seed import SeedConfig, SeedTokenizer
+    from unet import DecoderConfig, UnCLIPDecoder
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(FIXTURES / "llama")  # 640 pieces + 128 image codes + <img>, </img>
+    seed_cfg = replace(SeedConfig.preset("tiny"), n_codes=tokenizer.image_vocab.n_codes)
+    SeedTokenizer(seed_cfg).save_pretrained(folder / "seed")
+    Llama(LlamaConfig.from_name("tiny")).save_pretrained(folder / "llama", tokenizer=tokenizer)
+    decoder_cfg = DecoderConfig.from_preset("tiny")
+    assert decoder_cfg.embed_dim == seed_cfg.embed_dim
+    UnCLIPDecoder(decoder_cfg).save_pretrained(folder / "decoder")
+    return folder
+
+
+@pytest.mark.slow
+def test_native_checkpoint_every_task(tmp_path):
+    ckpt = native_checkpoint(tmp_path / "ckpt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a native checkpoint never needs the network
+    proc = run_sample(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), *FAST], env)
+    check_all_tasks(proc.stdout, tmp_path / "out", n_codes=128)
+    with Image.open(tmp_path / "out/reconstruct.png") as im:
+        assert im.size == (32, 32)  # the tiny decoder draws in pixel space
+
+
+def test_native_checkpoint_missing_part(tmp_path):
+    (tmp_path / "ckpt/seed").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="llama.*decoder"):
+        sample.load_pipeline(str(tmp_path / "ckpt"), torch.device("cpu"), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Host RAM while loading the reduced official set
+# ------------------------------------------------------------------------------------------------------
+
+RAM_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import sample
+def hwm():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
+before = hwm()
+pipe = sample.load_pipeline('official', torch.device('cpu'), torch.float32)
+params = sum(p.numel() * p.element_size() for m in (pipe.seed, pipe.llm, pipe.decoder) for p in m.state_dict().values())
+print(before, hwm(), params)
+"""
+
+
+def probe_ram(cache: Path, env: dict) -> tuple[int, int, int, int]:
+    """(VmHWM after the imports, VmHWM after loading every model in fp32, bytes of the loaded state, bytes of the
+    weight files) for `load_pipeline('official')` on the cache, in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", RAM_PROBE.format(root=str(ROOT))], env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    before, peak, params = map(int, proc.stdout.split())
+    files = sum(f.stat().st_size for f in cache.rglob("*") if f.suffix in (".pt", ".pth", ".bin", ".safetensors"))
+    return before, peak, params, files
+
+
+def write_official_llama(folder: Path, dim: int, n_layers: int, ffn: int, vocab: int = 770) -> None:
+    """A random LLaMA in the released format: HF key names, fp16 `.bin` shards (one per layer half) + index."""
+    torch.manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + f"self_attn.{n}_proj.weight": (dim, dim) for n in "qkvo"})
+        shapes.update({p + "mlp.gate_proj.weight": (ffn, dim), p + "mlp.up_proj.weight": (ffn, dim),
+                       p + "mlp.down_proj.weight": (dim, ffn), p + "input_layernorm.weight": (dim,),
+                       p + "post_attention_layernorm.weight": (dim,)})
+    names = list(shapes)
+    shards = [names[:len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for k, keys in enumerate(shards):
+        shard = f"pytorch_model-{k + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save({n: (torch.randn(shapes[n]) * 0.02).half() for n in keys}, folder / shard)
+        weight_map.update({n: shard for n in keys})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((FIXTURES / "llama/config.seed_era_4.30.2.json").read_text())
+    config.update(hidden_size=dim, num_hidden_layers=n_layers, intermediate_size=ffn, num_attention_heads=dim // 64,
+                  num_key_value_heads=dim // 64, head_dim=64)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
+def test_peak_host_ram_while_loading(official_run, hub, tmp_path, capsys):
+    """Loading holds one copy of the weights: growing the LLM by ~100 MB (fp32) grows the peak by about as much.
+
+    On the reduced set alone the weights (~3 MB) are lost in the fixed cost of the first load (allocator arenas,
+    lazily imported code, ~80 MB), so the test loads it twice: as built, and with a 26M-parameter LLaMA in its
+    place (fp16 `.bin` shards, loaded in fp32), and compares the two peaks."""
+    small_cache = official_run[0] / "cache"
+    s_before, s_peak, s_params, s_files = probe_ram(small_cache, hub.env(small_cache, HF_HUB_OFFLINE="1"))
+    big_cache = tmp_path / "cache"
+    shutil.copytree(small_cache, big_cache)
+    llm = big_cache / sample.LLM_REPOS["8b"]
+    for f in llm.glob("pytorch_model*"):
+        f.unlink()
+    write_official_llama(llm, dim=512, n_layers=8, ffn=1408)
+    b_before, b_peak, b_params, b_files = probe_ram(big_cache, hub.env(big_cache, HF_HUB_OFFLINE="1"))
+    grown = b_params - s_params
+    with capsys.disabled():
+        for name, (before, peak, params, files) in {"reduced set": (s_before, s_peak, s_params, s_files),
+                                                    "with a 26M LLaMA": (b_before, b_peak, b_params, b_files)}.items():
+            print(f"\n[ram] {name}: weight files {files / 2**20:.1f} MiB, loaded fp32 state {params / 2**20:.1f} "
+                  f"MiB, VmHWM after imports {before / 2**20:.1f} MiB, after loading {peak / 2**20:.1f} MiB "
+                  f"(+{(peak - before) / 2**20:.1f} MiB)")
+    # One more copy of the grown weights (or a whole fp16 shard kept alive) would add >= 0.5 x grown on top.
+    assert (b_peak - b_before) - (s_peak - s_before) < 1.35 * grown
