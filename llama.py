@@ -11,6 +11,7 @@ import re
 import struct
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -1246,30 +1247,49 @@ def _weight_files(folder: Path, names: Sequence[str]) -> list[Path]:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _open_shard(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
-    """name -> (shape, dtype, read) of every tensor in a shard, reading only its header (safetensors) or its
-    pickle with memory-mapped storage (.bin); the data is read when `read()` is called."""
+@contextmanager
+def _reading(path: Path):
     try:
-        if path.suffix == ".safetensors":
-            f = safe_open(str(path), framework="pt", device="cpu")
-            return {k: (tuple(f.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()),
-                        lambda k=k: f.get_tensor(k)) for k in f.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {k: (tuple(t.shape), t.dtype, lambda t=t: t) for k, t in state.items()}
-    except Exception as e:  # safetensors, zip and pickle readers each raise their own types
+        yield
+    except Exception as e:  # the safetensors, zip and pickle readers each raise their own types
         raise ValueError(f"cannot read weight file {path} (truncated or not a checkpoint?): {e}") from e
 
 
+def _shard_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor of a weight file, without reading the data: the safetensors
+    header, or the .bin pickle with memory-mapped storages."""
+    with _reading(path):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: (tuple(f.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()))
+                        for k in f.keys()}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+
+
+def _read_shard(path: Path, names: set[str], device, dtype) -> dict[str, torch.Tensor]:
+    """The tensors `names` of one weight file, cast one at a time: a half-precision source tensor is freed as
+    soon as it is cast, and the file's memory map is released when the caller drops the returned dict."""
+    with _reading(path):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys() if k in names}
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {k: t.to(device=device, dtype=dtype) for k, t in state.items() if k in names}
+
+
 def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype) -> Llama:
-    """Build on the meta device, check every key and shape of every file against the config, then fill the
-    model file by file with load_state_dict(assign=True), casting each tensor on the way."""
-    shards = {path: _open_shard(path) for path in files}
+    """Build on the meta device, check every key and shape of every file against the config before any data
+    is read, then fill the model file by file with load_state_dict(assign=True), casting on the way. Host RAM
+    peaks near one copy of the weights in the target dtype plus one file (a fp32 .bin loaded as fp32 on the
+    CPU is not even copied: the parameters keep the file's memory-mapped pages)."""
+    headers = {path: _shard_header(path) for path in files}
     with torch.device("meta"):
         model = Llama(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found, unexpected, misshaped = set(), [], []
-    for entries in shards.values():
-        for name, (shape, _, _) in entries.items():
+    for header in headers.values():
+        for name, (shape, _) in header.items():
             if any(p.fullmatch(name) for p in IGNORED_OFFICIAL_KEYS):
                 continue
             if name not in expected:
@@ -1285,13 +1305,10 @@ def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype) -
 
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
-        stored_dtype = stored_dtype or next(iter(shards[files[0]].values()))[1]
+        stored_dtype = stored_dtype or headers[files[0]]["lm_head.weight"][1]
         dtype = torch.float32 if device.type == "cpu" else (
             stored_dtype if stored_dtype in (torch.float16, torch.bfloat16) else torch.float16)
-    for path, entries in shards.items():
-        state = {name: read().to(device=device, dtype=dtype) for name, (_, _, read) in entries.items()
-                 if name in expected}
-        model.load_state_dict(state, strict=False, assign=True)
-        del state  # this file's tensors are now the model's; nothing else holds them
+    for path in files:
+        model.load_state_dict(_read_shard(path, set(expected), device, dtype), strict=False, assign=True)
     model.rope_cos, model.rope_sin = rope_tables(config, device)
     return model.eval()
