@@ -399,11 +399,15 @@ class SeedLlama:
                 force_image=force_image, image_vocab=self.image_vocab, generator=generator)[0]
 
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]]]:
-        """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image)."""
+        """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image).
+
+        A broken image span (not 32 codes, or never closed; an unconstrained model can write one) is not drawn:
+        the answer is then the raw decoded text, no picture, and a note says why."""
         try:
             return self.tokenizer.decode_with_images(new_ids)
         except ValueError as e:
-            raise ValueError(f"the model wrote a broken image span ({e}); --constrained prevents that") from None
+            print(f"  (no picture: the model wrote a broken image span: {e}; --constrained prevents that)")
+            return self.tokenizer.decode(new_ids, skip_special_tokens=True), []
 
     def unconditional_codes(self, settings: Settings) -> list[int]:
         """The codes the LLM draws from `<s><img>` alone: the negative image of the official evaluation's
@@ -411,7 +415,7 @@ class SeedLlama:
         if self._uncond_codes is None:
             ids = self.generate(self.tokenizer.encode("<s>"), Settings(**{**vars(settings), "constrained": True}),
                                 force_image=True, max_new_tokens=CODES_PER_IMAGE + 1)
-            self._uncond_codes = self.read(ids)[1][0]
+            self._uncond_codes = self.tokenizer.decode_with_images(ids)[1][0]
         return self._uncond_codes
 
     def draw(self, codes: list[int], settings: Settings, negative: list[int] | None = None) -> Image.Image:

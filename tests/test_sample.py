@@ -375,6 +375,33 @@ def test_native_checkpoint_every_task(tmp_path):
         assert im.size == (32, 32)  # the tiny decoder draws in pixel space
 
 
+@pytest.mark.slow
+def test_train_py_checkpoint_every_task(tmp_path):
+    """What `python train.py --tiny --smoke` writes is what `sample.py --ckpt PATH` reads."""
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--tiny", "--smoke", "--out", str(tmp_path / "run")],
+                   check=True, capture_output=True, timeout=600, cwd=ROOT)
+    proc = run_sample(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *FAST],
+                      {**os.environ, "HF_HUB_OFFLINE": "1"})
+    check_all_tasks(proc.stdout, tmp_path / "out", n_codes=sample.load_pipeline(
+        str(tmp_path / "run"), torch.device("cpu"), torch.float32).image_vocab.n_codes)
+
+
+def test_broken_span_is_reported_not_drawn(capsys):
+    """An unconstrained model may write `<img>` + too few codes: the answer is shown as text, nothing is drawn."""
+    from llama import Tokenizer
+
+    class Stub(sample.SeedLlama):
+        def __init__(self):
+            self.tokenizer = Tokenizer(FIXTURES / "llama")
+            self.image_vocab = self.tokenizer.image_vocab
+
+    pipe, iv = Stub(), Tokenizer(FIXTURES / "llama").image_vocab
+    text, images = pipe.read([iv.boi_id, iv.code_offset + 3, iv.eoi_id])
+    assert images == [] and "<img_00003>" in text and "exactly 32 codes" in capsys.readouterr().out
+    good = iv.span_ids(list(range(32)))
+    assert pipe.read(good) == ("<image>", [list(range(32))])
+
+
 def test_native_checkpoint_missing_part(tmp_path):
     (tmp_path / "ckpt/seed").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="llama.*decoder"):
