@@ -1,6 +1,32 @@
-"""The unCLIP decoder of SEED: stable-diffusion-2-1-unclip reimplemented.  (header docstring: unet helper)
+"""The unCLIP decoder of SEED: stable-diffusion-2-1-unclip reimplemented in plain torch.
 
-(The sections below are written by two helpers at once; each edits only its own sections, with str_replace.)
+SEED (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01218) draws an image by handing
+its 1024-d image embedding to Stability AI's stable-diffusion-2-1-unclip (unCLIP: Ramesh et al. 2022,
+arXiv:2204.06125, on latent diffusion: Rombach et al. 2022, arXiv:2112.10752). This file is that decoder:
+
+  * the CLIP text side: OpenCLIP ViT-H's text tower cut at its penultimate layer (`CLIPTextEncoder`) and CLIP's
+    byte-level BPE (`CLIPTokenizer`); SEED only ever encodes the empty prompt;
+  * the noise schedules, the unCLIP noise augmentation of the image embedding (`ImageNoiseAugmentation`) and
+    the samplers as pure functions of `model_fn(x, t)`: PLMS/PNDM (`pndm_sample`, the official scheduler, v-
+    prediction, 21 model calls for 20 steps) and DDIM (`ddim_sample`, an alternative);
+  * the UNet (`UNet` = diffusers' UNet2DConditionModel in the SD-2.1-unclip configuration: the image condition
+    is a "projection" class embedding added to the time embedding) and the VAE decoder (`VAEDecoder`);
+  * `UnCLIPDecoder`: embedding -> images exactly as SEED calls the official pipeline, with `from_official`
+    (the diffusers folder on the hub) and `save_pretrained` / `from_pretrained` (our own checkpoints).
+The same classes at the `tiny` preset (pixel space, 3 x 32 x 32, no VAE, no text) are train.py's decoder.
+
+Mirrors: `AILab-CVC/SEED: models/pipeline_stable_unclip_img2img.py` (SEED's copy of diffusers'
+StableUnCLIPImg2ImgPipeline, called by `models/seed_llama_tokenizer.py: ImageTokenizer.decode`) and diffusers
+0.20.2 (`models/unet_2d_condition.py`, `unet_2d_blocks.py`, `resnet.py`, `attention.py`, `transformer_2d.py`,
+`vae.py`, `schedulers/scheduling_pndm.py`, `scheduling_ddpm.py`), transformers `models/clip/modeling_clip.py`
+and `tokenization_clip.py`. Module names follow those checkpoints, so the official keys load unchanged.
+
+Deliberate deviations:
+  * attention is `F.scaled_dot_product_attention` everywhere (diffusers' `upcast_attention` has no effect);
+  * the sampler state stays fp32 when the networks run in fp16 (the official pipeline keeps it in fp16);
+  * the VAE decodes one image at a time (the same output; a lower memory peak at 768 x 768);
+  * only the decoder half of the VAE exists: SEED never encodes an image with it;
+  * the tokenizer reproduces a subset of ftfy's text repair (see `CLIPTokenizer`).
 """
 import html
 import json
@@ -579,7 +605,7 @@ def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
 
 # ======================================================================================================
 # UNet (SD-2.1-unclip), VAE decoder, UnCLIPDecoder pipeline and official loader.
-# (owned by the unet helper; its config dataclasses may sit at the start of this section)
+# Configs first, then the blocks bottom-up, the two networks, the pipeline and its loaders.
 # ======================================================================================================
 
 # The SD-2.1-unclip UNet is diffusers' UNet2DConditionModel in one configuration. Every module below is named as
@@ -1155,6 +1181,9 @@ class UnCLIPDecoder(nn.Module):
             latents = torch.randn(B, u.in_channels, u.sample_size, u.sample_size, generator=gen)
         elif latents.ndim != 4 or tuple(latents.shape[:2]) != (B, u.in_channels):
             raise ValueError(f"latents must be (B={B}, {u.in_channels}, h, w), got {tuple(latents.shape)}")
+        for name, t in (("latents", latents), ("noise", noise)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} contains NaN or inf values")
 
         cfg = guidance_scale > 1.0  # the official `do_classifier_free_guidance`
         labels = self.class_labels(e.to(device, dtype), None if neg is None else neg.to(device, dtype),

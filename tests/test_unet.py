@@ -5,11 +5,13 @@ Fixtures: tests/fixtures/{unet,vae,unclip}/ (see tests/fixtures/README.md), rand
 """
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import unet as U
 
@@ -159,6 +161,10 @@ def test_bad_inputs_give_clear_errors(pipeline):
         pipeline(torch.zeros(1, E + 1), steps=1)
     with pytest.raises(ValueError, match="NaN"):
         pipeline(torch.full((1, E), float("nan")), steps=1)
+    with pytest.raises(ValueError, match="latents contains NaN"):
+        pipeline(torch.zeros(1, E), latents=torch.full((1, 4, 8, 8), float("nan")), steps=1)
+    with pytest.raises(ValueError, match=r"noise must be \(draws=2"):
+        pipeline(torch.zeros(1, E), torch.zeros(1, E), noise=torch.zeros(1, 1, E), steps=1)
     with pytest.raises(ValueError, match="negative_image_embeds"):
         pipeline(torch.zeros(1, E), torch.zeros(1, 3), steps=1)
     with pytest.raises(ValueError, match="class_labels"):
@@ -252,3 +258,61 @@ def test_unsupported_diffusers_config_is_refused(fixtures):
         U.UNetConfig.from_diffusers({**cfg, "use_linear_projection": False})
     with pytest.raises(ValueError, match="up_block_types"):
         U.UNetConfig.from_diffusers({**cfg, "up_block_types": ["UpBlock2D"] * 4})
+
+
+# ---- memory at full scale, traced on the meta device (no weights, no GPU) -------------------------------
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated by the ops run inside the mode (a storage is freed when its
+    last tensor dies). Works on the meta device, where every storage still has its nbytes."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs = {}  # storage id -> (bytes, live tensors on it)
+        self.existing = {t.untyped_storage()._cdata for t in existing}  # weights and inputs: not activations
+
+    def _drop(self, key):
+        n, count = self.refs[key]
+        if count == 1:
+            del self.refs[key]
+            self.live -= n
+        else:
+            self.refs[key] = (n, count - 1)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and (key := t.untyped_storage()._cdata) not in self.existing:
+                n, count = self.refs.get(key, (t.untyped_storage().nbytes(), 0))
+                if count == 0:
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] = (n, count + 1)
+                weakref.finalize(t, self._drop, key)
+        return out
+
+
+def test_fp16_memory_at_768(monkeypatch, capsys):
+    """Full-scale fp16 activation peaks at 768 x 768, from a trace of the real forward passes on the meta device.
+    The UNet runs its CFG batch of 2; the VAE decodes one image at a time. SDPA is replaced by what CUDA's flash /
+    memory-efficient kernels allocate (the output only), since the meta device has no such kernel."""
+    monkeypatch.setattr(U.F, "scaled_dot_product_attention", lambda q, k, v, **kw: torch.empty_like(q))
+    with torch.device("meta"), torch.no_grad():
+        model = U.UnCLIPDecoder(U.DecoderConfig()).half()
+        x, text = torch.empty(2, 4, 96, 96, dtype=torch.half), torch.empty(2, 77, 1024, dtype=torch.half)
+        labels, ids = torch.empty(2, 2048, dtype=torch.half), torch.zeros(1, 77, dtype=torch.long)
+        peaks = {}
+        for name, run in (("text encoder", lambda: model.text_encoder(ids)),
+                          ("UNet CFG step", lambda: model.unet(x, 951, text, labels)),
+                          ("VAE decode", lambda: model.vae(x[:1]))):
+            with PeakMemory([*model.parameters(), x, text, labels, ids]) as mode:
+                run()
+            peaks[name] = mode.peak
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with capsys.disabled():
+        print(f"\nfp16 weights {weights / 1e6:.0f} MB; activation peaks: "
+              + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in peaks.items()))
+    assert weights == 2 * (870_173_124 + 49_490_199 + 340_387_840 + 2 * 1024)
+    # the largest single activation of the VAE is (1, 256, 768, 768) fp16 = 0.30 GB; its resnet holds three
+    assert peaks["VAE decode"] < 1.0e9 and peaks["UNet CFG step"] < 0.4e9
