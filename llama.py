@@ -1,6 +1,25 @@
-"""SEED-LLaMA: a LLaMA whose vocabulary also holds SEED's 8192 image codes.  (header docstring: llama-model helper)
+"""SEED-LLaMA: a LLaMA whose vocabulary also holds SEED's 8192 image codes, and its tokenizer.
 
-(The two sections below are written by two helpers at once; each edits only its own section, with str_replace.)
+SEED-LLaMA (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", ICLR 2024, arXiv:2310.01218) is a plain
+LLaMA (arXiv:2302.13971), fine-tuned from Vicuna-7B ("8B") or LLaMA-2-chat-13B ("14B"), whose vocabulary gains 8194
+tokens: `<img_00000>` ... `<img_08191>` at ids 32000 + code, then `<img>` and `</img>`. One next-token model thus
+reads an image (its 32 SEED codes in the prompt) and draws one (32 codes in its output, rendered by unet.py).
+
+  * Tokenizer section: SentencePiece BPE read from `tokenizer.model` without the sentencepiece package, the added
+    image tokens, image-span helpers and the official chat templates (its own references are listed there).
+  * Model section: `LlamaConfig` (defaults = seed-llama-8b; presets `seed-llama-14b`, `tiny`), `Llama` (RMSNorm,
+    rotary embeddings, SwiGLU, attention through F.scaled_dot_product_attention, a preallocated KV cache),
+    `Llama.generate` (greedy or sampled, left-padded batches, optional image-span constraints and guidance), the
+    official loader `Llama.from_official` and the native `save_pretrained` / `from_pretrained`.
+
+Mirrors transformers==4.30.2 `models/llama/modeling_llama.py` (the version AILab-CVC/SEED pins; SEED's
+`models/llama_xformer.py` is a copy of it with xformers attention) and `generation/utils.py` (the sampling warpers),
+and AILab-CVC/SEED @ 93b3cf4 `scripts/seed_llama_inference_{8B,14B}.py`, `gradio_demo/seed_llama_flask.py`
+(generation settings, forced `<img>`, span parsing). Deliberate deviations, all in generation:
+  * prompts of different lengths are batched with left padding, each row's positions starting at its first real
+    token (the official code runs one unpadded prompt at a time; its xformers path ignores padding masks);
+  * constrained image spans and classifier-free guidance on image codes are additions, off by default;
+  * stop ids are explicit: the 8B configs name `<s>` as eos (a Vicuna legacy), so pass the ids you want.
 """
 from __future__ import annotations
 
@@ -746,7 +765,7 @@ def train_tokenizer(texts: Sequence[str], folder: str | os.PathLike, vocab_size:
 
 # ======================================================================================================
 # Model: config, RMSNorm, RoPE, attention with KV cache, SwiGLU, blocks, generation, official loader.
-# (owned by the llama-model helper; everything below this banner)
+# The architecture is HF `LlamaForCausalLM` (transformers 4.30.2 modeling_llama.py), module names included.
 # ======================================================================================================
 
 @dataclass
@@ -982,8 +1001,10 @@ class Llama(nn.Module):
         w = self.lm_head.weight
         for layer in self.model.layers:
             c = layer.self_attn.cache
+            # (a cache made under inference_mode, as generate's, cannot be written outside it)
             if (c is None or c.k.shape[0] != batch_size or c.k.shape[2] < max_seq_len
-                    or c.k.dtype != w.dtype or c.k.device != w.device):
+                    or c.k.dtype != w.dtype or c.k.device != w.device
+                    or c.k.is_inference() != torch.is_inference_mode_enabled()):
                 layer.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
                                                 self.config.head_dim, w.dtype, w.device)
 
@@ -1036,8 +1057,7 @@ class Llama(nn.Module):
         if on_token is not None and cfg.force_image:
             for b in range(B):
                 on_token(b, iv.boi_id)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        stop = torch.tensor(sorted(cfg.stop_ids), dtype=torch.long, device=device)
+        done, stop_ids = [False] * B, set(cfg.stop_ids)
         if max_new == 0:
             return out
 
@@ -1050,14 +1070,15 @@ class Llama(nn.Module):
             if span is not None and cfg.constrain_images:
                 logits = span.constrain(logits)
             tok = sample_next(logits, cfg, generator)  # (B,)
-            for b in (~done).nonzero()[:, 0].tolist():
-                out[b].append(tok[b].item())
-                if on_token is not None:
-                    on_token(b, out[b][-1])
-            done |= torch.isin(tok, stop)
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:  # a finished row runs on with the batch, but its tokens are dropped
+                    out[b].append(t)
+                    done[b] = t in stop_ids
+                    if on_token is not None:
+                        on_token(b, t)
             if span is not None:
                 span.update(tok)
-            if done.all() or step == max_new - 1:
+            if all(done) or step == max_new - 1:
                 break
             feed = tok.repeat(len(rows) // B)  # the unconditional rows follow their conditional row
             logits = self.decode_one_token(feed, T + step, pad)
@@ -1103,7 +1124,7 @@ class Llama(nn.Module):
         if not config_path.exists():
             raise FileNotFoundError(f"{config_path} not found: not a Hugging Face LLaMA folder")
         hf = json.loads(config_path.read_text())
-        # transformers <= 4.56 writes `torch_dtype`, newer versions `dtype`
+        # the 2023 checkpoints say `torch_dtype`, recent transformers versions write `dtype`
         stored = hf.get("torch_dtype", hf.get("dtype"))
         stored = getattr(torch, stored) if stored in ("float32", "float16", "bfloat16") else None
         files = _weight_files(folder, ("model.safetensors.index.json", "pytorch_model.bin.index.json",
@@ -1125,7 +1146,7 @@ class GenerationConfig:
     constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
     force_image: bool = False          # append <img> to the prompt (returned as the first new token)
     cfg_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
-    codes_per_image: int = 32          # SEED: one image = <img> + 32 codes + </img>
+    codes_per_image: int = CODES_PER_IMAGE  # SEED: one image = <img> + 32 codes + </img>
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:

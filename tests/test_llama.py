@@ -250,6 +250,22 @@ def test_save_and_load_pretrained(tiny, tmp_path):
         Llama.from_pretrained(tmp_path)
 
 
+def test_with_the_tokenizer_end_to_end(tmp_path):
+    # the contract between the two halves of llama.py: ids from the tokenizer, spans parsed back by it
+    tok = llama.Tokenizer(FIXTURES / "llama")
+    assert tok.image_vocab == image_vocab()
+    model = Llama.from_official(FIXTURES / "llama", device="cpu")
+    prompt = tok.encode_chat(["Draw a red circle."], template="8B")
+    out = model.generate([prompt], max_new_tokens=40, force_image=True, constrain_images=True,
+                         image_vocab=tok.image_vocab, stop_ids=(tok.eos_id,))[0]
+    text, images = tok.decode_with_images(out)
+    assert len(images) == 1 and len(images[0]) == 32 and text.startswith("<image>")
+    model.save_pretrained(tmp_path, tokenizer=tok)
+    assert llama.Tokenizer(tmp_path).encode_chat(["Draw a red circle."]) == prompt
+    assert Llama.from_pretrained(tmp_path).generate([prompt], max_new_tokens=4) == \
+        model.generate([prompt], max_new_tokens=4)
+
+
 # ---- parity with transformers (dev dependency) ------------------------------------------------------------
 
 @pytest.mark.parity
