@@ -1,6 +1,6 @@
 """sample.py: SEED-LLaMA end to end, from pixels to codes to words and back to pixels.
 
-    python sample.py --ckpt official                  # every task on a built-in test picture (downloads ~40 GB once)
+    python sample.py --ckpt official                  # every task on a built-in test picture (~35 GB download, once)
     python sample.py --ckpt official --task t2i --prompt "Can you generate an image of a dog on the green grass?"
     python sample.py --ckpt out/tiny --task chat      # a checkpoint folder written by train.py
 
@@ -19,8 +19,10 @@ Deliberate deviations from the official scripts:
   * Text-to-image and edit requests append `<img>` to the prompt ("force image generation", the flask demo's
     `force_boi` option), so the answer is always an image; the scripts leave it to the model.
   * `--constrained` restricts the 32 tokens after `<img>` to image codes and then forces `</img>`; the official code
-    samples freely and may produce a broken span (which we report as an error instead of decoding garbage).
-  * The generation length is capped so that prompt + answer fit the model's context window.
+    samples freely and may produce a broken span (we print it as text and draw nothing, instead of decoding garbage).
+  * The generation length is capped so that prompt + answer fit the model's context window, and a chat forgets its
+    oldest exchanges when the history no longer leaves room for an answer.
+  * The negative image of classifier-free guidance (the LLM's unconditional codes) is sampled once per run.
 """
 import argparse
 import contextlib
@@ -36,7 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -413,7 +415,7 @@ class SeedLlama:
         """The codes the LLM draws from `<s><img>` alone: the negative image of the official evaluation's
         classifier-free guidance. Sampled once per run (constrained, so it is always a valid span)."""
         if self._uncond_codes is None:
-            ids = self.generate(self.tokenizer.encode("<s>"), Settings(**{**vars(settings), "constrained": True}),
+            ids = self.generate(self.tokenizer.encode("<s>"), replace(settings, constrained=True),
                                 force_image=True, max_new_tokens=CODES_PER_IMAGE + 1)
             self._uncond_codes = self.tokenizer.decode_with_images(ids)[1][0]
         return self._uncond_codes

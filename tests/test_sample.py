@@ -365,7 +365,6 @@ def native_checkpoint(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_native_checkpoint_every_task(tmp_path):
     ckpt = native_checkpoint(tmp_path / "ckpt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a native checkpoint never needs the network
