@@ -316,3 +316,24 @@ def test_fp16_memory_at_768(monkeypatch, capsys):
     assert weights == 2 * (870_173_124 + 49_490_199 + 340_387_840 + 2 * 1024)
     # the largest single activation of the VAE is (1, 256, 768, 768) fp16 = 0.30 GB; its resnet holds three
     assert peaks["VAE decode"] < 1.0e9 and peaks["UNet CFG step"] < 0.4e9
+
+
+# ---- golden: the real stable-diffusion-2-1-unclip folder ($SEED_WEIGHTS) ---------------------------------
+
+@pytest.mark.golden
+def test_official_folder_loads_and_runs():
+    """Loads the released folder strictly (fp32 files, else the fp16 variant) and checks the facts marked [U]/[D]
+    in OFFICIAL_FORMATS.md §d: pad id 0, normaliser mean 0 / std 1; then one small UNet call and decode."""
+    from conftest import official_file
+    folder = official_file("stabilityai", "stable-diffusion-2-1-unclip", "model_index.json").parent
+    variant = None if (folder / "unet/diffusion_pytorch_model.safetensors").exists() else "fp16"
+    model = U.UnCLIPDecoder.from_official(folder, device="cpu", dtype=torch.float32, variant=variant)
+    assert sum(p.numel() for p in model.unet.parameters()) == 870_173_124
+    assert model.clip_tokenizer("")[0].tolist() == [49406, 49407] + [0] * 75
+    assert torch.all(model.noise_augmentation.mean == 0) and torch.all(model.noise_augmentation.std == 1)
+    with torch.no_grad():
+        text = model.prompt_states(2)
+        v = model.unet(torch.randn(2, 4, 16, 16), 951, text, torch.zeros(2, 2048))
+        image = model.decode(torch.randn(1, 4, 8, 8))
+    assert v.shape == (2, 4, 16, 16) and torch.isfinite(v).all()
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
