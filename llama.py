@@ -969,17 +969,15 @@ class Llama(nn.Module):
         if start + T > self.config.max_seq_len:
             raise ValueError(f"{start + T} positions exceed the context of max_seq_len={self.config.max_seq_len}")
         x = self.model.embed_tokens(idx)  # (B, T, C)
+        slots = torch.arange(start, start + T, device=idx.device)  # the cache slot of each new token
+        keys = torch.arange(start + T, device=idx.device)  # the slots the new tokens may read
         if pad is None:
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
-            mask = None  # SDPA's is_causal covers a prompt from slot 0 and a single new token
-            if start > 0 and T > 1:
-                slots = torch.arange(start, start + T, device=idx.device)
-                mask = torch.arange(start + T, device=idx.device) <= slots[:, None]  # (T, S) True = may attend
+            # SDPA's is_causal covers a prompt from slot 0 and a single new token; a later chunk needs the mask
+            mask = keys <= slots[:, None] if start > 0 and T > 1 else None  # (T, S), True = may attend
         else:
-            slots = torch.arange(start, start + T, device=idx.device)
             pos = (slots - pad[:, None]).clamp(min=0)  # (B, T) rotary positions
             cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hs)
-            keys = torch.arange(start + T, device=idx.device)
             mask = (keys <= slots[:, None]) & (keys >= pad[:, None, None])  # (B, T, S): causal, no padding keys
             # a padding query sees itself: a row with every key masked would make SDPA return NaN, and NaN
             # values would then leak into the real rows (0 * NaN) even though their weight is zero
@@ -1052,7 +1050,7 @@ class Llama(nn.Module):
         idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B', T), left-padded
         pad = torch.tensor([T - len(r) for r in rows], device=device)
         pad = pad if pad.any() else None  # no padding: the cheaper causal path
-        span = _SpanTracker(iv, cfg.codes_per_image, idx[:B]) if iv is not None else None
+        span = _SpanTracker(iv, cfg.codes_per_image, self.config.vocab_size, idx[:B]) if iv is not None else None
         out: list[list[int]] = [[iv.boi_id] if cfg.force_image else [] for _ in range(B)]
         if on_token is not None and cfg.force_image:
             for b in range(B):
@@ -1114,7 +1112,7 @@ class Llama(nn.Module):
     def from_official(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
         """Load an official HF-format SEED-LLaMA folder (config.json + pytorch_model*.bin or model*.safetensors,
         sharded with an index or single). Built on the meta device and filled shard by shard, memory-mapped and
-        cast as it goes, so host RAM peaks near one copy of the weights in the target dtype.
+        cast as it goes, so host RAM peaks near one copy of the weights in the target dtype plus one shard.
 
         device: default cuda -> mps -> cpu. dtype: default fp32 on CPU (half-precision matmuls are slow there),
         else the checkpoint's dtype if it is a half type, fp16 otherwise (the official code runs in fp16).
@@ -1183,9 +1181,12 @@ class _SpanTracker:
     """Where each row stands in an image span, for constrained decoding and guidance on image codes.
     state = -1 outside a span, else the number of codes since the last <img>."""
 
-    def __init__(self, iv: ImageVocab, codes_per_image: int, prompts: torch.Tensor):
+    def __init__(self, iv: ImageVocab, codes_per_image: int, vocab_size: int, prompts: torch.Tensor):
         self.iv, self.n = iv, codes_per_image
-        self.is_code = self.is_eoi = None  # (V,) masks, built on first use when the vocabulary size is known
+        self.is_code = torch.zeros(vocab_size, dtype=torch.bool, device=prompts.device)  # (V,)
+        self.is_code[iv.code_offset:iv.code_offset + iv.n_codes] = True
+        self.is_eoi = torch.zeros_like(self.is_code)
+        self.is_eoi[iv.eoi_id] = True
         self.state = torch.full((prompts.shape[0],), -1, device=prompts.device)
         for column in prompts.T:  # a prompt may end inside a span (a forced or user-written <img>)
             self.update(column)
@@ -1196,18 +1197,9 @@ class _SpanTracker:
         self.state = torch.where(tok == iv.boi_id, 0,
                                  torch.where((self.state >= 0) & is_code, self.state + 1, -1))
 
-    def _masks(self, logits):
-        if self.is_code is None:
-            iv, V = self.iv, logits.shape[-1]
-            self.is_code = torch.zeros(V, dtype=torch.bool, device=logits.device)
-            self.is_code[iv.code_offset:iv.code_offset + iv.n_codes] = True
-            self.is_eoi = torch.zeros_like(self.is_code)
-            self.is_eoi[iv.eoi_id] = True
-        return self.is_code, self.is_eoi
-
     def constrain(self, logits: torch.Tensor) -> torch.Tensor:
         # inside a span: only codes until there are n of them, then only </img>; outside: no codes, no </img>
-        is_code, is_eoi = self._masks(logits)
+        is_code, is_eoi = self.is_code, self.is_eoi
         need_code = ((self.state >= 0) & (self.state < self.n))[:, None]
         need_eoi = (self.state >= self.n)[:, None]
         allowed = torch.where(need_code, is_code, torch.where(need_eoi, is_eoi, ~(is_code | is_eoi)))
@@ -1215,8 +1207,7 @@ class _SpanTracker:
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         # classifier-free guidance u + s (c - u) on the code logits of the rows inside a span; text untouched
-        is_code, _ = self._masks(cond)
-        where = (self.state >= 0)[:, None] & is_code
+        where = (self.state >= 0)[:, None] & self.is_code
         return torch.where(where, uncond + scale * (cond - uncond), cond)
 
 
