@@ -546,13 +546,14 @@ class Chat:
         self.messages, self.images, self.saved = [], [], 0
 
     def turn(self, text: str, image: Image.Image | None = None, draw: bool = False) -> str:
-        message = text
-        if image is not None:
-            codes = self.pipe.encode_image(image)
-            show_codes("your image", codes)
-            self.images.append(codes)
+        """One exchange: the user's text (and picture), the model's answer (and pictures, when `draw` or when the
+        model chooses to draw). The history only changes once the answer is there, so a failed turn leaves no trace."""
+        message, new_images = text, []
+        if image is not None:  # the official scripts put the image before the text of the turn
+            new_images = [self.pipe.encode_image(image)]
+            show_codes("your image", new_images[0])
             message = "<image>" + text
-        prompt = self.prompt(message)
+        prompt = self.prompt(message, new_images)
         answer, images = self.pipe.read(self.pipe.generate(prompt, self.settings, force_image=draw))
         print(f"  assistant: {answer.replace('<image>', '[image]').strip()}")
         for codes in images:
@@ -560,15 +561,17 @@ class Chat:
             negative = self.pipe.unconditional_codes(self.settings) if self.settings.negative else None
             self.saved += 1
             save(self.pipe.draw(codes, self.settings, negative), self.out, f"chat_{self.saved}")
+        # The answer keeps its `<image>` placeholders and its codes: the next prompt re-inserts the same span.
         self.messages += [message, answer.strip()]
-        self.images += images
+        self.images += new_images + images
         return answer
 
-    def prompt(self, message: str) -> list[int]:
+    def prompt(self, message: str, new_images: list[list[int]]) -> list[int]:
         """The ids of the history plus `message`; the oldest exchanges are forgotten while the prompt leaves fewer
         than 64 tokens of the context window for the answer (34 of them being one image)."""
         while True:
-            ids = self.pipe.tokenizer.encode_chat(self.messages + [message], self.pipe.template, images=self.images)
+            ids = self.pipe.tokenizer.encode_chat(self.messages + [message], self.pipe.template,
+                                                  images=self.images + new_images)
             if len(ids) + 64 <= self.pipe.llm.config.max_seq_len or not self.messages:
                 return ids
             dropped = self.messages[0].count("<image>") + self.messages[1].count("<image>")
@@ -699,8 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def pick_device(name: str | None) -> torch.device:
+    """`--device`, checked, or the best one present: cuda, then Apple's mps, then cpu."""
     if name:
-        return torch.device(name)
+        device = torch.device(name)
+        present = {"cpu": True, "cuda": torch.cuda.is_available(),
+                   "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not present.get(device.type, False):
+            raise ValueError(f"--device {name}: not available here (available: "
+                             f"{', '.join(k for k, ok in present.items() if ok)})")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -710,7 +720,23 @@ def pick_device(name: str | None) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
+    try:
+        # Fail on bad arguments before minutes of loading.
+        device = pick_device(args.device)
+        if args.image is not None and not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        if args.task == "chat" and args.image is not None:
+            raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
+        for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"),
+                         (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.top_k >= 0, "--top-k must be >= 0"),
+                         (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                         (args.steps >= 1, "--steps must be >= 1"), (args.guidance >= 0, "--guidance must be >= 0")]:
+            if not ok:
+                raise ValueError(what)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Half precision on accelerators, as the official code; fp32 on the CPU, where half matmuls are slow.
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
     torch.manual_seed(args.seed)
     out = Path(args.out)

@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -365,8 +366,14 @@ def native_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def test_native_checkpoint_every_task(tmp_path):
-    ckpt = native_checkpoint(tmp_path / "ckpt")
+@pytest.fixture(scope="module")
+def native_ckpt(tmp_path_factory) -> Path:
+    return native_checkpoint(tmp_path_factory.mktemp("native") / "ckpt")
+
+
+@pytest.mark.slow
+def test_native_checkpoint_every_task(native_ckpt, tmp_path):
+    ckpt = native_ckpt
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a native checkpoint never needs the network
     proc = run_sample(["--ckpt", str(ckpt), "--out", str(tmp_path / "out"), *FAST], env)
     check_all_tasks(proc.stdout, tmp_path / "out", n_codes=128)
@@ -485,3 +492,38 @@ def test_peak_host_ram_while_loading(official_run, hub, tmp_path, capsys):
                   f"(+{(peak - before) / 2**20:.1f} MiB)")
     # One more copy of the grown weights (or a whole fp16 shard kept alive) would add >= 0.5 x grown on top.
     assert (b_peak - b_before) - (s_peak - s_before) < 1.35 * grown
+
+
+# ------------------------------------------------------------------------------------------------------
+# The CLI and the pipeline object, in process
+# ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "no/such.png"], "--image no/such.png: no such file"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--steps", "0"], "not available here|--steps"),
+    (["--top-p", "0"], "--top-p must be in"),
+    (["--task", "chat", "--image", __file__], "attach pictures with '/image PATH'"),
+])
+def test_bad_arguments_fail_before_loading(argv, message, capsys, tmp_path):
+    assert sample.main(["--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_14b_comes_from_its_own_repo(hub_env, tmp_path):
+    with pytest.raises(sample.DownloadError, match="seed-llama-14b-sft/resolve/main/pytorch_model.bin.index.json"):
+        sample.resolve_official(tmp_path, "14b")
+
+
+def test_low_vram_pipeline_and_chat_history(native_ckpt, tmp_path):
+    """--low-vram moves each model to the device only while it runs (here cpu -> cpu: the code path); a chat keeps
+    the drawn image as codes in its history, and the next prompt holds exactly those codes."""
+    pipe = sample.load_pipeline(str(native_ckpt), torch.device("cpu"), torch.float32, low_vram=True)
+    assert pipe.low_vram and pipe.template == "8B"
+    s = sample.Settings(max_new_tokens=4, constrained=True, steps=1, negative=False)
+    chat = sample.Chat(pipe, s, tmp_path)
+    chat.turn("look", image=sample.test_picture(64))
+    chat.turn("draw", draw=True)
+    assert len(chat.images) == 2 and len(chat.messages) == 4 and (tmp_path / "chat_1.png").is_file()
+    drawn = pipe.image_vocab.span_ids(chat.images[1])  # <img> + 32 code ids + </img>
+    prompt = chat.prompt("again", [])
+    assert any(prompt[i:i + len(drawn)] == drawn for i in range(len(prompt))), "the drawn codes left the history"
