@@ -1287,8 +1287,10 @@ OFFICIAL_IGNORED = (
 # Files written by diffusers < 0.18 (the official VAE, Mar 2023) name the VAE mid-block attention
 # `query/key/value/proj_attn`; current diffusers (and this file) use `to_q/to_k/to_v/to_out.0`, the same
 # Linear shapes (diffusers models/modeling_utils.py: _convert_deprecated_attention_blocks).
-VAE_LEGACY_NAMES = {".attentions.0.query.": ".attentions.0.to_q.", ".attentions.0.key.": ".attentions.0.to_k.",
-                    ".attentions.0.value.": ".attentions.0.to_v.", ".attentions.0.proj_attn.": ".attentions.0.to_out.0."}
+VAE_LEGACY_NAMES = {".attentions.0.query.": ".attentions.0.to_q.",
+                    ".attentions.0.key.": ".attentions.0.to_k.",
+                    ".attentions.0.value.": ".attentions.0.to_v.",
+                    ".attentions.0.proj_attn.": ".attentions.0.to_out.0."}
 
 
 def official_key(component: str, key: str) -> str | None:
