@@ -266,6 +266,22 @@ def test_with_the_tokenizer_end_to_end(tmp_path):
         model.generate([prompt], max_new_tokens=4)
 
 
+# ---- the released checkpoints ($SEED_WEIGHTS) --------------------------------------------------------------
+
+@pytest.mark.golden
+@pytest.mark.parametrize("repo, preset", [("seed-llama-8b-sft", "seed-llama-8b"), ("seed-llama-14b-sft", "seed-llama-14b")])
+def test_official_checkpoint_matches_preset(repo, preset):
+    # reads config.json and the shard headers only (the .bin pickles are memory-mapped, no weights are read)
+    from conftest import official_file
+    folder = official_file("AILab-CVC", repo, "config.json").parent
+    config = LlamaConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    assert config == LlamaConfig.from_name(preset)
+    files = llama._weight_files(folder, ("pytorch_model.bin.index.json", "model.safetensors.index.json"))
+    stored = {k: list(shape) for f in files for k, (shape, _) in llama._shard_header(f).items()}
+    official = json.loads((FIXTURES / "official_keys" / f"llama_{preset.split('-')[-1]}.json").read_text())
+    assert stored == official
+
+
 # ---- parity with transformers (dev dependency) ------------------------------------------------------------
 
 @pytest.mark.parity
