@@ -527,3 +527,10 @@ def test_low_vram_pipeline_and_chat_history(native_ckpt, tmp_path):
     drawn = pipe.image_vocab.span_ids(chat.images[1])  # <img> + 32 code ids + </img>
     prompt = chat.prompt("again", [])
     assert any(prompt[i:i + len(drawn)] == drawn for i in range(len(prompt))), "the drawn codes left the history"
+
+
+def test_weights_folder_used_as_is(hub, monkeypatch):
+    """`--weights DIR` with a complete copy in the hub layout: nothing fetched, even offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = sample.resolve_official(sample.weights_root(str(hub.root)), "8b")
+    assert files.llm == hub.root / sample.LLM_REPOS["8b"] and files.vit == hub.root / sample.EVA_VIT_PATH
