@@ -74,7 +74,7 @@ import vq
 @dataclass
 class ClipStageConfig:
     """Stage 0: the tiny CLIP (EVA ViT image tower + CLIP text tower), trained contrastively."""
-    steps: int = 250
+    steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
     patch_size: int = 8    # ViT patch (seed.py's tiny preset: 4); 8 gives 16 patches, 4x cheaper on 2 cores
@@ -87,7 +87,7 @@ class QFormerStageConfig:
     """Stage 1: the Causal Q-Former, ITC between the last query and the text [CLS] (ViT frozen); its sizes are
     seed.py's tiny preset (2 layers of width 128, 32 queries)."""
     steps: int = 300
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     label_smoothing: float = 0.1  # official ITC
     temperature: float = 0.07     # official initial (learnable) temperature
@@ -97,7 +97,7 @@ class QFormerStageConfig:
 class CodebookStageConfig:
     """Stage 2: VQ codebook + reconstruction heads (Q-Former frozen); sizes from seed.py's tiny preset."""
     steps: int = 400
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
     w_vq: float = 5.0      # official loss weights: 5 * VQ + 2 * cos + 0.5 * MSE
     w_cos: float = 2.0
@@ -130,12 +130,13 @@ class LLMConfig:
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     reverse_ratio: float = 0.5   # official: half of the image-text pairs are trained image -> caption
-    lora_steps: int = 100
+    lora_steps: int = 60
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_lr: float = 3e-3
-    sft_steps: int = 300
+    lora_lr: float = 5e-3
+    sft_steps: int = 200
     sft_lr: float = 1e-3
+    eval_edits: int = 75         # edit requests judged (text-to-image is judged on all 150 combinations)
 
 
 @dataclass
@@ -401,7 +402,7 @@ def judge_accuracy(images, combos) -> dict[str, float]:
 
 # --- Stage 0: the tiny CLIP -----------------------------------------------------------------------------------------
 
-TEXT_LEN = 16  # token positions of the tiny text towers: bos + a caption of <= 7 words + eos fits with room to spare
+TEXT_LEN = 10  # token positions of the tiny text towers: bos + a caption of <= 7 words + eos (every word is one token)
 
 
 def build_clip_tokenizer(folder: Path, texts) -> "unet.CLIPTokenizer":
@@ -1086,7 +1087,11 @@ def stage_llm_instruct(run: Run, prev: dict) -> dict:
     if run.main:
         model.save_pretrained(run.out / "llama", prev["llm_tokenizer"])
     run.barrier()
+    if not run.main:  # the evaluation is deterministic: one process runs it and writes the reports
+        return {"llm": model}
+    t0 = time.time()
     evaluation = evaluate_llm(run, prev, model)
+    run.timings["llm_eval"] = time.time() - t0
     return {"llm": model, "llm_eval": evaluation}
 
 
@@ -1188,9 +1193,10 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     # Text-to-image: one request per combination (held-out pairs included: never drawn in training).
     records = [{"task": "t2i", "target": COMBOS[c], "images": [],
                 "prompt": T2I_REQUESTS[0].format(COMBOS[c].caption)} for c in range(len(COMBOS))][:limit]
-    # Edits: a random instruction on one test image per combination; the target may be a held-out pair.
+    # Edits: a random instruction on test images of evenly spread combinations; the target may be held out.
     rng = random.Random(run.cfg.seed)
-    for i in one_per_combo:
+    n_edits = min(run.cfg.llm.eval_edits, len(one_per_combo))
+    for i in one_per_combo[::len(one_per_combo) // n_edits][:n_edits]:
         attribute = rng.choice(ATTRIBUTES)
         value = rng.choice([v for v in VALUES[attribute] if v != getattr(data.combos[i], attribute)])
         instruction, target = data.combos[i].edit(attribute, value)
@@ -1289,7 +1295,7 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
     t2i_out = [r for r in records if r["task"] == "t2i" and r["target"].held_out]
     edits = [r for r in records if r["task"] == "edit"]
     header = ["input", "from 32 codes", "caption", "t2i held-in", "t2i held-out", "edit input", "edit result"]
-    sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 24) * len(rows)), (255, 255, 255))
+    sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 30) * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(header):
         draw.text((c * CELL + 3, 2), title, fill=(0, 0, 0))
@@ -1298,7 +1304,7 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
         return _big(r["image"]) if "image" in r else _text_cell("(no valid image span)")
 
     for k, i in enumerate(rows):
-        y = 14 + k * (CELL + 24)
+        y = 14 + k * (CELL + 30)
         cells = [(_big(to_image(run.world.images[i])), CAPTIONS[int(run.world.combo[i])]),
                  (_big(recon[i]), ""), (_text_cell(captions[i]), "")]
         for pool in (t2i_in, t2i_out):
@@ -1309,7 +1315,7 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
             cells += [(_big(to_image(run.world.images[r["source"]])), r["prompt"]), (generated(r), "")]
         for c, (cell, label) in enumerate(cells):
             sheet.paste(cell, (c * CELL, y))
-            draw.text((c * CELL + 2, y + CELL + 2), label[:CELL // 6], fill=(60, 60, 60))
+            sheet.paste(_text_cell(label, CELL, 28), (c * CELL, y + CELL))
     return sheet
 
 
@@ -1576,10 +1582,9 @@ class Run:
         self.barrier()
 
 
-# The stages in paper order. Stages 4-5 and `write_reports(run, outputs)` are defined in the sections above by the
-# train-llm part; they are looked up by name so that a checkout with only stages 0-3 still runs them.
-STAGES = ((0, "stage_clip"), (1, "stage_qformer"), (2, "stage_codebook"), (3, "stage_decoder"),
-          (4, "stage_llm_pretrain"), (5, "stage_llm_instruct"))
+# The stages in the paper's order: each a plain function `stage_x(run, prev) -> dict` (see `Run`).
+STAGES = ((0, stage_clip), (1, stage_qformer), (2, stage_codebook), (3, stage_decoder),
+          (4, stage_llm_pretrain), (5, stage_llm_instruct))
 
 
 def main(argv: list[str] | None = None) -> Run:
@@ -1590,15 +1595,11 @@ def main(argv: list[str] | None = None) -> Run:
     run = Run(cfg)
     outputs: dict = {}
     t0 = time.time()
-    for stage, fn_name in STAGES:
-        if stage > max(run.selected):
-            break
-        if fn_name not in globals():
-            raise NotImplementedError(f"stage {stage} ({fn_name}) is not defined in train.py")
-        outputs.update(globals()[fn_name](run, outputs))
+    for stage, fn in STAGES:
+        if stage <= max(run.selected):  # earlier stages outside --stages are loaded from their checkpoints
+            outputs.update(fn(run, outputs))
     run.timings["total"] = time.time() - t0
-    if "write_reports" in globals():
-        globals()["write_reports"](run, outputs)
+    write_reports(run, outputs)
     if run.world_size > 1:
         dist.destroy_process_group()
     return run

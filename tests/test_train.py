@@ -1,0 +1,175 @@
+"""train.py, stages 0-3 and the machinery around them: the config CLI, the shapes world, the judge, checkpoints and
+resume, DDP. The full `python train.py --tiny` run is measured by hand (README); here every stage runs in --smoke.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from seed import SeedTokenizer
+from unet import UnCLIPDecoder
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["--tiny", "--smoke", "--threads", "1"]
+SMOKE = BASE + ["--stages", "0,1,2,3"]
+
+
+# --- the config CLI ------------------------------------------------------------------------------------------------
+
+def test_every_config_field_is_a_flag():
+    cfg = train.parse_config(["--tiny", "--clip.steps", "7", "--no-causal", "--decoder.guidance", "1.5",
+                              "--codebook.w_vq", "3", "--resume", "false", "--out", "x"])
+    assert cfg.tiny and cfg.no_causal and not cfg.resume
+    assert (cfg.clip.steps, cfg.decoder.guidance, cfg.codebook.w_vq, cfg.out) == (7, 1.5, 3.0, "x")
+    assert isinstance(cfg.decoder.guidance, float) and isinstance(cfg.clip.steps, int)
+    text = train.argparse.ArgumentParser()
+    train._add_dataclass_args(text, train.TrainConfig())
+    flags = {s for a in text._actions for s in a.option_strings}
+
+    def walk(dc, prefix=""):
+        for f in train.dataclasses.fields(dc):
+            value = getattr(dc, f.name)
+            if train.dataclasses.is_dataclass(value):
+                yield from walk(value, prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+    names = list(walk(train.TrainConfig()))
+    assert names and all("--" + n in flags and "--" + n.replace("_", "-") in flags for n in names)
+
+
+def test_cli_rejects_bad_values_and_smoke_is_overridable():
+    with pytest.raises(SystemExit):
+        train.parse_config(["--clip.steps", "many"])
+    with pytest.raises(SystemExit):
+        train.parse_config(["--resume", "maybe"])
+    cfg = train.parse_config(["--tiny", "--smoke", "--decoder.steps", "5"])
+    assert cfg.clip.steps == train.SMOKE_STEPS and cfg.decoder.steps == 5  # an explicit flag beats --smoke
+    with pytest.raises(SystemExit, match="--tiny"):
+        train.main([])
+
+
+# --- the shapes world ----------------------------------------------------------------------------------------------
+
+def test_world_follows_the_spec_and_is_deterministic():
+    a, b = train.build_world(), train.build_world()
+    assert a.images.shape == (1350, 3, 32, 32) and torch.equal(a.images, b.images)
+    assert len(set(train.CAPTIONS)) == 150 and train.CAPTIONS[0] == "a small red circle in the center"
+    # every combination has 7 train and 2 test images, and the test jitters cover all 9 offsets equally
+    assert torch.equal(torch.bincount(a.combo[a.test]), torch.full((150,), 2))
+    per_jitter = torch.bincount(a.jitter[a.test], minlength=9)
+    assert per_jitter.sum() == 300 and per_jitter.max() - per_jitter.min() <= 1
+    held = [c for c in train.COMBOS if c.held_out]
+    assert len(held) == 30 and {(c.shape, c.colour) for c in held} == set(train.HELD_OUT_PAIRS)
+    # a large red square at the centre, no jitter: box [9, 23) x [9, 23), exact colour inside, white outside
+    square = train.Combo("square", "red", "large", "center")
+    pixels = torch.from_numpy(train.np.array(train.render(square))).permute(2, 0, 1)
+    inside = pixels[:, 9:23, 9:23]
+    assert (inside == torch.tensor([220, 40, 40]).view(3, 1, 1)).all()
+    outside = pixels.clone()
+    outside[:, 9:23, 9:23] = 255
+    assert (outside == 255).all()
+    # the triangle points up: its top row is narrower than its bottom row
+    tri = torch.from_numpy(train.np.array(train.render(train.Combo("triangle", "blue", "large", "center"))))
+    drawn = (tri < 250).any(-1)
+    rows = drawn.sum(1)
+    assert rows[9] < rows[22]
+    instruction, target = square.edit("position", "left")
+    assert instruction == "move it on the left" and target == train.Combo("square", "red", "large", "left")
+    assert square.answer("position") == "in the center" and square.answer("colour") == "red"
+
+
+# --- the judge -----------------------------------------------------------------------------------------------------
+
+def test_judge_is_exact_on_clean_renders_and_robust_to_mild_noise():
+    world = train.build_world()
+    combos = [train.COMBOS[i] for i in world.combo]
+    assert train.judge_accuracy(list(world.images), combos)["all"] == 1.0
+    gen = torch.Generator().manual_seed(0)
+    noisy = world.images + torch.randn(world.images.shape, generator=gen) * (8 / 127.5)  # sigma = 8 grey levels
+    assert train.judge_accuracy(list(noisy), combos)["all"] >= 0.99
+    blank = torch.ones(3, 32, 32)
+    assert train.judge(blank) == {"shape": None, "colour": None, "size": None, "position": None}
+    wrong = train.judge_accuracy([world.images[0]], [train.COMBOS[1]])  # an image judged against another combo
+    assert wrong["all"] == 0.0
+
+
+# --- stages 0-3 in smoke mode, checkpoints, resume -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    run = train.main(SMOKE + ["--out", str(out)])
+    return out, run
+
+
+def test_smoke_runs_every_stage_and_writes_loadable_checkpoints(smoke_run):
+    out, run = smoke_run
+    for name in ("clip", "qformer", "codebook", "decoder"):
+        assert len(run.curves[name]) == train.SMOKE_STEPS and all(map(torch.isfinite, torch.tensor(run.curves[name])))
+        assert (out / "ckpt" / f"{name}.pt").is_file()
+    tok = SeedTokenizer.from_pretrained(out / "seed")
+    decoder = UnCLIPDecoder.from_pretrained(out / "decoder")
+    pixels = tok.preprocess(train.render(train.COMBOS[7]))[None]
+    codes = tok.encode(pixels)
+    assert codes.shape == (1, 32) and int(codes.max()) < tok.config.n_codes
+    image = decoder(tok.embed(codes), steps=2, guidance_scale=2.0, seed=0)[0]
+    assert image.size == (32, 32)
+    expected = {"clip": ["caption_acc_test"],
+                "tokenizer": ["caption_acc_continuous", "caption_acc_codes", "codebook_usage", "codebook_perplexity",
+                              "embedding_cosine"],
+                "decoder": ["recon_all", "recon_shape", "recon_colour", "recon_size", "recon_position"]}
+    for group, keys in expected.items():
+        assert all(0.0 <= run.metrics[group][k] or k == "codebook_perplexity" for k in keys), group
+
+
+def test_training_is_reproducible_from_its_seed(smoke_run, tmp_path):
+    out, _ = smoke_run
+    train.main(BASE + ["--stages", "0,1", "--out", str(tmp_path)])
+    for name in ("clip", "qformer"):
+        a = torch.load(out / "ckpt" / f"{name}.pt", weights_only=True)["modules"]
+        b = torch.load(tmp_path / "ckpt" / f"{name}.pt", weights_only=True)["modules"]
+        for module in a:
+            for key in a[module]:
+                assert torch.equal(a[module][key], b[module][key]), (name, module, key)
+
+
+def test_a_run_killed_mid_stage_resumes_to_the_same_weights(smoke_run, tmp_path, monkeypatch):
+    out, _ = smoke_run
+    args = BASE + ["--stages", "0,1,2", "--out", str(tmp_path)]
+    monkeypatch.setenv("SEED_TRAIN_CRASH", "codebook:2")   # die after step 2 of stage 2 (its checkpoint: step 2)
+    with pytest.raises(RuntimeError, match="SEED_TRAIN_CRASH"):
+        train.main(args)
+    state = torch.load(tmp_path / "ckpt" / "codebook.pt", weights_only=True)  # whole, and mid-stage
+    assert state["step"] == 2 and len(state["curve"]) == 2
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    monkeypatch.delenv("SEED_TRAIN_CRASH")
+    run = train.main(args + ["--resume"])
+    assert len(run.curves["codebook"]) == train.SMOKE_STEPS
+    a = torch.load(out / "ckpt" / "codebook.pt", weights_only=True)
+    b = torch.load(tmp_path / "ckpt" / "codebook.pt", weights_only=True)
+    assert a["curve"] == b["curve"]
+    for module in a["modules"]:
+        for key in a["modules"][module]:
+            assert torch.equal(a["modules"][module][key], b["modules"][module][key]), (module, key)
+
+
+def test_a_stage_outside_stages_needs_its_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage 0"):
+        train.main(BASE + ["--stages", "1", "--out", str(tmp_path)])
+
+
+# --- DDP -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(ROOT / "train.py"), *BASE, "--stages", "0,1,2", "--device", "cpu",
+           "--out", str(tmp_path)]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert SeedTokenizer.from_pretrained(tmp_path / "seed") is not None
