@@ -385,7 +385,7 @@ class SeedLlama:
             return self.seed.encode(pixels.to(self.device))[0].tolist()
 
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
-                 max_new_tokens: int | None = None) -> list[int]:
+                 max_new_tokens: int | None = None, on_token=None) -> list[int]:
         """Sample the LLM's continuation of `prompt_ids` until `</s>` (or `<s>`, the 8B's legacy eos, §c.4).
         `force_image` starts the answer with `<img>` and leaves room for the whole span (32 codes + `</img>`)."""
         max_new_tokens = max_new_tokens or settings.max_new_tokens
@@ -398,18 +398,18 @@ class SeedLlama:
                 top_k=settings.top_k or None, top_p=settings.top_p,
                 max_new_tokens=max_new_tokens,
                 stop_ids=(self.tokenizer.eos_id, self.tokenizer.bos_id), constrain_images=settings.constrained,
-                force_image=force_image, image_vocab=self.image_vocab, generator=generator)[0]
+                force_image=force_image, image_vocab=self.image_vocab, generator=generator, on_token=on_token)[0]
 
-    def read(self, new_ids: list[int]) -> tuple[str, list[list[int]]]:
-        """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image).
+    def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
+        """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None).
 
         A broken image span (not 32 codes, or never closed; an unconstrained model can write one) is not drawn:
-        the answer is then the raw decoded text, no picture, and a note says why."""
+        the answer is then the raw decoded text, no picture, and the note says why."""
         try:
-            return self.tokenizer.decode_with_images(new_ids)
+            return *self.tokenizer.decode_with_images(new_ids), None
         except ValueError as e:
-            print(f"  (no picture: the model wrote a broken image span: {e}; --constrained prevents that)")
-            return self.tokenizer.decode(new_ids, skip_special_tokens=True), []
+            return (self.tokenizer.decode(new_ids, skip_special_tokens=True), [],
+                    f"(no picture: the model wrote a broken image span: {e}; --constrained prevents that)")
 
     def unconditional_codes(self, settings: Settings) -> list[int]:
         """The codes the LLM draws from `<s><img>` alone: the negative image of the official evaluation's
@@ -493,8 +493,10 @@ def ask(pipe: SeedLlama, s: Settings, out: Path, task: str, question: str, codes
     image the answer holds drawn and saved."""
     message = ("<image>" if codes is not None else "") + question
     prompt = pipe.tokenizer.encode_chat([message], pipe.template, images=[codes] if codes is not None else [])
-    text, images = pipe.read(pipe.generate(prompt, s, force_image=force_image))
+    text, images, note = pipe.read(pipe.generate(prompt, s, force_image=force_image))
     print(f"  answer: {text.replace('<image>', '[image]').strip()}")
+    if note:
+        print(f"  {note}")
     for k, image_codes in enumerate(images):
         show_codes(f"answer image {k}", image_codes)
         negative = pipe.unconditional_codes(s) if s.negative else None
@@ -536,6 +538,30 @@ def run_edit(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
     ask(pipe, s, out, "edit", instruction, codes, force_image=True)
 
 
+class TextStream:
+    """The LLM's `on_token` callback for the chat: prints the answer's text as it is generated, up to its first
+    image. The shown text is the decode of all text ids so far; a piece is printed once it extends what is shown and
+    ends on a whole character (byte-fallback pieces of one character arrive one at a time)."""
+
+    def __init__(self, tokenizer, boi_id: int):
+        self.tokenizer, self.boi_id = tokenizer, boi_id
+        self.ids, self.shown, self.open = [], "", True
+
+    def __call__(self, row: int, token: int) -> None:
+        if not self.open or token == self.boi_id:
+            self.open = False
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, answer: str) -> None:
+        """End the line with whatever the stream did not show (the text after an image, `[image]` marks)."""
+        print(answer[len(self.shown):] if answer.startswith(self.shown) else f" | {answer}")
+
+
 class Chat:
     """A multi-turn conversation as the official demo keeps it: the messages as text with `<image>` placeholders
     and the codes of every image in order, the user's (encoded once) and the model's (kept as generated, never
@@ -554,8 +580,13 @@ class Chat:
             show_codes("your image", new_images[0])
             message = "<image>" + text
         prompt = self.prompt(message, new_images)
-        answer, images = self.pipe.read(self.pipe.generate(prompt, self.settings, force_image=draw))
-        print(f"  assistant: {answer.replace('<image>', '[image]').strip()}")
+        print("  assistant: ", end="", flush=True)
+        stream = TextStream(self.pipe.tokenizer, self.pipe.image_vocab.boi_id)
+        answer, images, note = self.pipe.read(self.pipe.generate(prompt, self.settings, force_image=draw,
+                                                                 on_token=stream))
+        stream.finish(answer.replace("<image>", "[image]").strip())
+        if note:
+            print(f"  {note}")
         for codes in images:
             show_codes("assistant image", codes)
             negative = self.pipe.unconditional_codes(self.settings) if self.settings.negative else None

@@ -65,6 +65,10 @@ class Hub(http.server.ThreadingHTTPServer):
         self.root, self.log = root, []
         self.cut_once, self.bad_etag, self.missing = set(), set(), set()
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hangs up early is part of the tests
+            super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
@@ -392,7 +396,7 @@ def test_train_py_checkpoint_every_task(tmp_path):
         str(tmp_path / "run"), torch.device("cpu"), torch.float32).image_vocab.n_codes)
 
 
-def test_broken_span_is_reported_not_drawn(capsys):
+def test_broken_span_is_reported_not_drawn():
     """An unconstrained model may write `<img>` + too few codes: the answer is shown as text, nothing is drawn."""
     from llama import Tokenizer
 
@@ -402,10 +406,10 @@ def test_broken_span_is_reported_not_drawn(capsys):
             self.image_vocab = self.tokenizer.image_vocab
 
     pipe, iv = Stub(), Tokenizer(FIXTURES / "llama").image_vocab
-    text, images = pipe.read([iv.boi_id, iv.code_offset + 3, iv.eoi_id])
-    assert images == [] and "<img_00003>" in text and "exactly 32 codes" in capsys.readouterr().out
+    text, images, note = pipe.read([iv.boi_id, iv.code_offset + 3, iv.eoi_id])
+    assert images == [] and "<img_00003>" in text and "exactly 32 codes" in note
     good = iv.span_ids(list(range(32)))
-    assert pipe.read(good) == ("<image>", [list(range(32))])
+    assert pipe.read(good) == ("<image>", [list(range(32))], None)
 
 
 def test_native_checkpoint_missing_part(tmp_path):
@@ -534,3 +538,21 @@ def test_weights_folder_used_as_is(hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     files = sample.resolve_official(sample.weights_root(str(hub.root)), "8b")
     assert files.llm == hub.root / sample.LLM_REPOS["8b"] and files.vit == hub.root / sample.EVA_VIT_PATH
+
+
+def test_text_stream_prints_the_answer_once(capsys):
+    """Streamed pieces add up to the decoded answer, multi-byte characters included, and stop at an image."""
+    from llama import Tokenizer
+
+    tok = Tokenizer(FIXTURES / "llama")
+    iv = tok.image_vocab
+    ids = tok.encode("a café ☃ and 12 dogs") + iv.span_ids([5] * 32) + tok.encode("done")
+    stream = sample.TextStream(tok, iv.boi_id)
+    text = tok.encode("a café ☃ and 12 dogs")
+    for i in ids:
+        stream(0, i)
+        if len(stream.ids) == len(text) and stream.open:
+            assert capsys.readouterr().out == "a café ☃ and 12 dogs", "the text is shown as it comes"
+    answer = tok.decode_with_images(ids)[0].replace("<image>", "[image]").strip()
+    stream.finish(answer)
+    assert capsys.readouterr().out == answer[len("a café ☃ and 12 dogs"):] + "\n" and answer.endswith("[image]done")
