@@ -123,9 +123,10 @@ class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None:
-            new.linked = {**getattr(req, "linked", {}),
-                          **{k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")}}
+        linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _request)
+        if new is not None and linked is not None:
+            linked.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")})
+            new.linked = linked
         return new
 
 
@@ -153,10 +154,11 @@ def _sha256(path: Path) -> str:
 def _request(url: str, offset: int):
     """Open `url` from byte `offset` on; returns (response, total size or None, offset the body starts at)."""
     req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
+    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
     if offset:
         req.add_header("Range", f"bytes={offset}-")
     resp = _OPENER.open(req, timeout=60)
-    headers = {**getattr(req, "linked", {}), **{k.lower(): v for k, v in resp.headers.items()}}
+    headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
     if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
         m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
         if not m or int(m.group(1)) != offset:

@@ -63,7 +63,7 @@ class Hub(http.server.ThreadingHTTPServer):
     def __init__(self, root: Path):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.log = root, []
-        self.cut_once, self.bad_etag, self.missing = set(), set(), set()
+        self.cut_once, self.bad_etag, self.missing, self.redirect = set(), set(), set(), set()
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hangs up early is part of the tests
@@ -100,6 +100,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = src.read_bytes()
+        cdn = self.path.endswith("?cdn")
+        if rel in hub.redirect and not cdn:  # the hub's LFS answer: a redirect that carries the sha256 and size
+            self.send_response(302)
+            self.send_header("Location", path + "?cdn")
+            sha = "0" * 64 if rel in hub.bad_etag else hashlib.sha256(data).hexdigest()
+            self.send_header("X-Linked-Etag", f'"{sha}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         start = 0
         if self.headers.get("Range"):
             start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
@@ -111,7 +121,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Content-Length", str(len(data) - start))
-        if src.suffix in (".bin", ".pt", ".pth", ".safetensors", ".model"):
+        if cdn:  # a CDN's own ETag is an md5, which must not be taken for the sha256
+            self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        elif src.suffix in (".bin", ".pt", ".pth", ".safetensors", ".model"):
             sha = "0" * 64 if rel in hub.bad_etag else hashlib.sha256(data).hexdigest()
             self.send_header("ETag", f'"{sha}"')
         self.end_headers()
@@ -219,6 +231,22 @@ def test_sha256_mismatch_from_server(hub_env, tmp_path):
     assert not (tmp_path / "q.pt").exists() and (tmp_path / "q.pt.corrupt").exists()
     sample.download(sample.hub_url(rel), tmp_path / "q.pt")  # the next run fetches it afresh
     assert (tmp_path / "q.pt").read_bytes() == (hub_env.root / rel).read_bytes()
+
+
+def test_sha256_from_the_redirect(hub_env, tmp_path):
+    """The hub sends an LFS file's sha256 on the redirect to its CDN (`X-Linked-Etag`), not on the file itself."""
+    rel = f"{sample.LLM_REPOS['8b']}/pytorch_model-00002-of-00002.bin"
+    hub_env.redirect.add(rel)
+    try:
+        sample.download(sample.hub_url(rel), tmp_path / "good.bin")  # followed, and the right hash passes
+        assert (tmp_path / "good.bin").read_bytes() == (hub_env.root / rel).read_bytes()
+        hub_env.bad_etag.add(rel)
+        with pytest.raises(sample.DownloadError, match="SHA-256 differs from the expected 0000"):
+            sample.download(sample.hub_url(rel), tmp_path / "bad.bin")
+    finally:
+        hub_env.redirect.discard(rel)
+        hub_env.bad_etag.discard(rel)
+    assert (tmp_path / "bad.bin.corrupt").exists() and not (tmp_path / "bad.bin").exists()
 
 
 def test_sha256_mismatch_from_known_table(hub_env, tmp_path):
