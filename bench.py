@@ -8,8 +8,14 @@ Each benchmark is one function `bench_<name>(args)` that builds both implementat
 checks that they agree, times them (best of --repeats after a warm-up) and prints a table. The reference
 libraries (transformers, diffusers) are dev dependencies: a benchmark whose library is absent says so and is
 skipped. The machine's other load matters: run it on a quiet machine and report the best of a few runs.
+`llama_load` is the exception: it measures the peak host RAM of the official-checkpoint loader, not speed.
 """
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -75,6 +81,60 @@ def bench_llama(args):
     print(f"{'ratio':14s} {rows[0][1] / rows[1][1]:17.2f}x {rows[0][2] / rows[1][2]:17.2f}x")
 
 
+# Run in a fresh process per load: peak RSS growth while Llama.from_official reads a folder and the weights are used.
+_LOAD_AND_REPORT_PEAK_RSS = """
+import sys, torch
+import llama
+def status(key):  # bytes; /proc (Linux): ru_maxrss would carry over the parent's peak across fork + exec
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+before = status("VmRSS:")
+model = llama.Llama.from_official(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]))
+for p in model.parameters():  # read every weight: memory-mapped pages only count once they are read
+    p.sum()
+peak = status("VmHWM:")
+print(sum(p.numel() * p.element_size() for p in model.parameters()), peak - before)
+"""
+
+
+def bench_llama_load(args):
+    """Peak host RAM of Llama.from_official: a reduced SEED-LLaMA (dim 1536, 12 layers, vocab 40194; 463M
+    parameters) is written to a temporary folder in the two official layouts (two pickled .bin shards with an
+    index and the rotary_emb.inv_freq keys: fp32 as the 8B release, fp16 as the 14B one) and loaded in a fresh
+    process for each target dtype. Linux only (reads /proc/self/status)."""
+    if not os.path.exists("/proc/self/status"):
+        print("llama_load: skipped, it reads /proc/self/status (Linux)")
+        return
+    cfg = llama.LlamaConfig(dim=1536, n_layers=12, n_heads=12, ffn_dim=4096)
+    hf_config = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                     num_attention_heads=cfg.n_heads, intermediate_size=cfg.ffn_dim, rms_norm_eps=cfg.norm_eps,
+                     max_position_embeddings=cfg.max_seq_len)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in llama.Llama(cfg).state_dict().items()}
+    shapes.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (cfg.head_dim // 2,)
+                   for i in range(cfg.n_layers)})
+    names = sorted(shapes)
+    print(f"\nLlama.from_official peak host RAM, {sum(torch.Size(s).numel() for s in shapes.values()) / 1e6:.0f}M "
+          f"parameters in 2 shards (peak RSS growth of a fresh process; GiB)")
+    print(f"{'files':12s} {'loaded as':10s} {'weights':>8s} {'peak RAM':>9s}")
+    for stored in (torch.float32, torch.float16):
+        with tempfile.TemporaryDirectory() as folder:
+            weight_map = {}
+            for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+                shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
+                torch.save({k: torch.randn(shapes[k]).mul_(0.02).to(stored) for k in part}, f"{folder}/{shard}")
+                weight_map.update(dict.fromkeys(part, shard))
+            with open(f"{folder}/pytorch_model.bin.index.json", "w") as f:
+                json.dump({"metadata": {}, "weight_map": weight_map}, f)
+            with open(f"{folder}/config.json", "w") as f:
+                json.dump({**hf_config, "torch_dtype": str(stored).removeprefix("torch.")}, f)
+            for target in ("float32", "float16"):
+                out = subprocess.run([sys.executable, "-c", _LOAD_AND_REPORT_PEAK_RSS, folder, target],
+                                     cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                                     text=True, check=True).stdout.split()
+                weights, peak = (int(v) / 2**30 for v in out)
+                print(f"{str(stored).removeprefix('torch.') + ' .bin':12s} {target:10s} {weights:8.2f} {peak:9.2f}")
+
+
 def bench_unet(args):
     """One classifier-free-guidance step of the unCLIP UNet (batch 2 = [uncond; cond]) against diffusers'
     UNet2DConditionModel: the official block layout and head size 64, widths / 5 (64-128-256-256 instead of
@@ -117,7 +177,7 @@ def bench_unet(args):
     print(f"{'ratio':14s} {t['diffusers'] / t['ours']:13.2f}x")
 
 
-BENCHMARKS = {"llama": bench_llama, "unet": bench_unet}
+BENCHMARKS = {"llama": bench_llama, "llama_load": bench_llama_load, "unet": bench_unet}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
