@@ -269,7 +269,8 @@ def test_with_the_tokenizer_end_to_end(tmp_path):
 # ---- the released checkpoints ($SEED_WEIGHTS) --------------------------------------------------------------
 
 @pytest.mark.golden
-@pytest.mark.parametrize("repo, preset", [("seed-llama-8b-sft", "seed-llama-8b"), ("seed-llama-14b-sft", "seed-llama-14b")])
+@pytest.mark.parametrize("repo, preset", [("seed-llama-8b-sft", "seed-llama-8b"),
+                                          ("seed-llama-14b-sft", "seed-llama-14b")])
 def test_official_checkpoint_matches_preset(repo, preset):
     # reads config.json and the shard headers only (the .bin pickles are memory-mapped, no weights are read)
     from conftest import official_file
