@@ -108,8 +108,8 @@ class CodebookStageConfig:
 @dataclass
 class DecoderStageConfig:
     """Stage 3: the unCLIP UNet in pixel space, v-prediction, EMA, condition dropout for CFG."""
-    steps: int = 900
-    batch_size: int = 64
+    steps: int = 800
+    batch_size: int = 32
     lr: float = 2e-3
     ema: float = 0.995         # EMA decay (with warm-up: min(ema, (1 + step) / (10 + step)))
     cond_drop: float = 0.1     # probability of the zero class label (classifier-free guidance)
@@ -615,7 +615,7 @@ def stage_qformer(run: Run, prev: dict) -> dict:
 
     def step(i, gen):
         idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
-        queries = tokenizer.query_embeddings(tokenizer.ln_vision(vit_tokens[idx]))   # (B, 65, W) -> (B, 32, D)
+        queries = tokenizer.query_embeddings(tokenizer.ln_vision(vit_tokens[idx]))  # (B, 1+N, W) -> (B, 32, D)
         image = last_query_features(tokenizer, queries)
         text = qformer_text_features(tokenizer, ids, eos)                            # all 150 captions
         return multi_positive_infonce(image, text, combo[idx], 1 / temperature(), cfg.label_smoothing)
@@ -794,7 +794,9 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
     with torch.no_grad():
         rebuilt = prev["tokenizer"].embed(prev["codes"][test])
+    t0 = time.time()
     recon = decode_embeddings(decoder, rebuilt, cfg, seed=run.cfg.seed)
+    run.timings["decoder_eval"] = time.time() - t0
     truth = [COMBOS[int(world.combo[i])] for i in test]
     run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
     run.metrics["decoder"]["n_images"] = len(test)
@@ -804,6 +806,8 @@ def stage_decoder(run: Run, prev: dict) -> dict:
 # ======================================================================================================
 # Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full); LLM metrics.  (train-llm helper)
 # ======================================================================================================
+
+# --- Sequences: pretraining pairs and instruction chats, encoded with the real tokenizer ---------------------------
 
 # The instruction data. The four VQA questions and the edit instructions are SHAPES_WORLD.md's (QUESTIONS,
 # Combo.edit); the request templates are paraphrases, so the model learns the task and not one sentence. The first
@@ -900,12 +904,11 @@ class LLMData:
         self.world, self.builder = world, builder
         self.codes = codes.cpu().tolist()                                     # (1350, 32) as lists of ints
         self.combos = [COMBOS[c] for c in world.combo.tolist()]
-        train = world.train_idx.tolist()
-        self.train = train
-        self.train_drawable = [i for i in train if not self.combos[i].held_out]
-        # index of (combo, jitter) -> image, for edit targets
+        self.train = world.train_idx.tolist()
+        self.is_train = set(self.train)
+        self.train_drawable = [i for i in self.train if not self.combos[i].held_out]
+        # (combination, jitter) -> image index, to find edit targets
         self.image_of = {(c, j): i for i, (c, j) in enumerate(zip(world.combo.tolist(), world.jitter.tolist()))}
-        self.is_train = set(train)
 
     def pretrain(self, rng: random.Random, reverse_ratio: float) -> tuple[list[int], list[int]]:
         """caption -> image, or (with probability reverse_ratio, and always for held-out pairs) image -> caption:
@@ -989,6 +992,8 @@ def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> llama.To
     the tiny codebook and `<img>`, `</img>`, exactly as SEED extends LLaMA's vocabulary; files written to folder."""
     return llama.train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
 
+
+# --- Stages 4 and 5 -------------------------------------------------------------------------------------------------
 
 def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, lr: float, batch_size: int,
               sample, pad_id: int, step_offset: int = 0) -> None:
@@ -1211,6 +1216,12 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     metrics["valid_span_rate"] = len(valid) / len(records)
     if valid:
         embeds = prev["tokenizer"].embed(torch.tensor([r["codes"] for r in valid], device=dev))
+        # A decoder-free diagnostic of the LLM alone: the combination of the real image whose embedding (from its
+        # own codes) is nearest in cosine to the generated one. Not the metric (that is the judged image below).
+        real = F.normalize(prev["tokenizer"].embed(prev["codes"]), dim=-1)                # (1350, E)
+        nearest = (F.normalize(embeds, dim=-1) @ real.t()).argmax(1).tolist()
+        for r, n in zip(valid, nearest):
+            r["nearest"] = data.combos[n]
         for r, image in zip(valid, decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, seed=run.cfg.seed)):
             r["image"] = image
     for r in records:
@@ -1218,8 +1229,10 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
         r["correct"] = r["judged"] is not None and all(r["judged"][a] == getattr(r["target"], a) for a in ATTRIBUTES)
     for task in ("t2i", "edit"):
         for part, held_out in (("heldin", False), ("heldout", True)):
-            metrics.update(attribute_scores([r for r in records if r["task"] == task and r["target"].held_out
-                                             == held_out], f"{task}_{part}"))
+            chosen = [r for r in records if r["task"] == task and r["target"].held_out == held_out]
+            metrics.update(attribute_scores(chosen, f"{task}_{part}"))
+            metrics[f"{task}_{part}_nearest_all"] = sum(r.get("nearest") == r["target"] for r in chosen) \
+                / max(len(chosen), 1)
     held_in_test = [i for i in test if not data.combos[i].held_out]
     metrics["image_code_loss"] = image_code_loss(model, data, held_in_test, tok.pad_id, dev)
     run.metrics.setdefault("llm", {}).update(metrics)
@@ -1528,7 +1541,7 @@ class Run:
         `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
         the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
         """
-        path, start, curve, seconds = self.ckpt_path(name), 0, [], 0.0
+        path, start, curve, seconds, cpu = self.ckpt_path(name), 0, [], 0.0, 0.0
         if stage not in self.selected or self.cfg.resume:
             if path.exists():
                 state = torch.load(path, map_location=self.device, weights_only=True)
@@ -1536,14 +1549,14 @@ class Run:
                     module.load_state_dict(state["modules"][key])
                 if optimizer is not None and state["optimizer"] is not None:
                     optimizer.load_state_dict(state["optimizer"])
-                start, curve, seconds = state["step"], state["curve"], state["seconds"]
+                start, curve, seconds, cpu = state["step"], state["curve"], state["seconds"], state["cpu_seconds"]
             if stage not in self.selected and start < steps:
                 raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} "
                                         f"does not hold a completed run of it ({start}/{steps} steps): train it first")
         crash = os.environ.get("SEED_TRAIN_CRASH", "")  # test hook "name:step": die after that step, as a kill would
         crash_step = int(crash.split(":")[1]) if crash.split(":")[0] == name else -1
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-        t0 = time.time() - seconds
+        t0, c0 = time.time() - seconds, time.process_time() - cpu  # the clocks continue across resumes
         for step in tqdm(range(start, steps), desc=f"stage {stage} {name}", initial=start, total=steps,
                          disable=not self.main, mininterval=2.0, dynamic_ncols=True):
             gen = self.generator(stage, step)
@@ -1559,20 +1572,24 @@ class Run:
                 after_step(step, gen)
             curve.append(loss.item())
             if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
-                self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0)
+                self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0,
+                                     time.process_time() - c0)
             if step + 1 == crash_step:
                 raise RuntimeError(f"SEED_TRAIN_CRASH: simulated crash after step {crash_step} of stage {name}")
         for module in modules.values():
             module.eval()
         self.curves[name] = curve
+        # Wall time of the training loop, and its CPU time (all threads): on a shared machine the CPU time is
+        # close to what the loop takes alone with one thread, the wall time is what it took.
         self.timings[name] = time.time() - t0 if start < steps else seconds
+        self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
 
     def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer, curve: list[float],
-                        seconds: float) -> None:
+                        seconds: float, cpu_seconds: float) -> None:
         if self.main:
             atomic_torch_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
                                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                               "curve": curve, "seconds": seconds}, path)
+                               "curve": curve, "seconds": seconds, "cpu_seconds": cpu_seconds}, path)
         self.barrier()
 
     def save_pretrained(self, model: nn.Module, name: str) -> None:
@@ -1594,11 +1611,11 @@ def main(argv: list[str] | None = None) -> Run:
                          "run `python train.py --tiny` (see --help for every option)")
     run = Run(cfg)
     outputs: dict = {}
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     for stage, fn in STAGES:
         if stage <= max(run.selected):  # earlier stages outside --stages are loaded from their checkpoints
             outputs.update(fn(run, outputs))
-    run.timings["total"] = time.time() - t0
+    run.timings["total"], run.timings["total_cpu"] = time.time() - t0, time.process_time() - c0
     write_reports(run, outputs)
     if run.world_size > 1:
         dist.destroy_process_group()
