@@ -22,11 +22,12 @@ stage; each stage also caches its frozen features of all 1350 images once instea
 
 Official training code this mirrors: AILab-CVC/SEED (SEED_Tokenizer/lavis/models/blip2_models/
 blip2_qformer_causual.py for stage 1, blip2_qformer_codebook_all_image.py for stage 2). Deliberate deviations:
-  * everything is tiny (a 4-layer ViT on 4x4 patches of a 32x32 image, a 4-layer Q-Former of width 128, a codebook of
-    256 x 32, a 0.6M-parameter pixel UNet) and the frozen "pretrained" towers are trained here first (stage 0);
+  * everything is tiny (seed.py's `tiny` preset: a 4-layer ViT of width 128, here on 8x8 patches of a 32x32 image, a
+    2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16; unet.py's `tiny` decoder, a 0.56M-parameter
+    pixel UNet) and the frozen "pretrained" towers are trained here first (stage 0);
   * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model;
-  * dead codes are restarted from recent encoder outputs during stage 2 (the official code has no restart; a
-    256-code book on a 150-concept world collapses without it);
+  * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
+    most codes would never be chosen);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
     several stages train a few modules called in different orders, which DDP wrappers make hard to read.
 
@@ -108,8 +109,8 @@ class CodebookStageConfig:
 @dataclass
 class DecoderStageConfig:
     """Stage 3: the unCLIP UNet in pixel space, v-prediction, EMA, condition dropout for CFG."""
-    steps: int = 800
-    batch_size: int = 32
+    steps: int = 1000
+    batch_size: int = 64
     lr: float = 2e-3
     ema: float = 0.995         # EMA decay (with warm-up: min(ema, (1 + step) / (10 + step)))
     cond_drop: float = 0.1     # probability of the zero class label (classifier-free guidance)
@@ -134,6 +135,8 @@ class LLMConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_lr: float = 5e-3
+    lora_embeddings: bool = True  # also train embed_tokens and lm_head in the LoRA phase (PEFT's modules_to_save):
+                                  # the chat template's words were never seen in pretraining
     sft_steps: int = 200
     sft_lr: float = 1e-3
     eval_edits: int = 75         # edit requests judged (text-to-image is judged on all 150 combinations)
@@ -1083,6 +1086,9 @@ def stage_llm_instruct(run: Run, prev: dict) -> dict:
     cfg, model, data = run.cfg.llm, prev["llm"], prev["llm_data"]
     run.seed_everything(5)
     add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.lora_embeddings:
+        model.model.embed_tokens.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     pad_id = prev["llm_tokenizer"].pad_id
     train_llm(run, 5, "llm_lora", model, cfg.lora_steps, cfg.lora_lr, cfg.batch_size, data.instruct, pad_id)
     merge_lora(model).requires_grad_(True)
@@ -1303,12 +1309,13 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
     text-to-image (held-out) | an edit (instruction, then the result)."""
     records, captions = outputs["llm_eval"]["records"], outputs["llm_eval"]["captions"]
     recon = dict(outputs.get("reconstructions", []))
-    rows = [i for i in recon if i in captions][:4]
+    rows = [i for i in recon if i in captions]
+    rows = rows[::max(1, len(rows) // 4)][:4]  # spread over the combinations
     t2i_in = [r for r in records if r["task"] == "t2i" and not r["target"].held_out]
     t2i_out = [r for r in records if r["task"] == "t2i" and r["target"].held_out]
     edits = [r for r in records if r["task"] == "edit"]
     header = ["input", "from 32 codes", "caption", "t2i held-in", "t2i held-out", "edit input", "edit result"]
-    sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 30) * len(rows)), (255, 255, 255))
+    sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 36) * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(header):
         draw.text((c * CELL + 3, 2), title, fill=(0, 0, 0))
@@ -1317,7 +1324,7 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
         return _big(r["image"]) if "image" in r else _text_cell("(no valid image span)")
 
     for k, i in enumerate(rows):
-        y = 14 + k * (CELL + 30)
+        y = 14 + k * (CELL + 36)
         cells = [(_big(to_image(run.world.images[i])), CAPTIONS[int(run.world.combo[i])]),
                  (_big(recon[i]), ""), (_text_cell(captions[i]), "")]
         for pool in (t2i_in, t2i_out):
@@ -1328,7 +1335,7 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
             cells += [(_big(to_image(run.world.images[r["source"]])), r["prompt"]), (generated(r), "")]
         for c, (cell, label) in enumerate(cells):
             sheet.paste(cell, (c * CELL, y))
-            sheet.paste(_text_cell(label, CELL, 28), (c * CELL, y + CELL))
+            sheet.paste(_text_cell(label, CELL, 36), (c * CELL, y + CELL))
     return sheet
 
 
