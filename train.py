@@ -118,6 +118,7 @@ class DecoderStageConfig:
     noise_level: int = 0       # the level used at sampling time (the official default)
     sample_steps: int = 25     # PNDM steps (unet.UnCLIPDecoder, as sample.py samples)
     guidance: float = 2.5
+    offset_noise: float = 0.1  # std of a per-image, per-channel constant added to the training noise (see stage_decoder)
     eval_images: int = 150     # reconstructions judged for the decoder metric (test images, one per combination)
 
 
@@ -775,7 +776,11 @@ def stage_decoder(run: Run, prev: dict) -> dict:
         idx = run.batch(world.train_idx, cfg.batch_size, gen)
         B = len(idx)
         t = torch.randint(len(alphas_cumprod), (B,), generator=gen).to(dev)
-        noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
+        noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+        # Offset noise (Guttenberg 2023): SD's scaled-linear schedule keeps sqrt(abar_T) = 0.07 of the image at
+        # t = T, so a mostly white image leaks its mean brightness into the noisiest inputs, which pure-noise
+        # sampling never shows; randomising the per-channel mean of the noise stops the model relying on it.
+        noise = (noise + cfg.offset_noise * torch.randn(B, 3, 1, 1, generator=gen)).to(dev)
         x0 = images[idx.to(dev)]
         level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
         label = decoder.noise_augmentation.noise_image_embeddings(
@@ -1288,8 +1293,9 @@ def _text_cell(text: str, width: int = CELL, height: int = CELL) -> Image.Image:
 
 def save_eval_images(run: Run, records: list[dict]) -> None:
     """Every generated evaluation image as OUT/eval/<task>_<k>.png, with OUT/eval/index.json listing for each the
-    prompt, the intended attributes, whether the pair is held out, the 32 codes and the judge's verdict, so the
-    images can be re-judged by anyone. A generation without a valid image span has no file (file: null)."""
+    prompt, the intended attributes, whether the pair is held out, the 32 codes, the judge's verdict and the
+    decoder-free diagnostic (the attributes of the real image with the nearest embedding), so the images can be
+    re-judged by anyone. A generation without a valid image span has no file (file: null)."""
     folder = run.out / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     index = []
@@ -1300,7 +1306,8 @@ def save_eval_images(run: Run, records: list[dict]) -> None:
             r["image"].save(folder / name)
         index.append({"file": name, "task": r["task"], "prompt": r["prompt"], "source_image": r.get("source"),
                       "target": dataclasses.asdict(r["target"]), "held_out": r["target"].held_out,
-                      "codes": r["codes"], "judged": r["judged"], "correct": r["correct"]})
+                      "codes": r["codes"], "judged": r["judged"], "correct": r["correct"],
+                      "nearest_real": dataclasses.asdict(r["nearest"]) if "nearest" in r else None})
     (folder / "index.json").write_text(json.dumps(index, indent=1))
 
 
