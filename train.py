@@ -129,7 +129,7 @@ class LLMConfig:
     sequences, then instruction-tuned in the official 8B chat template (LoRA, then full fine-tuning)."""
     text_vocab_size: int = 640   # at most this many SentencePiece pieces (3 special + 256 bytes + merges)
     batch_size: int = 32
-    pretrain_steps: int = 400
+    pretrain_steps: int = 500
     pretrain_lr: float = 3e-3
     reverse_ratio: float = 0.5   # official: half of the image-text pairs are trained image -> caption
     lora_steps: int = 60
@@ -138,7 +138,7 @@ class LLMConfig:
     lora_lr: float = 5e-3
     lora_embeddings: bool = True  # also train embed_tokens and lm_head in the LoRA phase (PEFT's modules_to_save):
                                   # the chat template's words were never seen in pretraining
-    sft_steps: int = 200
+    sft_steps: int = 250
     sft_lr: float = 1e-3
     eval_edits: int = 75         # edit requests judged (text-to-image is judged on all 150 combinations)
 
