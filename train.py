@@ -118,7 +118,6 @@ class DecoderStageConfig:
     noise_level: int = 0       # the level used at sampling time (the official default)
     sample_steps: int = 25     # PNDM steps (unet.UnCLIPDecoder, as sample.py samples)
     guidance: float = 2.5
-    offset_noise: float = 0.1  # std of a per-image, per-channel constant added to the training noise (see stage_decoder)
     eval_images: int = 150     # reconstructions judged for the decoder metric (test images, one per combination)
 
 
@@ -776,11 +775,7 @@ def stage_decoder(run: Run, prev: dict) -> dict:
         idx = run.batch(world.train_idx, cfg.batch_size, gen)
         B = len(idx)
         t = torch.randint(len(alphas_cumprod), (B,), generator=gen).to(dev)
-        noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
-        # Offset noise (Guttenberg 2023): SD's scaled-linear schedule keeps sqrt(abar_T) = 0.07 of the image at
-        # t = T, so a mostly white image leaks its mean brightness into the noisiest inputs, which pure-noise
-        # sampling never shows; randomising the per-channel mean of the noise stops the model relying on it.
-        noise = (noise + cfg.offset_noise * torch.randn(B, 3, 1, 1, generator=gen)).to(dev)
+        noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
         x0 = images[idx.to(dev)]
         level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
         label = decoder.noise_augmentation.noise_image_embeddings(
