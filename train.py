@@ -774,7 +774,11 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     def step(i, gen):
         idx = run.batch(world.train_idx, cfg.batch_size, gen)
         B = len(idx)
-        t = torch.randint(len(alphas_cumprod), (B,), generator=gen).to(dev)
+        # t with density proportional to 1/sqrt(T - t): about a third of each batch at t >= 0.9 T. Only at high
+        # noise does the image embedding decide the layout (below that x_t already shows it); with uniform t this
+        # tiny UNet never learns to place the object (judged position 0.29 -> 0.96 from the same embeddings).
+        T = len(alphas_cumprod)
+        t = (T - 1 - (T * torch.rand(B, generator=gen) ** 2).long()).to(dev)
         noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
         x0 = images[idx.to(dev)]
         level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
