@@ -74,7 +74,8 @@ class VectorQuantizer(nn.Module):
         Perplexity is exp(entropy) of the code histogram: the number of equally likely codes that would have
         the same entropy. It ranges from 1 (collapse onto one code) to n_codes (uniform use).
         """
-        counts = torch.bincount(codes.flatten().long(), minlength=self.n_codes).double()
+        # float32, not float64: MPS has no float64, and 24 bits are plenty for a histogram's entropy.
+        counts = torch.bincount(codes.flatten().long(), minlength=self.n_codes).float()
         p = counts / counts.sum().clamp(min=1)
         entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-        return (counts > 0).double().mean().item(), math.exp(entropy)
+        return (counts > 0).float().mean().item(), math.exp(entropy)
