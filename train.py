@@ -435,15 +435,8 @@ def build_clip_tokenizer(folder: Path, texts) -> "unet.CLIPTokenizer":
         merges.append(best)
         merged = {}
         for symbols, n in counts.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+            out = tuple(unet.merge_pair(list(symbols), best))
+            merged[out] = merged.get(out, 0) + n
         counts = merged
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
