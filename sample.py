@@ -506,21 +506,16 @@ def ask(pipe: SeedLlama, s: Settings, out: Path, task: str, question: str, codes
     return text, images
 
 
-def run_caption(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
-    image, name = input_image(args)
-    print(f"[caption] {name}")
-    codes = pipe.encode_image(image)
-    show_codes("input", codes)
-    ask(pipe, s, out, "caption", DEFAULT_PROMPTS["caption"], codes)
-
-
-def run_vqa(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
-    image, name = input_image(args)
-    question = args.prompt or DEFAULT_PROMPTS["vqa"]
-    print(f"[vqa] {name}; question: {question}")
-    codes = pipe.encode_image(image)
-    show_codes("input", codes)
-    ask(pipe, s, out, "vqa", question, codes)
+def run_about_image(task: str):
+    """caption / vqa: the image first, then the text, as the official scripts ask."""
+    def run(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+        image, name = input_image(args)
+        question = args.prompt or DEFAULT_PROMPTS[task]
+        print(f"[{task}] {name}; prompt: {question}")
+        codes = pipe.encode_image(image)
+        show_codes("input", codes)
+        ask(pipe, s, out, task, question, codes)
+    return run
 
 
 def run_t2i(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
@@ -664,7 +659,7 @@ def run_chat_demo(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
     chat.turn("Now draw the same scene at night.", draw=True)
 
 
-RUNNERS = {"reconstruct": run_reconstruct, "caption": run_caption, "vqa": run_vqa, "t2i": run_t2i, "edit": run_edit,
+RUNNERS = {"reconstruct": run_reconstruct, "caption": run_about_image("caption"), "vqa": run_about_image("vqa"), "t2i": run_t2i, "edit": run_edit,
            "chat": run_chat, "chat-demo": run_chat_demo}
 
 
@@ -700,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do (default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn "
                         "chat, one after the other; 'chat' alone reads turns from the terminal)")
     p.add_argument("--image", help="input picture for reconstruct/caption/vqa/edit (default: a built-in test picture)")
-    p.add_argument("--prompt", help="question (vqa), request (t2i) or instruction (edit); each has a default")
+    p.add_argument("--prompt", help="request (caption), question (vqa), request (t2i) or instruction (edit); each has a default")
     p.add_argument("--model", default="8b", choices=sorted(LLM_REPOS),
                    help="which SEED-LLaMA to use with --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
     p.add_argument("--weights", help="folder holding the official files laid out as on the hub (missing files are "
