@@ -225,9 +225,11 @@ def test_fp16_variant_and_bin_files(tmp_path, fixtures, pipeline):
 # ---- parity against diffusers on random configs (dev dependency) -----------------------------------
 
 @pytest.mark.parity
-@pytest.mark.parametrize("mid", ["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"])
-def test_unet_matches_diffusers_random_config(mid):
-    """Another layout than the fixture: 3 levels, a plain level first, odd latent sides (upsample_size path)."""
+@pytest.mark.parametrize("mid,shift", [("UNetMidBlock2DCrossAttn", "default"), ("UNetMidBlock2D", "default"),
+                                       ("UNetMidBlock2D", "scale_shift"), ("UNetMidBlock2DCrossAttn", "scale_shift")])
+def test_unet_matches_diffusers_random_config(mid, shift):
+    """Another layout than the fixture: 3 levels, a plain level first, odd latent sides (upsample_size path);
+    both ways a resnet takes the embedding (SD's additive one and the tiny decoder's FiLM)."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     kwargs = dict(sample_size=9, in_channels=3, out_channels=5, block_out_channels=(16, 32, 32), layers_per_block=1,
@@ -235,7 +237,7 @@ def test_unet_matches_diffusers_random_config(mid):
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=mid,
                   attention_head_dim=(1, 2, 4), cross_attention_dim=24, norm_num_groups=8,
                   class_embed_type="projection", projection_class_embeddings_input_dim=20,
-                  use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0)
+                  use_linear_projection=True, flip_sin_to_cos=True, freq_shift=0, resnet_time_scale_shift=shift)
     ref = diffusers.UNet2DConditionModel(**kwargs).eval()
     with torch.no_grad():  # diffusers zero-initialises some layers; randomise everything so they all count
         for p in ref.parameters():
@@ -270,6 +272,8 @@ def test_unsupported_diffusers_config_is_refused(fixtures):
         U.UNetConfig.from_diffusers({**cfg, "use_linear_projection": False})
     with pytest.raises(ValueError, match="up_block_types"):
         U.UNetConfig.from_diffusers({**cfg, "up_block_types": ["UpBlock2D"] * 4})
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        U.UNetConfig.from_diffusers({**cfg, "resnet_time_scale_shift": "spatial"})
 
 
 # ---- memory at full scale, traced on the meta device (no weights, no GPU) -------------------------------
