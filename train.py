@@ -23,9 +23,11 @@ stage; each stage also caches its frozen features of all 1350 images once instea
 Official training code this mirrors: AILab-CVC/SEED (SEED_Tokenizer/lavis/models/blip2_models/
 blip2_qformer_causual.py for stage 1, blip2_qformer_codebook_all_image.py for stage 2). Deliberate deviations:
   * everything is tiny (seed.py's `tiny` preset: a 4-layer ViT of width 128, here on 8x8 patches of a 32x32 image, a
-    2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16; unet.py's `tiny` decoder, a 0.56M-parameter
+    2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16; unet.py's `tiny` decoder, a 0.59M-parameter
     pixel UNet) and the frozen "pretrained" towers are trained here first (stage 0);
-  * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model;
+  * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model; its
+    resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it: with the additive form this
+    UNet never learned to draw shapes in a CPU budget;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
     most codes would never be chosen);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
@@ -75,7 +77,7 @@ import vq
 @dataclass
 class ClipStageConfig:
     """Stage 0: the tiny CLIP (EVA ViT image tower + CLIP text tower), trained contrastively."""
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
     patch_size: int = 8    # ViT patch (seed.py's tiny preset: 4); 8 gives 16 patches, 4x cheaper on 2 cores
@@ -97,7 +99,7 @@ class QFormerStageConfig:
 @dataclass
 class CodebookStageConfig:
     """Stage 2: VQ codebook + reconstruction heads (Q-Former frozen); sizes from seed.py's tiny preset."""
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     w_vq: float = 5.0      # official loss weights: 5 * VQ + 2 * cos + 0.5 * MSE
@@ -108,10 +110,11 @@ class CodebookStageConfig:
 
 @dataclass
 class DecoderStageConfig:
-    """Stage 3: the unCLIP UNet in pixel space, v-prediction, EMA, condition dropout for CFG."""
-    steps: int = 1000
+    """Stage 3: the unCLIP UNet in pixel space (unet.py's `tiny` preset, FiLM resnets), v-prediction, EMA,
+    condition dropout for CFG."""
+    steps: int = 1300
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 4e-3
     ema: float = 0.995         # EMA decay (with warm-up: min(ema, (1 + step) / (10 + step)))
     cond_drop: float = 0.1     # probability of the zero class label (classifier-free guidance)
     train_noise_level: int = 100  # unCLIP noise augmentation levels drawn in [0, this] during training
@@ -128,7 +131,7 @@ class LLMConfig:
     sequences, then instruction-tuned in the official 8B chat template (LoRA, then full fine-tuning)."""
     text_vocab_size: int = 640   # at most this many SentencePiece pieces (3 special + 256 bytes + merges)
     batch_size: int = 32
-    pretrain_steps: int = 500
+    pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     reverse_ratio: float = 0.5   # official: half of the image-text pairs are trained image -> caption
     lora_steps: int = 60
@@ -137,7 +140,7 @@ class LLMConfig:
     lora_lr: float = 5e-3
     lora_embeddings: bool = True  # also train embed_tokens and lm_head in the LoRA phase (PEFT's modules_to_save):
                                   # the chat template's words were never seen in pretraining
-    sft_steps: int = 250
+    sft_steps: int = 400
     sft_lr: float = 1e-3
     eval_edits: int = 75         # edit requests judged (text-to-image is judged on all 150 combinations)
 
