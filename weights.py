@@ -1,0 +1,232 @@
+"""Weight files: the one home of what every loader and writer of this project shares.
+
+A loader here does four things, in this order, and each has one function below:
+  1. choose where the model lives: `pick_device` (cuda, then Apple's mps, then cpu) and `pick_dtype` (fp32 on the
+     CPU, half precision on an accelerator: the file's own half type when it has one, else fp16);
+  2. find and open the file: `find_weights` (the first of a list of names; an `*.index.json` stands for its shards,
+     which must lie inside the folder), `read_header` (every tensor's name, shape and dtype without reading the
+     data) and `read_weights` (the tensors, one at a time, cast as they are read);
+  3. compare, before any data is read, what the file holds with what the model expects: `check_keys` raises one
+     error naming every missing, unexpected and mis-shaped key, in the file's own names;
+  4. fill a model built on the meta device without a second copy: `assign`.
+Writers use `atomic_write`: a per-process temporary name in the target folder, then `os.replace`, so a crash or a
+second writer never leaves a half-written file under the final name.
+
+Formats: `.safetensors` (read through its header, memory-mapped) and `torch.save` files, always with
+`torch.load(weights_only=True)`, which refuses pickles that would construct anything but tensors and plain
+containers (and so cannot run code), memory-mapped when the file is a zip archive (torch >= 1.6).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+Shape = tuple[int, ...]
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---- 1. device and dtype ------------------------------------------------------------------------------------------
+
+def available_devices() -> list[str]:
+    """The device types torch can use here, best first."""
+    found = ["cuda"] if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found + ["cpu"]
+
+
+def pick_device(name: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """`name` checked against what is present, or the best device present ("auto" or None). Under torchrun a bare
+    "cuda" means the GPU of this process's local rank."""
+    if name is None or str(name) == "auto":
+        name = available_devices()[0]
+    device = torch.device(name)
+    if device.type not in available_devices():
+        raise ValueError(f"device {str(name)!r} is not available here (available: {', '.join(available_devices())})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def pick_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """fp32 on the CPU (half-precision matmuls are slow or missing there); on an accelerator the file's own half
+    type when it has one (bf16 weights keep their range), else fp16."""
+    if device.type == "cpu":
+        return torch.float32
+    return stored if stored in HALF_DTYPES else torch.float16
+
+
+# ---- 2. finding and reading weight files --------------------------------------------------------------------------
+
+def inside(folder: Path, name: str, source: str) -> Path:
+    """folder / name, refused when `name` (read from `source`) is absolute or resolves outside `folder`."""
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"{source} names {name!r}, which lies outside {folder}: refused")
+    return folder / name
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard file names of a sharded checkpoint's `*.index.json` (its `weight_map` values), sorted."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a checkpoint index (a JSON object with a 'weight_map'): {e}") from e
+
+
+def find_weights(folder: Path, names: Sequence[str]) -> list[Path]:
+    """The weight files of `folder`: the first of `names` that exists; an `*.index.json` stands for its shards."""
+    folder = Path(folder)
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = [inside(folder, s, str(path)) for s in index_shards(path)]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} names shard files that do not exist: {missing}")
+        return shards
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {list(names)}")
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save file, read with weights_only=True (memory-mapped when it is a zip archive), checked to be a
+    flat {name: tensor} dict; every failure names the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # torch raises several types for foreign files (UnpicklingError, RuntimeError, EOFError)
+        detail = str(e)
+        if "GLOBAL" in detail:  # weights_only's refusal: the pickle names a function or class to call on load
+            what = next((line for line in detail.splitlines() if "GLOBAL" in line), "").strip()
+            raise ValueError(f"{path}: refused to load: the pickle would construct objects that are not plain "
+                             f"tensors, which can execute code (torch.load weights_only=True). {what}") from e
+        raise ValueError(f"cannot read weight file {path} (truncated or not a checkpoint?): "
+                         f"{type(e).__name__}: {detail[:200]}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (a flat dict of tensors), got {type(state).__name__}")
+    return state
+
+
+def _safetensors(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weight file {path} (truncated or not a safetensors file?): {e}") from e
+
+
+def read_header(path: Path) -> dict[str, tuple[Shape, torch.dtype]]:
+    """name -> (shape, dtype) of every tensor of a weight file, without reading the data."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with _safetensors(path) as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()))
+                    for k in f.keys()}
+    return {k: (tuple(t.shape), t.dtype) for k, t in _torch_load(path).items()}
+
+
+def read_weights(path: Path, names: Iterable[str] | None = None, device="cpu",
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `names` (all when None) of one weight file, floats cast to `dtype` one at a time, so a
+    half-precision source tensor is freed as soon as it is cast; integer tensors keep their type."""
+    path, wanted = Path(path), None if names is None else set(names)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    if path.suffix == ".safetensors":
+        with _safetensors(path) as f:
+            return {k: cast(f.get_tensor(k)) for k in f.keys() if wanted is None or k in wanted}
+    return {k: cast(t) for k, t in _torch_load(path).items() if wanted is None or k in wanted}
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a missing or unparsable file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+# ---- 3. the strict comparison -------------------------------------------------------------------------------------
+
+def check_keys(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], source: str,
+               what: str = "the model", note: str = "") -> None:
+    """Raise one ValueError naming every key of `expected` absent from `found`, every key of `found` that is not
+    expected, and every shape that differs. Both are keyed by the *file's* names (the caller renames the model's
+    keys into the file's, and leaves out the keys it ignores on purpose), so the message names what the user can
+    find in the file."""
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected)
+    misshaped = sorted(f"{k}: file {tuple(found[k])} vs {what} {tuple(expected[k])}"
+                       for k in found if k in expected and tuple(found[k]) != tuple(expected[k]))
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{source} does not match {what}:"]
+    for label, items in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected)):
+        if items:
+            lines.append(f"  {label} ({len(items)}):\n    " + "\n    ".join(items))
+    if note:
+        lines.append(f"  ({note})")
+    raise ValueError("\n".join(lines))
+
+
+def shapes(module: nn.Module) -> dict[str, Shape]:
+    """name -> shape of every tensor of a module's state dict (a meta-device module costs nothing)."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# ---- 4. filling a meta-device model -------------------------------------------------------------------------------
+
+def assign(model: nn.Module, state: Mapping[str, torch.Tensor], device, dtype: torch.dtype) -> nn.Module:
+    """Load `state` (every key of the model, checked by `check_keys` first) into a meta-device model in place
+    (load_state_dict(assign=True): the parameters become these tensors, no copy), floats cast to `dtype`."""
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file of this process beside `path`, then rename it over `path`: readers see the
+    old file or the whole new one, never a part, even after a kill or beside a second writer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared checkpoint from the machine's other users
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, value) -> None:
+    """`value` as indented JSON at `path`, atomically."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=1), encoding="utf-8"))
