@@ -45,7 +45,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from llama import CODES_PER_IMAGE, Llama, Tokenizer
+from llama import Llama
+from tokenizer import CODES_PER_IMAGE, Tokenizer
 from seed import SeedTokenizer, load_image
 from unet import UnCLIPDecoder
 

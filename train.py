@@ -69,6 +69,10 @@ import llama
 import seed
 import unet
 import vq
+from world import (SHAPES, COLOURS, SIZES, POSITIONS, PLACES, JITTERS, HELD_OUT_PAIRS, QUESTIONS, IMAGE_SIZE, Combo,
+                   COMBOS, CAPTIONS, World, to_image, build_world, judge, judge_accuracy)
+from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER, Tokenizer, chat_conversation,
+                       chat_prompt, train_bpe, train_tokenizer)
 
 # ======================================================================================================
 # Config dataclasses and the CLI generated from them.  (train-core helper; train-llm adds its own dataclass here)
@@ -233,173 +237,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if value != getattr(default, leaf):
             setattr(obj, leaf, value)
     return cfg
-
-
-# ======================================================================================================
-# The shapes world (SHAPES_WORLD.md) and the judge.  (train-core helper)
-# ======================================================================================================
-
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40),
-           "purple": (150, 60, 190)}
-SIZES = {"small": 8, "large": 14}  # side of the shape's box in pixels
-POSITIONS = {"center": (16, 16), "left": (10, 16), "right": (22, 16), "top": (16, 10), "bottom": (16, 22)}
-PLACES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
-          "center": "in the center"}
-JITTERS = tuple((dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # 9 offsets of the box centre
-HELD_OUT_PAIRS = (("triangle", "blue"), ("circle", "yellow"), ("square", "purple"))  # never drawn by the LLM in training
-QUESTIONS = {"colour": "what colour is the shape?", "shape": "what shape is it?", "size": "is it large or small?",
-             "position": "where is the shape?"}
-IMAGE_SIZE, SUPERSAMPLE = 32, 4
-
-
-@dataclass(frozen=True)
-class Combo:
-    """One of the 150 attribute combinations of the shapes world."""
-    shape: str
-    colour: str
-    size: str
-    position: str
-
-    @property
-    def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} {PLACES[self.position]}"
-
-    @property
-    def held_out(self) -> bool:
-        return (self.shape, self.colour) in HELD_OUT_PAIRS
-
-    def answer(self, attribute: str) -> str:
-        """The VQA answer for one of QUESTIONS' attributes: one word, or the place phrase for the position."""
-        return PLACES[self.position] if attribute == "position" else getattr(self, attribute)
-
-    def edit(self, attribute: str, value: str) -> tuple[str, "Combo"]:
-        """The instruction that changes exactly `attribute` to `value`, and the target combination."""
-        instruction = {"colour": f"make it {value}", "shape": f"turn it into a {value}", "size": f"make it {value}",
-                       "position": f"move it {PLACES.get(value, '')}"}[attribute]
-        return instruction, dataclasses.replace(self, **{attribute: value})
-
-
-# Fixed enumeration order (shape, colour, size, position): the index of a combination is stable across versions.
-COMBOS = tuple(Combo(s, c, z, p) for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS)
-CAPTIONS = tuple(c.caption for c in COMBOS)
-
-
-def render(combo: Combo, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
-    """Draw one 32x32 image exactly as SHAPES_WORLD.md specifies (4x supersampling, then a box filter)."""
-    k, s = SUPERSAMPLE, SIZES[combo.size]
-    cx, cy = POSITIONS[combo.position][0] + jitter[0], POSITIONS[combo.position][1] + jitter[1]
-    big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), (255, 255, 255))
-    draw = ImageDraw.Draw(big)
-    # The box spans [c - s/2, c + s/2) in continuous coordinates; at 4x these are whole supersampled pixels
-    # x0 .. x1 - 1, and PIL's boxes are inclusive of both ends.
-    x0, y0, x1, y1 = k * (cx - s / 2), k * (cy - s / 2), k * (cx + s / 2), k * (cy + s / 2)
-    colour = COLOURS[combo.colour]
-    if combo.shape == "square":
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
-    elif combo.shape == "circle":
-        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=colour)
-    else:  # apex at the top middle of the box, base on its bottom edge
-        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=colour)
-    return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
-
-
-@dataclass
-class World:
-    """All 1350 images of the shapes world as one tensor, with their combination index and the train/test split.
-
-    Split (used by every stage): for combination i, the jitters i % 9 and (i + 4) % 9 are *test* images, the other
-    7 are *train* images. So the 300 test images cover every combination twice and every jitter equally, and no
-    stage ever trains on them. The tokenizer's caption classification is measured on the test images.
-    """
-    images: torch.Tensor   # (1350, 3, 32, 32) float in [-1, 1]
-    combo: torch.Tensor    # (1350,) long: index into COMBOS
-    jitter: torch.Tensor   # (1350,) long: index into JITTERS
-    test: torch.Tensor     # (1350,) bool
-
-    @property
-    def train_idx(self) -> torch.Tensor:
-        return torch.nonzero(~self.test).squeeze(1)
-
-    @property
-    def test_idx(self) -> torch.Tensor:
-        return torch.nonzero(self.test).squeeze(1)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float in [-1, 1]: the pixel space of every tiny model."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def to_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL RGB."""
-    array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
-
-
-def build_world() -> World:
-    """Render the whole world (deterministic: no randomness at all; takes about a second)."""
-    images, combos, jitters, test = [], [], [], []
-    for i, combo in enumerate(COMBOS):
-        for j, jitter in enumerate(JITTERS):
-            images.append(to_tensor(render(combo, jitter)))
-            combos.append(i)
-            jitters.append(j)
-            test.append(j in (i % 9, (i + 4) % 9))
-    return World(torch.stack(images), torch.tensor(combos), torch.tensor(jitters), torch.tensor(test))
-
-
-# --- The judge: a pixel heuristic, so that generated images are scored by something that is not a model under test.
-_PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (5, 3)
-
-
-def judge(image: Image.Image | torch.Tensor) -> dict[str, str | None]:
-    """Read (shape, colour, size, position) off a 32x32 image by pixel heuristics; None where nothing is drawn.
-
-    1. colour: the mean of the most strongly coloured pixels (>= 60 % of the largest distance from white), snapped to
-       the nearest palette colour;
-    2. coverage a in [0, 1] per pixel: how far the pixel went from white towards that colour (the anti-aliasing
-       weight), below 0.2 treated as background noise;
-    3. size: the box side is the longest row or column of coverage (8 vs 14 px: threshold 11);
-    4. position: the centre of the box spanned by pixels with coverage >= 0.5, snapped to the nearest of the 5 centres
-       (they are 6 px apart; jitter moves them 1 px);
-    5. shape: the fill ratio, total coverage / (width x height): square 1, circle pi/4 = 0.79, triangle 0.5.
-    """
-    x = to_tensor(image) if isinstance(image, Image.Image) else image.detach().float().cpu()
-    rgb = ((x.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0)           # (3, H, W) -> (H, W, 3) in [0, 255]
-    away = 255.0 - rgb                                               # distance from white per channel
-    strength = away.norm(dim=-1)                                     # (H, W)
-    if strength.max() < 40:                                          # a blank canvas
-        return {"shape": None, "colour": None, "size": None, "position": None}
-    strong = strength >= 0.6 * strength.max()
-    mean_colour = rgb[strong].mean(0)
-    c = int(((_PALETTE - mean_colour) ** 2).sum(1).argmin())
-    colour_away = 255.0 - _PALETTE[c]
-    cover = (away @ colour_away / colour_away.dot(colour_away)).clamp(0, 1)  # projection onto white -> colour
-    cover = torch.where(cover < 0.2, torch.zeros_like(cover), cover)
-    width, height = float(cover.sum(1).max()), float(cover.sum(0).max())
-    size = "large" if max(width, height) > 11 else "small"
-    ys, xs = torch.nonzero(cover >= 0.5, as_tuple=True)
-    if len(xs) == 0:
-        return {"shape": None, "colour": list(COLOURS)[c], "size": size, "position": None}
-    centre = torch.tensor([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2], dtype=torch.float32)
-    centres = torch.tensor(list(POSITIONS.values()), dtype=torch.float32)
-    position = list(POSITIONS)[int(((centres - centre) ** 2).sum(1).argmin())]
-    fill = float(cover.sum()) / max(width * height, 1.0)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
-    return {"shape": shape, "colour": list(COLOURS)[c], "size": size, "position": position}
-
-
-def judge_accuracy(images, combos) -> dict[str, float]:
-    """Per-attribute and all-attributes accuracy of `judge` on images against their intended combinations."""
-    hits = {a: 0 for a in ("shape", "colour", "size", "position", "all")}
-    for image, combo in zip(images, combos):
-        verdict = judge(image)
-        right = [verdict[a] == getattr(combo, a) for a in ("shape", "colour", "size", "position")]
-        for a, ok in zip(("shape", "colour", "size", "position"), right):
-            hits[a] += ok
-        hits["all"] += all(right)
-    return {a: h / max(len(combos), 1) for a, h in hits.items()}
 
 
 # ======================================================================================================
@@ -824,24 +661,24 @@ IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
 
 
 class SequenceBuilder:
-    """Token ids and loss labels of the LLM's sequences, encoded by the project's `llama.Tokenizer`.
+    """Token ids and loss labels of the LLM's sequences, encoded by the project's `Tokenizer`.
 
-    Text is written with `<image>` placeholders (llama.chat_conversation's), and `images` gives the 32 codes of
+    Text is written with `<image>` placeholders (chat_conversation's), and `images` gives the 32 codes of
     each. Encoding goes through `Tokenizer.encode` on the text with every placeholder replaced by an empty span
     `<img></img>`, then the codes are spliced in after each `<img>`: this equals encoding the full text (the
     4.30.2 split strips the same whitespace around `<img>`/`</img>` with or without codes between them; a test
     checks it), and the text part is cached, so building a batch costs almost nothing.
     """
 
-    def __init__(self, tokenizer: llama.Tokenizer):
+    def __init__(self, tokenizer: Tokenizer):
         self.tok, self.iv = tokenizer, tokenizer.image_vocab
         self._cache: dict[str, list[int]] = {}
 
     def encode(self, text: str, images) -> list[int]:
         ids = self._cache.get(text)
         if ids is None:
-            ids = self._cache[text] = self.tok.encode(text.replace(llama.IMAGE_PLACEHOLDER,
-                                                                   llama.BOI_TOKEN + llama.EOI_TOKEN))
+            ids = self._cache[text] = self.tok.encode(text.replace(IMAGE_PLACEHOLDER,
+                                                                   BOI_TOKEN + EOI_TOKEN))
         if ids.count(self.iv.boi_id) != len(images):
             raise ValueError(f"{text!r} holds {ids.count(self.iv.boi_id)} images but {len(images)} were given")
         out, k = [], 0
@@ -861,7 +698,7 @@ class SequenceBuilder:
         """A conversation [(user, assistant), ...] in the official 8B template; the loss sees only the assistant
         turns (each reply and its `</s>`), every prompt token is labelled IGNORE.
 
-        Turn k's prompt is `llama.chat_prompt` of the messages so far (it ends in "ASSISTANT:"); the reply follows
+        Turn k's prompt is `chat_prompt` of the messages so far (it ends in "ASSISTANT:"); the reply follows
         after one space, and the next turn's prompt continues that text. The ids of each prefix must be a prefix
         of the ids of the whole, which holds for this tokenizer (pieces never cross a space; an added token splits
         the text) and is checked, so a mask can never be off by a token.
@@ -870,10 +707,10 @@ class SequenceBuilder:
         ids: list[int] = []
         labels: list[int] = []
         for k in range(len(turns)):
-            prompt = "<s>" + llama.chat_conversation(messages[:2 * k + 1])
+            prompt = "<s>" + chat_conversation(messages[:2 * k + 1])
             reply = prompt + " " + messages[2 * k + 1]
-            prompt_ids = self.encode(prompt, images[:prompt.count(llama.IMAGE_PLACEHOLDER)])
-            reply_ids = self.encode(reply, images[:reply.count(llama.IMAGE_PLACEHOLDER)])
+            prompt_ids = self.encode(prompt, images[:prompt.count(IMAGE_PLACEHOLDER)])
+            reply_ids = self.encode(reply, images[:reply.count(IMAGE_PLACEHOLDER)])
             if prompt_ids[:len(ids)] != ids or reply_ids[:len(prompt_ids)] != prompt_ids:
                 raise ValueError(f"the tokenization of turn {k} of {messages} does not extend the previous one")
             labels += [IGNORE] * (len(prompt_ids) - len(ids)) + reply_ids[len(prompt_ids):]
@@ -919,21 +756,21 @@ class LLMData:
         i = rng.choice(self.train)
         caption, image = self.combos[i].caption, [self.codes[i]]
         if self.combos[i].held_out or rng.random() < reverse_ratio:
-            return self.builder.plain(llama.IMAGE_PLACEHOLDER + caption, image)
-        return self.builder.plain(caption + llama.IMAGE_PLACEHOLDER, image)
+            return self.builder.plain(IMAGE_PLACEHOLDER + caption, image)
+        return self.builder.plain(caption + IMAGE_PLACEHOLDER, image)
 
     # --- instruction turns: each returns (user, assistant, images in order) ----------------------------------------
 
     def caption_turn(self, rng, i):
-        return llama.IMAGE_PLACEHOLDER + rng.choice(CAPTION_REQUESTS), self.combos[i].caption, [self.codes[i]]
+        return IMAGE_PLACEHOLDER + rng.choice(CAPTION_REQUESTS), self.combos[i].caption, [self.codes[i]]
 
     def vqa_turn(self, rng, i, with_image=True):
         attribute = rng.choice(ATTRIBUTES)
-        user = (llama.IMAGE_PLACEHOLDER if with_image else "") + QUESTIONS[attribute]
+        user = (IMAGE_PLACEHOLDER if with_image else "") + QUESTIONS[attribute]
         return user, self.combos[i].answer(attribute), [self.codes[i]] if with_image else []
 
     def t2i_turn(self, rng, i):
-        return rng.choice(T2I_REQUESTS).format(self.combos[i].caption), llama.IMAGE_PLACEHOLDER, [self.codes[i]]
+        return rng.choice(T2I_REQUESTS).format(self.combos[i].caption), IMAGE_PLACEHOLDER, [self.codes[i]]
 
     def edit_target(self, rng, i) -> tuple[str, int] | None:
         """A random edit of image i whose target is drawable (not held out): (instruction, target image), keeping
@@ -954,8 +791,8 @@ class LLMData:
         while (edit := self.edit_target(rng, i)) is None:
             pass
         instruction, t = edit
-        user = (llama.IMAGE_PLACEHOLDER if with_image else "") + instruction
-        return user, llama.IMAGE_PLACEHOLDER, ([self.codes[i]] if with_image else []) + [self.codes[t]], t
+        user = (IMAGE_PLACEHOLDER if with_image else "") + instruction
+        return user, IMAGE_PLACEHOLDER, ([self.codes[i]] if with_image else []) + [self.codes[t]], t
 
     def instruct(self, rng: random.Random) -> tuple[list[int], list[int]]:
         """One instruction-tuning chat: captioning, VQA, text-to-image, an edit, or a two-turn conversation."""
@@ -987,13 +824,13 @@ def llm_corpus() -> list[str]:
     texts += [t.format(c.caption) for t in T2I_REQUESTS for c in COMBOS]
     texts += [c.edit(a, v)[0] for c in COMBOS[:1] for a in ATTRIBUTES for v in VALUES[a]]
     texts += [c.answer(a) for c in COMBOS for a in ATTRIBUTES]
-    return [llama.chat_conversation([t, t, t]) for t in texts]
+    return [chat_conversation([t, t, t]) for t in texts]
 
 
-def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> llama.Tokenizer:
-    """SentencePiece-format BPE on the world's text (llama.train_bpe), then `<img_00000>`.. for every code of
+def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenizer:
+    """SentencePiece-format BPE on the world's text (train_bpe), then `<img_00000>`.. for every code of
     the tiny codebook and `<img>`, `</img>`, exactly as SEED extends LLaMA's vocabulary; files written to folder."""
-    return llama.train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
+    return train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
 
 
 # --- Stages 4 and 5 -------------------------------------------------------------------------------------------------
@@ -1065,7 +902,7 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
     folder = run.out / "llama"
     tokenizer = build_llm_tokenizer(folder, n_codes, cfg.text_vocab_size) if run.main else None
     run.barrier()
-    tokenizer = tokenizer or llama.Tokenizer(folder)
+    tokenizer = tokenizer or Tokenizer(folder)
     builder = SequenceBuilder(tokenizer)
     data = LLMData(run.world, prev["codes"], builder)
     run.seed_everything(4)
@@ -1108,7 +945,7 @@ def stage_llm_instruct(run: Run, prev: dict) -> dict:
 
 # --- LLM metrics --------------------------------------------------------------------------------------------------
 
-def generate_batched(model: llama.Llama, tokenizer: llama.Tokenizer, prompts: list[list[int]], max_new_tokens: int,
+def generate_batched(model: llama.Llama, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
                      batch_size: int = 128) -> list[list[int]]:
     """Greedy continuations of many prompts, left-padded into batches (llama.Llama.generate); constrained
     decoding stays off, so every image span is what the model wrote on its own."""
@@ -1119,11 +956,11 @@ def generate_batched(model: llama.Llama, tokenizer: llama.Tokenizer, prompts: li
     return out
 
 
-def reply_text(tokenizer: llama.Tokenizer, ids: list[int]) -> str:
+def reply_text(tokenizer: Tokenizer, ids: list[int]) -> str:
     return tokenizer.decode([i for i in ids if i != tokenizer.eos_id], skip_special_tokens=True).strip()
 
 
-def reply_image(tokenizer: llama.Tokenizer, ids: list[int]) -> list[int] | None:
+def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
     """The codes of the first image span of a reply, or None unless every span in it is valid (`<img>` +
     exactly 32 codes + `</img>`, the flask demo's check) and there is at least one."""
     try:
@@ -1151,7 +988,7 @@ def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id
     bidirectional comparison."""
     iv, total, count = data.builder.iv, 0.0, 0
     for k in range(0, len(images), 64):
-        rows = [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), llama.IMAGE_PLACEHOLDER)],
+        rows = [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), IMAGE_PLACEHOLDER)],
                                   [data.codes[i]]) for i in images[k:k + 64]]
         ids, labels = collate(rows, pad_id, device)
         target = labels[:, 1:]
@@ -1185,11 +1022,11 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
 
     def prompt(user: str, images=()) -> list[int]:
-        return builder.encode("<s>" + llama.chat_conversation([user]), list(images))
+        return builder.encode("<s>" + chat_conversation([user]), list(images))
 
     metrics: dict = {}
     # Captioning and VQA on the held-out test images (every combination, two jitters each).
-    out = generate_batched(model, tok, [prompt(llama.IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
+    out = generate_batched(model, tok, [prompt(IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
                                         for i in test], 16)
     captions = [reply_text(tok, o) for o in out]
     metrics["caption_exact"] = sum(c == data.combos[i].caption for c, i in zip(captions, test)) / len(test)
@@ -1197,7 +1034,7 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
         metrics[f"caption_{a}"] = sum(parse_caption(c)[a] == getattr(data.combos[i], a)
                                       for c, i in zip(captions, test)) / len(test)
     questions = [(i, a) for i in test for a in ATTRIBUTES]
-    out = generate_batched(model, tok, [prompt(llama.IMAGE_PLACEHOLDER + QUESTIONS[a], [data.codes[i]])
+    out = generate_batched(model, tok, [prompt(IMAGE_PLACEHOLDER + QUESTIONS[a], [data.codes[i]])
                                         for i, a in questions], 8)
     metrics["vqa_acc"] = sum(reply_text(tok, o) == data.combos[i].answer(a) for o, (i, a) in zip(out, questions)) \
         / len(questions)
@@ -1213,8 +1050,8 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
         instruction, target = data.combos[i].edit(attribute, value)
         records.append({"task": "edit", "target": target, "prompt": instruction, "source": i,
                         "images": [data.codes[i]]})
-    out = generate_batched(model, tok, [prompt((llama.IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
-                                               r["images"]) for r in records], llama.CODES_PER_IMAGE + 8)
+    out = generate_batched(model, tok, [prompt((IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
+                                               r["images"]) for r in records], CODES_PER_IMAGE + 8)
     for r, o in zip(records, out):
         r["codes"] = reply_image(tok, o)
     valid = [r for r in records if r["codes"] is not None]

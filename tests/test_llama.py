@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import llama
+from tokenizer import ImageVocab, Tokenizer
 from llama import GenerationConfig, Llama, LlamaConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -30,7 +31,7 @@ def tiny():
 
 
 def image_vocab():
-    return llama.ImageVocab(**IMAGE_VOCAB)
+    return ImageVocab(**IMAGE_VOCAB)
 
 
 # ---- config ---------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_save_and_load_pretrained(tiny, tmp_path):
 
 def test_with_the_tokenizer_end_to_end(tmp_path):
     # the contract between the two halves of llama.py: ids from the tokenizer, spans parsed back by it
-    tok = llama.Tokenizer(FIXTURES / "llama")
+    tok = Tokenizer(FIXTURES / "llama")
     assert tok.image_vocab == image_vocab()
     model = Llama.from_official(FIXTURES / "llama", device="cpu")
     prompt = tok.encode_chat(["Draw a red circle."], template="8B")
@@ -261,7 +262,7 @@ def test_with_the_tokenizer_end_to_end(tmp_path):
     text, images = tok.decode_with_images(out)
     assert len(images) == 1 and len(images[0]) == 32 and text.startswith("<image>")
     model.save_pretrained(tmp_path, tokenizer=tok)
-    assert llama.Tokenizer(tmp_path).encode_chat(["Draw a red circle."]) == prompt
+    assert Tokenizer(tmp_path).encode_chat(["Draw a red circle."]) == prompt
     assert Llama.from_pretrained(tmp_path).generate([prompt], max_new_tokens=4) == \
         model.generate([prompt], max_new_tokens=4)
 

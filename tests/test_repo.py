@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ["vq.py", "qformer.py", "llama.py", "unet.py", "seed.py"]
+MODELS = ["weights.py", "tokenizer.py", "world.py", "vq.py", "qformer.py", "llama.py", "unet.py", "seed.py"]
 SCRIPTS = ["train.py", "sample.py", "bench.py"]
 OURS = {Path(m).stem for m in MODELS + SCRIPTS}
 # What each module may import from this repository (the design card's "house").
 ALLOWED_LOCAL = {
-    "vq": set(), "qformer": set(), "llama": set(), "unet": set(),
-    "seed": {"qformer", "vq"},
-    "train": {"seed", "qformer", "vq", "llama", "unet"},
-    "sample": {"seed", "qformer", "vq", "llama", "unet"},
-    "bench": {"seed", "qformer", "vq", "llama", "unet"},
+    "weights": set(), "tokenizer": set(), "world": set(), "vq": set(), "qformer": set(),
+    "seed": {"qformer", "vq", "weights"},
+    "llama": {"weights"}, "unet": {"weights"},
+    **{script: {"weights", "tokenizer", "world", "vq", "qformer", "seed", "llama", "unet"}
+       for script in ("train", "sample", "bench")},
 }
 # Third-party packages allowed at run time (requirements.txt, minus pytest).
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors", "tqdm"}

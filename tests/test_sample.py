@@ -383,7 +383,8 @@ def native_checkpoint(folder: Path) -> Path:
     """A checkpoint folder as train.py writes it, from tiny random models: seed/, llama/ (+ tokenizer), decoder/."""
     from dataclasses import replace
 
-    from llama import Llama, LlamaConfig, Tokenizer
+    from llama import Llama, LlamaConfig
+    from tokenizer import Tokenizer
     from seed import SeedConfig, SeedTokenizer
     from unet import DecoderConfig, UnCLIPDecoder
 
@@ -426,7 +427,7 @@ def test_train_py_checkpoint_every_task(tmp_path):
 
 def test_broken_span_is_reported_not_drawn():
     """An unconstrained model may write `<img>` + too few codes: the answer is shown as text, nothing is drawn."""
-    from llama import Tokenizer
+    from tokenizer import Tokenizer
 
     class Stub(sample.SeedLlama):
         def __init__(self):
@@ -570,7 +571,7 @@ def test_weights_folder_used_as_is(hub, monkeypatch):
 
 def test_text_stream_prints_the_answer_once(capsys):
     """Streamed pieces add up to the decoded answer, multi-byte characters included, and stop at an image."""
-    from llama import Tokenizer
+    from tokenizer import Tokenizer
 
     tok = Tokenizer(FIXTURES / "llama")
     iv = tok.image_vocab

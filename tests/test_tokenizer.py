@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import FIXTURES, official_file
-from llama import (SentencePieceModel, Tokenizer, ImageVocab, chat_conversation, chat_prompt, image_span_text,
+from tokenizer import (SentencePieceModel, Tokenizer, ImageVocab, chat_conversation, chat_prompt, image_span_text,
                    train_bpe, train_tokenizer, _proto_field, _proto_fields)
 
 SPM = FIXTURES / "spm" / "spm.model"

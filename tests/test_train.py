@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+import world
 from seed import SeedTokenizer
 from unet import UnCLIPDecoder
 
@@ -55,45 +56,45 @@ def test_cli_rejects_bad_values_and_smoke_is_overridable():
 # --- the shapes world ----------------------------------------------------------------------------------------------
 
 def test_world_follows_the_spec_and_is_deterministic():
-    a, b = train.build_world(), train.build_world()
+    a, b = world.build_world(), world.build_world()
     assert a.images.shape == (1350, 3, 32, 32) and torch.equal(a.images, b.images)
-    assert len(set(train.CAPTIONS)) == 150 and train.CAPTIONS[0] == "a small red circle in the center"
+    assert len(set(world.CAPTIONS)) == 150 and world.CAPTIONS[0] == "a small red circle in the center"
     # every combination has 7 train and 2 test images, and the test jitters cover all 9 offsets equally
     assert torch.equal(torch.bincount(a.combo[a.test]), torch.full((150,), 2))
     per_jitter = torch.bincount(a.jitter[a.test], minlength=9)
     assert per_jitter.sum() == 300 and per_jitter.max() - per_jitter.min() <= 1
-    held = [c for c in train.COMBOS if c.held_out]
-    assert len(held) == 30 and {(c.shape, c.colour) for c in held} == set(train.HELD_OUT_PAIRS)
+    held = [c for c in world.COMBOS if c.held_out]
+    assert len(held) == 30 and {(c.shape, c.colour) for c in held} == set(world.HELD_OUT_PAIRS)
     # a large red square at the centre, no jitter: box [9, 23) x [9, 23), exact colour inside, white outside
-    square = train.Combo("square", "red", "large", "center")
-    pixels = torch.from_numpy(train.np.array(train.render(square))).permute(2, 0, 1)
+    square = world.Combo("square", "red", "large", "center")
+    pixels = torch.from_numpy(train.np.array(world.render(square))).permute(2, 0, 1)
     inside = pixels[:, 9:23, 9:23]
     assert (inside == torch.tensor([220, 40, 40]).view(3, 1, 1)).all()
     outside = pixels.clone()
     outside[:, 9:23, 9:23] = 255
     assert (outside == 255).all()
     # the triangle points up: its top row is narrower than its bottom row
-    tri = torch.from_numpy(train.np.array(train.render(train.Combo("triangle", "blue", "large", "center"))))
+    tri = torch.from_numpy(train.np.array(world.render(world.Combo("triangle", "blue", "large", "center"))))
     drawn = (tri < 250).any(-1)
     rows = drawn.sum(1)
     assert rows[9] < rows[22]
     instruction, target = square.edit("position", "left")
-    assert instruction == "move it on the left" and target == train.Combo("square", "red", "large", "left")
+    assert instruction == "move it on the left" and target == world.Combo("square", "red", "large", "left")
     assert square.answer("position") == "in the center" and square.answer("colour") == "red"
 
 
 # --- the judge -----------------------------------------------------------------------------------------------------
 
 def test_judge_is_exact_on_clean_renders_and_robust_to_mild_noise():
-    world = train.build_world()
-    combos = [train.COMBOS[i] for i in world.combo]
-    assert train.judge_accuracy(list(world.images), combos)["all"] == 1.0
+    data = world.build_world()
+    combos = [world.COMBOS[i] for i in data.combo]
+    assert world.judge_accuracy(list(data.images), combos)["all"] == 1.0
     gen = torch.Generator().manual_seed(0)
-    noisy = world.images + torch.randn(world.images.shape, generator=gen) * (8 / 127.5)  # sigma = 8 grey levels
-    assert train.judge_accuracy(list(noisy), combos)["all"] >= 0.99
+    noisy = data.images + torch.randn(data.images.shape, generator=gen) * (8 / 127.5)  # sigma = 8 grey levels
+    assert world.judge_accuracy(list(noisy), combos)["all"] >= 0.99
     blank = torch.ones(3, 32, 32)
-    assert train.judge(blank) == {"shape": None, "colour": None, "size": None, "position": None}
-    wrong = train.judge_accuracy([world.images[0]], [train.COMBOS[1]])  # an image judged against another combo
+    assert world.judge(blank) == {"shape": None, "colour": None, "size": None, "position": None}
+    wrong = world.judge_accuracy([data.images[0]], [world.COMBOS[1]])  # an image judged against another combo
     assert wrong["all"] == 0.0
 
 
@@ -113,7 +114,7 @@ def test_smoke_runs_every_stage_and_writes_loadable_checkpoints(smoke_run):
         assert (out / "ckpt" / f"{name}.pt").is_file()
     tok = SeedTokenizer.from_pretrained(out / "seed")
     decoder = UnCLIPDecoder.from_pretrained(out / "decoder")
-    pixels = tok.preprocess(train.render(train.COMBOS[7]))[None]
+    pixels = tok.preprocess(world.render(world.COMBOS[7]))[None]
     codes = tok.encode(pixels)
     assert codes.shape == (1, 32) and int(codes.max()) < tok.config.n_codes
     image = decoder(tok.embed(codes), steps=2, guidance_scale=2.0, seed=0)[0]

@@ -11,7 +11,9 @@ import torch.nn as nn
 from PIL import Image
 
 import llama
+from tokenizer import chat_conversation, chat_prompt, Tokenizer
 import train
+from world import HELD_OUT_PAIRS, build_world
 
 N_CODES = 256
 
@@ -23,7 +25,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world():
-    return train.build_world()
+    return build_world()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,8 @@ def test_fast_encoding_equals_the_tokenizer_on_full_prompts(tokenizer):
         for reply in ["a small green square at the top", "<image>"]:
             images = [[rng.randrange(N_CODES) for _ in range(32)] for _ in range((user + reply).count("<image>"))]
             messages = [user, reply + "</s>", "where is the shape?"]
-            expected = tokenizer.encode(llama.chat_prompt(messages, images=images, n_codes=N_CODES))
-            assert builder.encode("<s>" + llama.chat_conversation(messages), images) == expected
+            expected = tokenizer.encode(chat_prompt(messages, images=images, n_codes=N_CODES))
+            assert builder.encode("<s>" + chat_conversation(messages), images) == expected
     with pytest.raises(ValueError, match="images"):
         builder.encode("<s><image>", [])
 
@@ -73,7 +75,7 @@ def test_the_prompt_mask_masks_exactly_the_prompt(tokenizer):
     assert trained == iv.span_ids(codes[0]) + [tokenizer.eos_id] + iv.span_ids(codes[1]) + [tokenizer.eos_id]
     assert all(label in (train.IGNORE, i) for i, label in zip(ids, labels))
     # ... and the masked tokens are exactly the prompts: the first turn's, then the second user turn.
-    first = tokenizer.encode(llama.chat_prompt([turns[0][0]]))
+    first = tokenizer.encode(chat_prompt([turns[0][0]]))
     assert ids[:len(first)] == first and all(label == train.IGNORE for label in labels[:len(first)])
     start = len(first) + 35
     second = tokenizer.encode("\nUSER: make it blue\nASSISTANT:")
@@ -153,9 +155,9 @@ def test_smoke_trains_the_llm_and_writes_the_reports(tmp_path, capsys):
     assert {r["task"] for r in index} == {"t2i", "edit"}
     for r in index:
         assert r["file"] is None or (out / "eval" / r["file"]).exists()
-        assert r["held_out"] == ((r["target"]["shape"], r["target"]["colour"]) in train.HELD_OUT_PAIRS)
+        assert r["held_out"] == ((r["target"]["shape"], r["target"]["colour"]) in HELD_OUT_PAIRS)
     # the LLM folder is what sample.py reads: weights, config and the tokenizer files
     model = llama.Llama.from_pretrained(out / "llama")
-    tok = llama.Tokenizer(out / "llama")
+    tok = Tokenizer(out / "llama")
     assert model.config.vocab_size == len(tok) and tok.image_vocab.n_codes == report["metrics"]["tokenizer"]["n_codes"]
     assert "llm/caption_exact" in capsys.readouterr().out  # the results table

@@ -1,0 +1,176 @@
+"""The shapes world: the synthetic data every stage of `train.py --tiny` learns from, and the judge of its images.
+
+One coloured shape on a white 32x32 image: 3 shapes x 5 colours x 2 sizes x 5 positions = 150 combinations, each
+rendered at 9 jitters of its centre (1350 images, deterministic). `judge` reads the attributes back from pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40),
+           "purple": (150, 60, 190)}
+SIZES = {"small": 8, "large": 14}  # side of the shape's box in pixels
+POSITIONS = {"center": (16, 16), "left": (10, 16), "right": (22, 16), "top": (16, 10), "bottom": (16, 22)}
+PLACES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
+          "center": "in the center"}
+JITTERS = tuple((dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # 9 offsets of the box centre
+HELD_OUT_PAIRS = (("triangle", "blue"), ("circle", "yellow"), ("square", "purple"))  # never drawn by the LLM in training
+QUESTIONS = {"colour": "what colour is the shape?", "shape": "what shape is it?", "size": "is it large or small?",
+             "position": "where is the shape?"}
+IMAGE_SIZE, SUPERSAMPLE = 32, 4
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One of the 150 attribute combinations of the shapes world."""
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} {PLACES[self.position]}"
+
+    @property
+    def held_out(self) -> bool:
+        return (self.shape, self.colour) in HELD_OUT_PAIRS
+
+    def answer(self, attribute: str) -> str:
+        """The VQA answer for one of QUESTIONS' attributes: one word, or the place phrase for the position."""
+        return PLACES[self.position] if attribute == "position" else getattr(self, attribute)
+
+    def edit(self, attribute: str, value: str) -> tuple[str, "Combo"]:
+        """The instruction that changes exactly `attribute` to `value`, and the target combination."""
+        instruction = {"colour": f"make it {value}", "shape": f"turn it into a {value}", "size": f"make it {value}",
+                       "position": f"move it {PLACES.get(value, '')}"}[attribute]
+        return instruction, dataclasses.replace(self, **{attribute: value})
+
+
+# Fixed enumeration order (shape, colour, size, position): the index of a combination is stable across versions.
+COMBOS = tuple(Combo(s, c, z, p) for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS)
+CAPTIONS = tuple(c.caption for c in COMBOS)
+
+
+def render(combo: Combo, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
+    """Draw one 32x32 image exactly as SHAPES_WORLD.md specifies (4x supersampling, then a box filter)."""
+    k, s = SUPERSAMPLE, SIZES[combo.size]
+    cx, cy = POSITIONS[combo.position][0] + jitter[0], POSITIONS[combo.position][1] + jitter[1]
+    big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), (255, 255, 255))
+    draw = ImageDraw.Draw(big)
+    # The box spans [c - s/2, c + s/2) in continuous coordinates; at 4x these are whole supersampled pixels
+    # x0 .. x1 - 1, and PIL's boxes are inclusive of both ends.
+    x0, y0, x1, y1 = k * (cx - s / 2), k * (cy - s / 2), k * (cx + s / 2), k * (cy + s / 2)
+    colour = COLOURS[combo.colour]
+    if combo.shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
+    elif combo.shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=colour)
+    else:  # apex at the top middle of the box, base on its bottom edge
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=colour)
+    return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+
+
+@dataclass
+class World:
+    """All 1350 images of the shapes world as one tensor, with their combination index and the train/test split.
+
+    Split (used by every stage): for combination i, the jitters i % 9 and (i + 4) % 9 are *test* images, the other
+    7 are *train* images. So the 300 test images cover every combination twice and every jitter equally, and no
+    stage ever trains on them. The tokenizer's caption classification is measured on the test images.
+    """
+    images: torch.Tensor   # (1350, 3, 32, 32) float in [-1, 1]
+    combo: torch.Tensor    # (1350,) long: index into COMBOS
+    jitter: torch.Tensor   # (1350,) long: index into JITTERS
+    test: torch.Tensor     # (1350,) bool
+
+    @property
+    def train_idx(self) -> torch.Tensor:
+        return torch.nonzero(~self.test).squeeze(1)
+
+    @property
+    def test_idx(self) -> torch.Tensor:
+        return torch.nonzero(self.test).squeeze(1)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]: the pixel space of every tiny model."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def build_world() -> World:
+    """Render the whole world (deterministic: no randomness at all; takes about a second)."""
+    images, combos, jitters, test = [], [], [], []
+    for i, combo in enumerate(COMBOS):
+        for j, jitter in enumerate(JITTERS):
+            images.append(to_tensor(render(combo, jitter)))
+            combos.append(i)
+            jitters.append(j)
+            test.append(j in (i % 9, (i + 4) % 9))
+    return World(torch.stack(images), torch.tensor(combos), torch.tensor(jitters), torch.tensor(test))
+
+
+# --- The judge: a pixel heuristic, so that generated images are scored by something that is not a model under test.
+_PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (5, 3)
+
+
+def judge(image: Image.Image | torch.Tensor) -> dict[str, str | None]:
+    """Read (shape, colour, size, position) off a 32x32 image by pixel heuristics; None where nothing is drawn.
+
+    1. colour: the mean of the most strongly coloured pixels (>= 60 % of the largest distance from white), snapped to
+       the nearest palette colour;
+    2. coverage a in [0, 1] per pixel: how far the pixel went from white towards that colour (the anti-aliasing
+       weight), below 0.2 treated as background noise;
+    3. size: the box side is the longest row or column of coverage (8 vs 14 px: threshold 11);
+    4. position: the centre of the box spanned by pixels with coverage >= 0.5, snapped to the nearest of the 5 centres
+       (they are 6 px apart; jitter moves them 1 px);
+    5. shape: the fill ratio, total coverage / (width x height): square 1, circle pi/4 = 0.79, triangle 0.5.
+    """
+    x = to_tensor(image) if isinstance(image, Image.Image) else image.detach().float().cpu()
+    rgb = ((x.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0)           # (3, H, W) -> (H, W, 3) in [0, 255]
+    away = 255.0 - rgb                                               # distance from white per channel
+    strength = away.norm(dim=-1)                                     # (H, W)
+    if strength.max() < 40:                                          # a blank canvas
+        return {"shape": None, "colour": None, "size": None, "position": None}
+    strong = strength >= 0.6 * strength.max()
+    mean_colour = rgb[strong].mean(0)
+    c = int(((_PALETTE - mean_colour) ** 2).sum(1).argmin())
+    colour_away = 255.0 - _PALETTE[c]
+    cover = (away @ colour_away / colour_away.dot(colour_away)).clamp(0, 1)  # projection onto white -> colour
+    cover = torch.where(cover < 0.2, torch.zeros_like(cover), cover)
+    width, height = float(cover.sum(1).max()), float(cover.sum(0).max())
+    size = "large" if max(width, height) > 11 else "small"
+    ys, xs = torch.nonzero(cover >= 0.5, as_tuple=True)
+    if len(xs) == 0:
+        return {"shape": None, "colour": list(COLOURS)[c], "size": size, "position": None}
+    centre = torch.tensor([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2], dtype=torch.float32)
+    centres = torch.tensor(list(POSITIONS.values()), dtype=torch.float32)
+    position = list(POSITIONS)[int(((centres - centre) ** 2).sum(1).argmin())]
+    fill = float(cover.sum()) / max(width * height, 1.0)
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    return {"shape": shape, "colour": list(COLOURS)[c], "size": size, "position": position}
+
+
+def judge_accuracy(images, combos) -> dict[str, float]:
+    """Per-attribute and all-attributes accuracy of `judge` on images against their intended combinations."""
+    hits = {a: 0 for a in ("shape", "colour", "size", "position", "all")}
+    for image, combo in zip(images, combos):
+        verdict = judge(image)
+        right = [verdict[a] == getattr(combo, a) for a in ("shape", "colour", "size", "position")]
+        for a, ok in zip(("shape", "colour", "size", "position"), right):
+            hits[a] += ok
+        hits["all"] += all(right)
+    return {a: h / max(len(combos), 1) for a, h in hits.items()}
