@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 @dataclass
 class LlamaConfig:
     """Architecture of SEED-LLaMA. Defaults = seed-llama-8b (Vicuna-7B with the image tokens added),
-    hf:AILab-CVC/seed-llama-8b-pretrain/config.json; other models by name with `LlamaConfig.from_name`."""
+    hf:AILab-CVC/seed-llama-8b-pretrain/config.json; other models by name with `LlamaConfig.preset`."""
     vocab_size: int = 40194        # 32000 SentencePiece pieces + 8192 image codes + <img>, </img>
     dim: int = 4096                # hidden_size
     n_layers: int = 32
@@ -69,7 +69,7 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
     @classmethod
-    def from_name(cls, name: str) -> LlamaConfig:
+    def preset(cls, name: str) -> LlamaConfig:
         if name not in LLAMA_PRESETS:
             raise ValueError(f"unknown LLaMA preset {name!r}; choices: {sorted(LLAMA_PRESETS)}")
         return cls(**LLAMA_PRESETS[name])
@@ -308,12 +308,12 @@ class Llama(nn.Module):
         if not prompts or any(not p or not isinstance(p[0], int) for p in prompts):
             raise ValueError("prompts must be a non-empty list of non-empty lists of token ids")
         iv = image_vocab
-        if (cfg.constrain_images or cfg.force_image or cfg.cfg_scale != 1.0) and iv is None:
-            raise ValueError("constrain_images, force_image and cfg_scale need image_vocab")
-        if cfg.cfg_scale != 1.0 and not uncond_prompt:
-            raise ValueError("classifier-free guidance (cfg_scale != 1) needs an uncond_prompt")
+        if (cfg.constrain_images or cfg.force_image or cfg.guidance_scale != 1.0) and iv is None:
+            raise ValueError("constrain_images, force_image and guidance_scale need image_vocab")
+        if cfg.guidance_scale != 1.0 and not uncond_prompt:
+            raise ValueError("classifier-free guidance (guidance_scale != 1) needs an uncond_prompt")
         B = len(prompts)
-        rows = prompts + ([list(uncond_prompt)] * B if cfg.cfg_scale != 1.0 else [])
+        rows = prompts + ([list(uncond_prompt)] * B if cfg.guidance_scale != 1.0 else [])
         if cfg.force_image:  # the flask demo's force_boi: <img> ends the prompt, so an image comes next
             rows = [r + [iv.boi_id] for r in rows]
         T = max(len(r) for r in rows)
@@ -338,8 +338,8 @@ class Llama(nn.Module):
         logits = self.prefill(idx, pad)
         for step in range(max_new):
             logits = logits.float()  # sampling math in fp32, as HF does for fp16 models
-            if span is not None and cfg.cfg_scale != 1.0:
-                logits = span.guide(logits[:B], logits[B:], cfg.cfg_scale)
+            if span is not None and cfg.guidance_scale != 1.0:
+                logits = span.guide(logits[:B], logits[B:], cfg.guidance_scale)
             if span is not None and cfg.constrain_images:
                 logits = span.constrain(logits)
             tok = sample_next(logits, cfg, generator)  # (B,)
@@ -418,7 +418,7 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] = ()     # e.g. (tokenizer.eos_id,); empty = run to max_new_tokens
     constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
     force_image: bool = False          # append <img> to the prompt (returned as the first new token)
-    cfg_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
+    guidance_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:

@@ -907,7 +907,7 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
     data = LLMData(run.world, prev["codes"], builder)
     run.seed_everything(4)
     # llama.py's `tiny` preset (its sizes live there, once), with this tokenizer's vocabulary
-    config = dataclasses.replace(llama.LlamaConfig.from_name("tiny"), vocab_size=len(tokenizer))
+    config = dataclasses.replace(llama.LlamaConfig.preset("tiny"), vocab_size=len(tokenizer))
     model = llama.Llama(config).to(dev)
     train_llm(run, 4, "llm_pretrain", model, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size,
               lambda rng: data.pretrain(rng, cfg.reverse_ratio), tokenizer.pad_id)

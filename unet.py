@@ -604,6 +604,9 @@ def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
     return x
 
 
+SAMPLERS = {"pndm": pndm_sample, "ddim": ddim_sample}  # name -> sampler; PNDM is the official one
+
+
 # ======================================================================================================
 # UNet (SD-2.1-unclip), VAE decoder, UnCLIPDecoder pipeline and official loader.
 # Configs first, then the blocks bottom-up, the two networks, the pipeline and its loaders.
@@ -1188,9 +1191,10 @@ class UnCLIPDecoder(nn.Module):
     def __call__(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None = None,
                  steps: int = 20, guidance_scale: float = 10.0, noise_level: int = 0,
                  latents: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 seed: int | None = None) -> list[Image.Image]:
+                 seed: int | None = None, sampler: str = "pndm") -> list[Image.Image]:
         """image_embeds (B, E) -> B images (768 x 768 for the official model).
 
+        `sampler`: "pndm" (the official PNDMScheduler) or "ddim" (deterministic DDIM over the same timesteps).
         `latents` (B, C, h, w) replaces the initial noise; `noise` (draws, B, E) replaces the noise-augmentation
         draws (draw 0 for image_embeds, draw 1 for negative_image_embeds). Whatever is not given is drawn on
         the CPU from `seed` (or the global RNG), in the official order: augmentation noise first, then latents.
@@ -1201,6 +1205,8 @@ class UnCLIPDecoder(nn.Module):
         device, dtype = self.unet.conv_in.weight.device, self.unet.conv_in.weight.dtype
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choices: {', '.join(SAMPLERS)}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         draws = 1 if neg is None else 2
         if noise is None:
@@ -1215,18 +1221,18 @@ class UnCLIPDecoder(nn.Module):
             if not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or inf values")
 
-        cfg = guidance_scale > 1.0  # the official `do_classifier_free_guidance`
+        guided = guidance_scale > 1.0  # the official `do_classifier_free_guidance`
         labels = self.class_labels(e.to(device, dtype), None if neg is None else neg.to(device, dtype),
-                                   noise_level, noise.to(device, dtype), cfg)
-        context = self.prompt_states(2 * B if cfg else B)
+                                   noise_level, noise.to(device, dtype), guided)
+        context = self.prompt_states(2 * B if guided else B)
 
         def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:  # with CFG x is cat([x, x]): (2B, C, h, w)
             return self.unet(x.to(dtype), t, context, labels).float()
 
-        if cfg:  # one batched call per step on [uncond; cond], then v_u + s (v_c - v_u)
+        if guided:  # one batched call per step on [uncond; cond], then v_u + s (v_c - v_u)
             model_fn = classifier_free_guidance(model_fn, guidance_scale)
         # The sampler state stays fp32 even when the UNet runs in fp16 (the official keeps it in fp16).
-        x = pndm_sample(model_fn, latents.to(device, torch.float32), steps)
+        x = SAMPLERS[sampler](model_fn, latents.to(device, torch.float32), steps)
         return self.to_pil(self.decode(x))
 
     def _check_embeds(self, e: torch.Tensor, neg: torch.Tensor | None):

@@ -39,14 +39,14 @@ def image_vocab():
 @pytest.mark.parametrize("name, n_params", [("seed-llama-8b", 6_805_540_864), ("seed-llama-14b", 13_099_770_880)])
 def test_official_parameter_counts(name, n_params):
     with torch.device("meta"):
-        model = Llama(LlamaConfig.from_name(name))
+        model = Llama(LlamaConfig.preset(name))
     assert sum(p.numel() for p in model.parameters()) == n_params
 
 
 def test_defaults_are_8b_and_unknown_preset_lists_choices():
-    assert LlamaConfig() == LlamaConfig.from_name("seed-llama-8b")
+    assert LlamaConfig() == LlamaConfig.preset("seed-llama-8b")
     with pytest.raises(ValueError, match="tiny"):
-        LlamaConfig.from_name("seed-llama-7b")
+        LlamaConfig.preset("seed-llama-7b")
 
 
 @pytest.mark.parametrize("name, preset", [("llama_8b", "seed-llama-8b"), ("llama_14b", "seed-llama-14b")])
@@ -54,9 +54,9 @@ def test_official_key_names_and_shapes(name, preset):
     # our state dict = the official keys and shapes, minus the RoPE buffers the loader ignores
     official = json.loads((FIXTURES / "official_keys" / f"{name}.json").read_text())
     with torch.device("meta"):
-        ours = {k: list(v.shape) for k, v in Llama(LlamaConfig.from_name(preset)).state_dict().items()}
+        ours = {k: list(v.shape) for k, v in Llama(LlamaConfig.preset(preset)).state_dict().items()}
     ignored = [k for k in official if any(p.fullmatch(k) for p in llama.IGNORED_OFFICIAL_KEYS)]
-    assert len(ignored) == LlamaConfig.from_name(preset).n_layers
+    assert len(ignored) == LlamaConfig.preset(preset).n_layers
     assert {k: v for k, v in official.items() if k not in ignored} == ours
 
 
@@ -180,7 +180,7 @@ def test_forced_and_constrained_image_span(tiny):
 def test_classifier_free_guidance_on_codes(tiny):
     iv = image_vocab()
     cond, uncond, scale = [1, 5, 9, 13], [1, 2], 3.0
-    out = tiny.generate([cond], max_new_tokens=2, force_image=True, constrain_images=True, cfg_scale=scale,
+    out = tiny.generate([cond], max_new_tokens=2, force_image=True, constrain_images=True, guidance_scale=scale,
                         image_vocab=iv, uncond_prompt=uncond)[0]
     with torch.no_grad():
         c = tiny(torch.tensor([cond + [iv.boi_id]]))[0, -1, iv.code_offset:iv.code_offset + iv.n_codes]
@@ -189,7 +189,7 @@ def test_classifier_free_guidance_on_codes(tiny):
     unguided = tiny.generate([cond], max_new_tokens=2, force_image=True, constrain_images=True, image_vocab=iv)[0]
     assert unguided[1] == iv.code_offset + c.argmax().item()
     with pytest.raises(ValueError, match="uncond_prompt"):
-        tiny.generate([cond], cfg_scale=2.0, image_vocab=iv)
+        tiny.generate([cond], guidance_scale=2.0, image_vocab=iv)
 
 
 # ---- loaders ---------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def test_official_checkpoint_matches_preset(repo, preset):
     from conftest import official_file
     folder = official_file("AILab-CVC", repo, "config.json").parent
     config = LlamaConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    assert config == LlamaConfig.from_name(preset)
+    assert config == LlamaConfig.preset(preset)
     files = llama._weight_files(folder, ("pytorch_model.bin.index.json", "model.safetensors.index.json"))
     stored = {k: list(shape) for f in files for k, (shape, _) in llama._shard_header(f).items()}
     official = json.loads((FIXTURES / "official_keys" / f"llama_{preset.split('-')[-1]}.json").read_text())

@@ -392,7 +392,7 @@ def native_checkpoint(folder: Path) -> Path:
     tokenizer = Tokenizer(FIXTURES / "llama")  # 640 pieces + 128 image codes + <img>, </img>
     seed_cfg = replace(SeedConfig.preset("tiny"), n_codes=tokenizer.image_vocab.n_codes)
     SeedTokenizer(seed_cfg).save_pretrained(folder / "seed")
-    Llama(LlamaConfig.from_name("tiny")).save_pretrained(folder / "llama", tokenizer=tokenizer)
+    Llama(LlamaConfig.preset("tiny")).save_pretrained(folder / "llama", tokenizer=tokenizer)
     decoder_cfg = DecoderConfig.from_preset("tiny")
     assert decoder_cfg.embed_dim == seed_cfg.embed_dim
     UnCLIPDecoder(decoder_cfg).save_pretrained(folder / "decoder")

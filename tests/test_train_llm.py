@@ -108,7 +108,7 @@ def test_held_out_pairs_are_never_drawn_in_training(data, tokenizer):
 
 def test_lora_starts_as_the_base_model_and_merges_exactly():
     torch.manual_seed(0)
-    model = llama.Llama(llama.LlamaConfig.from_name("tiny")).eval()
+    model = llama.Llama(llama.LlamaConfig.preset("tiny")).eval()
     ids = torch.randint(0, 770, (2, 12))
     with torch.no_grad():
         base = model(ids)
