@@ -559,7 +559,7 @@ def stage_codebook(run: Run, prev: dict) -> dict:
 def tiny_decoder_config(embed_dim: int) -> "unet.DecoderConfig":
     """unet.py's `tiny` decoder preset (pixel space, 3 x 32 x 32, no VAE, no text) for image embeddings of width E:
     the UNet's class label is the noised embedding ++ the embedding of its noise level, 2E."""
-    c = unet.DecoderConfig.from_preset("tiny")
+    c = unet.DecoderConfig.preset("tiny")
     return dataclasses.replace(c, unet=dataclasses.replace(c.unet, class_embed_dim=2 * embed_dim))
 
 

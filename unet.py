@@ -73,7 +73,7 @@ class CLIPTextConfig:
             raise ValueError(f"CLIPTextConfig: width {self.width} is not divisible by heads {self.heads}")
 
     @classmethod
-    def from_preset(cls, name: str) -> "CLIPTextConfig":
+    def preset(cls, name: str) -> "CLIPTextConfig":
         """`sd21` (the official tower) or `tiny` (the shape of tests/fixtures/text_encoder, BPE of 1514 tokens)."""
         presets = {"sd21": {}, "tiny": dict(vocab_size=1514, width=32, layers=2, heads=2, mlp_width=128)}
         if name not in presets:
@@ -1091,7 +1091,7 @@ class DecoderConfig:
         return self.unet.class_embed_dim // 2
 
     @classmethod
-    def from_preset(cls, name: str) -> "DecoderConfig":
+    def preset(cls, name: str) -> "DecoderConfig":
         if name not in DECODER_PRESETS:
             raise ValueError(f"unknown decoder preset {name!r}; choices: {sorted(DECODER_PRESETS)}")
         return DECODER_PRESETS[name]()

@@ -130,13 +130,13 @@ def test_official_size_and_keys_on_meta_device(fixtures):
 
 
 def test_config_presets_and_errors():
-    assert CLIPTextConfig.from_preset("sd21") == CLIPTextConfig()
-    assert CLIPTextConfig.from_preset("tiny").width == 32
+    assert CLIPTextConfig.preset("sd21") == CLIPTextConfig()
+    assert CLIPTextConfig.preset("tiny").width == 32
     with pytest.raises(ValueError, match="tiny"):
-        CLIPTextConfig.from_preset("huge")
+        CLIPTextConfig.preset("huge")
     with pytest.raises(ValueError, match="quick_gelu"):
         CLIPTextConfig.from_hf(dict(hidden_act="quick_gelu"))
-    model = CLIPTextEncoder(CLIPTextConfig.from_preset("tiny"))
+    model = CLIPTextEncoder(CLIPTextConfig.preset("tiny"))
     with pytest.raises(ValueError, match="77"):
         model(torch.zeros(1, 78, dtype=torch.long))
 

@@ -393,7 +393,7 @@ def native_checkpoint(folder: Path) -> Path:
     seed_cfg = replace(SeedConfig.preset("tiny"), n_codes=tokenizer.image_vocab.n_codes)
     SeedTokenizer(seed_cfg).save_pretrained(folder / "seed")
     Llama(LlamaConfig.preset("tiny")).save_pretrained(folder / "llama", tokenizer=tokenizer)
-    decoder_cfg = DecoderConfig.from_preset("tiny")
+    decoder_cfg = DecoderConfig.preset("tiny")
     assert decoder_cfg.embed_dim == seed_cfg.embed_dim
     UnCLIPDecoder(decoder_cfg).save_pretrained(folder / "decoder")
     return folder

@@ -147,7 +147,7 @@ def test_save_pretrained_round_trip(pipeline, tmp_path):
 
 def test_tiny_pixel_space_decoder(tmp_path):
     """The tiny preset (no VAE, no text encoder, 3 x 32 x 32) runs end to end and round-trips."""
-    model = U.UnCLIPDecoder(U.DecoderConfig.from_preset("tiny")).eval()
+    model = U.UnCLIPDecoder(U.DecoderConfig.preset("tiny")).eval()
     assert model.vae is None and model.text_encoder is None and model.clip_tokenizer is None
     E = model.config.embed_dim
     v = model.unet(torch.randn(2, 3, 32, 32), torch.tensor([5, 900]), None, torch.randn(2, 2 * E))
@@ -164,7 +164,7 @@ def test_tiny_pixel_space_decoder(tmp_path):
 
 def test_unknown_preset_lists_choices():
     with pytest.raises(ValueError, match="choices"):
-        U.DecoderConfig.from_preset("sd15")
+        U.DecoderConfig.preset("sd15")
 
 
 def test_bad_inputs_give_clear_errors(pipeline):
