@@ -70,11 +70,15 @@ def pick_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch
 # ---- 2. finding and reading weight files --------------------------------------------------------------------------
 
 def inside(folder: Path, name: str, source: str) -> Path:
-    """folder / name, refused when `name` (read from `source`) is absolute or resolves outside `folder`."""
-    path = (folder / name).resolve()
-    if Path(name).is_absolute() or not path.is_relative_to(folder.resolve()):
+    """folder / name, refused when `name` (read from `source`) is absolute or climbs out of `folder` with `..`.
+
+    The test is on the name, not on the resolved path: a hub cache folder's files are symbolic links into its
+    `blobs/` folder by design, and a link the user made is the user's choice; a name a file or a server hands us
+    is not."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or os.path.normpath(name).startswith("..") or ".." in parts:
         raise ValueError(f"{source} names {name!r}, which lies outside {folder}: refused")
-    return folder / name
+    return Path(folder) / name
 
 
 def index_shards(index: Path) -> list[str]:
