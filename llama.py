@@ -105,6 +105,22 @@ LLAMA_PRESETS = {
 }
 
 
+@dataclass
+class GenerationConfig:
+    """Decoding settings. The sampling values are the official ones: SEED's scripts call transformers 4.30.2
+    `generate(temperature=1.0, top_p=0.5, do_sample=True)`, whose default top_k=50 then applies too.
+    The image-span options are all off, so that the defaults decode as the official model does."""
+    max_new_tokens: int = 512          # scripts/seed_llama_inference_8B.py
+    do_sample: bool = False            # greedy unless asked; the official scripts sample
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 0.5
+    stop_ids: tuple[int, ...] = ()     # e.g. (tokenizer.eos_id,); empty = run to max_new_tokens
+    constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
+    force_image: bool = False          # append <img> to the prompt (returned as the first new token)
+    guidance_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -403,22 +419,6 @@ class Llama(nn.Module):
         files = _weight_files(folder, ("model.safetensors.index.json", "pytorch_model.bin.index.json",
                                        "model.safetensors", "pytorch_model.bin"))
         return _load(LlamaConfig.from_hf(hf), files, device, dtype, stored)
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding settings. The sampling values are the official ones: SEED's scripts call transformers 4.30.2
-    `generate(temperature=1.0, top_p=0.5, do_sample=True)`, whose default top_k=50 then applies too.
-    The image-span options are all off, so that the defaults decode as the official model does."""
-    max_new_tokens: int = 512          # scripts/seed_llama_inference_8B.py
-    do_sample: bool = False            # greedy unless asked; the official scripts sample
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float | None = 0.5
-    stop_ids: tuple[int, ...] = ()     # e.g. (tokenizer.eos_id,); empty = run to max_new_tokens
-    constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
-    force_image: bool = False          # append <img> to the prompt (returned as the first new token)
-    guidance_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:

@@ -30,15 +30,6 @@ from typing import Sequence
 #     `added_tokens.json`. SEED was trained and evaluated with 4.30.2; later versions tokenize prompts differently.
 # An image is `<img>` + 32 `<img_{code:05d}>` + `</img>` (AILab-CVC/SEED scripts/seed_llama_inference_8B.py).
 
-CODES_PER_IMAGE = 32  # SEED's causal Q-Former emits 32 codes per image
-BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
-IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a chat message (gradio_demo/conversation.py)
-
-
-def image_token(code: int) -> str:
-    return f"<img_{code:05d}>"
-
-
 # --- protobuf wire format (https://protobuf.dev/programming-guides/encoding/) -------------------------------------
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -78,25 +69,6 @@ def _proto_fields(buf: bytes, message: str):
         if number == 0:
             raise ValueError(f"{message}: field number 0 is invalid")
         yield number, value
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative ints are written as 10-byte two's complement, as protobuf does
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _proto_field(number: int, value: int | float | str | bytes) -> bytes:
-    if isinstance(value, float):  # proto `float`: fixed32 (wire type 5)
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (bool, int)):
-        return _varint(number << 3) + _varint(int(value))
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
 # --- SentencePiece BPE -------------------------------------------------------------------------------------------
@@ -310,191 +282,6 @@ def _decode_utf8(data: bytes) -> str:
         except UnicodeDecodeError as e:
             out.append(data[pos:pos + e.start].decode("utf-8") + "\ufffd" * (e.end - e.start))
             pos += e.end
-
-
-# --- training a small vocabulary (train.py --tiny) ----------------------------------------------------------------
-
-# Pieces never cross these boundaries: a word is '▁'-led, runs of spaces form their own pieces (LLaMA's
-# allow_whitespace_only_pieces) and every digit stays alone (split_digits).
-_WORD_RE = re.compile("\u2581+(?=\u2581)|\u2581?[^\u25810-9]+|\u2581|[0-9]")
-
-
-def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16) -> bytes:
-    """Train a SentencePiece-format BPE vocabulary with LLaMA's options; returns the bytes of a `tokenizer.model`.
-
-    LLaMA's options: byte fallback (ids 3..258 = <0x00>..<0xFF>), digits split, dummy prefix, no whitespace
-    cleanup, <unk>/<s>/</s> = 0/1/2. Each step merges the most frequent adjacent pair inside a word (ties: first
-    seen), and the new piece scores -step, so encoding replays the merges in order. Every character of the texts
-    becomes a piece (sentencepiece's character_coverage 1.0); others fall back to bytes. Simplification: pieces
-    may mix Unicode scripts (sentencepiece's split_by_unicode_script is not reproduced).
-    """
-    words: Counter[tuple[str, ...]] = Counter()
-    for text in texts:
-        for line in text.split("\n"):  # sentencepiece trains on lines, so '\n' is always a byte piece
-            if line:
-                words.update(tuple(w) for w in _WORD_RE.findall("\u2581" + line.replace(" ", "\u2581")))
-    chars: Counter[str] = Counter()
-    for word, count in words.items():
-        for ch in word:
-            chars[ch] += count
-    n_base = 3 + 256 + len(chars)
-    if vocab_size < n_base:
-        raise ValueError(f"vocab_size {vocab_size} is too small: it needs at least {n_base} "
-                         f"(3 special + 256 byte + {len(chars)} character pieces)")
-    merges: list[str] = []
-    known = set(chars)
-    while n_base + len(merges) < vocab_size:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, count in words.items():
-            for a, b in zip(word, word[1:]):
-                if len(a) + len(b) <= max_piece_length:
-                    pairs[a, b] += count
-        if not pairs:
-            break
-        (a, b), _ = pairs.most_common(1)[0]
-        merged = a + b
-        if merged not in known:  # two pairs can spell the same piece ("ab"+"c", "a"+"bc"): store it once
-            known.add(merged)
-            merges.append(merged)
-        words = Counter({_merge_pair(word, a, b): count for word, count in words.items()})
-    pieces = [("<unk>", 0.0, SentencePieceModel.UNKNOWN), ("<s>", 0.0, SentencePieceModel.CONTROL),
-              ("</s>", 0.0, SentencePieceModel.CONTROL)]
-    pieces += [(f"<0x{b:02X}>", 0.0, SentencePieceModel.BYTE) for b in range(256)]
-    pieces += [(p, -float(k), SentencePieceModel.NORMAL) for k, p in enumerate(merges)]
-    # Single characters come last with the lowest scores, as in LLaMA's vocabulary; BPE never merges into them.
-    pieces += [(ch, -float(len(merges) + k), SentencePieceModel.NORMAL)
-               for k, (ch, _) in enumerate(chars.most_common())]
-    model = b"".join(_proto_field(1, _proto_field(1, p) + _proto_field(2, s) + _proto_field(3, t))
-                     for p, s, t in pieces)
-    # TrainerSpec: model_type BPE, vocab_size, split_digits, byte_fallback, unk/bos/eos/pad ids.
-    trainer = b"".join(_proto_field(n, v) for n, v in
-                       [(3, 2), (4, len(pieces)), (25, True), (35, True), (40, 0), (41, 1), (42, 2), (43, -1)])
-    # NormalizerSpec: identity, add_dummy_prefix, no remove_extra_whitespaces, escape_whitespaces.
-    normalizer = b"".join(_proto_field(n, v) for n, v in [(1, "identity"), (3, True), (4, False), (5, True)])
-    return model + _proto_field(2, trainer) + _proto_field(3, normalizer)
-
-
-def _merge_pair(word: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
-            out.append(a + b)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
-
-# --- image spans --------------------------------------------------------------------------------------------------
-
-def check_image_codes(codes: Sequence[int], n_codes: int = 8192) -> list[int]:
-    """The codes of one image as a list of ints, or a ValueError naming what is wrong with them."""
-    codes = codes.tolist() if hasattr(codes, "tolist") else list(codes)
-    if len(codes) != CODES_PER_IMAGE:
-        raise ValueError(f"an image span holds exactly {CODES_PER_IMAGE} codes, got {len(codes)}")
-    for k, code in enumerate(codes):
-        if not 0 <= code < n_codes:
-            raise ValueError(f"image code {code} at index {k} is outside [0, {n_codes})")
-    return [int(c) for c in codes]
-
-
-def image_span_text(codes: Sequence[int], n_codes: int = 8192) -> str:
-    """`<img><img_00012>...</img>`: the text SEED writes for one image (32 codes)."""
-    return BOI_TOKEN + "".join(image_token(c) for c in check_image_codes(codes, n_codes)) + EOI_TOKEN
-
-
-@dataclass(frozen=True)
-class ImageVocab:
-    """Where the image tokens sit in the vocabulary: `<img>`, `</img>`, and codes k -> code_offset + k."""
-    boi_id: int
-    eoi_id: int
-    code_offset: int
-    n_codes: int
-    codes_per_image: int = CODES_PER_IMAGE
-
-    def is_code(self, token_id: int) -> bool:
-        return self.code_offset <= token_id < self.code_offset + self.n_codes
-
-    def span_ids(self, codes: Sequence[int]) -> list[int]:
-        """`[<img>, code ids..., </img>]` for the 32 codes of one image."""
-        return [self.boi_id] + [self.code_offset + c for c in check_image_codes(codes, self.n_codes)] + [self.eoi_id]
-
-    def split(self, ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
-        """Cut generated ids at their image spans: (text runs, codes of each span), len(text runs) = spans + 1.
-
-        Every span is checked: `<img>` must be closed by `</img>` and hold exactly 32 image codes (the flask
-        demo's check), a stray `</img>` is an error too.
-        """
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        texts, images, run = [], [], []
-        pos = 0
-        while pos < len(ids):
-            token = ids[pos]
-            if token == self.eoi_id:
-                raise ValueError(f"</img> (id {token}) at position {pos} closes no <img>")
-            if token != self.boi_id:
-                run.append(token)
-                pos += 1
-                continue
-            try:
-                end = ids.index(self.eoi_id, pos + 1)
-            except ValueError:
-                raise ValueError(f"the image span opened by <img> at position {pos} is never closed by </img>") from None
-            for p in range(pos + 1, end):
-                if not self.is_code(ids[p]):
-                    raise ValueError(f"the image span at position {pos} holds id {ids[p]} at position {p}, which is "
-                                     f"not an image code (codes are ids {self.code_offset}.."
-                                     f"{self.code_offset + self.n_codes - 1})")
-            images.append(check_image_codes([i - self.code_offset for i in ids[pos + 1:end]], self.n_codes))
-            texts.append(run)
-            run = []
-            pos = end + 1
-        texts.append(run)
-        return texts, images
-
-
-# --- chat templates (AILab-CVC/SEED scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py) -------
-
-CHAT_TEMPLATES = ("8B", "14B")
-
-
-def chat_conversation(messages: Sequence[str], template: str = "8B", system: str | None = None) -> str:
-    """The conversation text of a chat, with `<image>` placeholders where images go.
-
-    `messages` alternate user, assistant, user, ... and end with the user turn the model answers.
-      8B (Vicuna v1.1):  `{system}\\n` + `USER: {u}\\nASSISTANT: {a}\\n` ... + `USER: {u}\\nASSISTANT:`
-      14B (LLaMA-2 chat): `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` + `[INST] {u} [/INST]\\n{a}\\n` ... + `[INST] {u} [/INST]\\n`
-    """
-    if template not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; choose one of {CHAT_TEMPLATES}")
-    if len(messages) % 2 != 1:
-        raise ValueError(f"messages alternate user/assistant and end with a user turn, so their number is odd; "
-                         f"got {len(messages)}")
-    if template == "8B":
-        text = "" if system is None else f"{system}\n"
-        for k, message in enumerate(messages):
-            text += f"USER: {message}\n" if k % 2 == 0 else f"ASSISTANT: {message}\n"
-        return text + "ASSISTANT:"
-    text = "" if system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n"
-    for k, message in enumerate(messages):
-        text += f"[INST] {message} [/INST]\n" if k % 2 == 0 else f"{message}\n"
-    return text
-
-
-def chat_prompt(messages: Sequence[str], template: str = "8B", system: str | None = None,
-                images: Sequence[Sequence[int]] = (), force_boi: bool = False, n_codes: int = 8192) -> str:
-    """The prompt text SEED-LLaMA is given: `<s>` + the conversation, the k-th `<image>` replaced by the span of
-    `images[k]`, plus `<img>` when `force_boi` (the flask demo's "force image generation").
-
-    Encode it with `Tokenizer.encode(text)` without BOS: like SEED, the BOS comes from the literal `<s>`.
-    """
-    parts = chat_conversation(messages, template, system).split(IMAGE_PLACEHOLDER)
-    if len(parts) - 1 != len(images):
-        raise ValueError(f"the messages hold {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
-                         f"but {len(images)} images were given")
-    text = parts[0] + "".join(image_span_text(codes, n_codes) + part for codes, part in zip(images, parts[1:]))
-    return "<s>" + text + (BOI_TOKEN if force_boi else "")
 
 
 # --- the tokenizer SEED-LLaMA uses --------------------------------------------------------------------------------
@@ -725,6 +512,221 @@ class Tokenizer:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, folder / name)
+
+
+# --- image tokens ------------------------------------------------------------------------------------------------
+
+CODES_PER_IMAGE = 32  # SEED's causal Q-Former emits 32 codes per image
+BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
+IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a chat message (gradio_demo/conversation.py)
+
+
+def image_token(code: int) -> str:
+    return f"<img_{code:05d}>"
+
+
+# --- image spans --------------------------------------------------------------------------------------------------
+
+def check_image_codes(codes: Sequence[int], n_codes: int = 8192) -> list[int]:
+    """The codes of one image as a list of ints, or a ValueError naming what is wrong with them."""
+    codes = codes.tolist() if hasattr(codes, "tolist") else list(codes)
+    if len(codes) != CODES_PER_IMAGE:
+        raise ValueError(f"an image span holds exactly {CODES_PER_IMAGE} codes, got {len(codes)}")
+    for k, code in enumerate(codes):
+        if not 0 <= code < n_codes:
+            raise ValueError(f"image code {code} at index {k} is outside [0, {n_codes})")
+    return [int(c) for c in codes]
+
+
+def image_span_text(codes: Sequence[int], n_codes: int = 8192) -> str:
+    """`<img><img_00012>...</img>`: the text SEED writes for one image (32 codes)."""
+    return BOI_TOKEN + "".join(image_token(c) for c in check_image_codes(codes, n_codes)) + EOI_TOKEN
+
+
+@dataclass(frozen=True)
+class ImageVocab:
+    """Where the image tokens sit in the vocabulary: `<img>`, `</img>`, and codes k -> code_offset + k."""
+    boi_id: int
+    eoi_id: int
+    code_offset: int
+    n_codes: int
+    codes_per_image: int = CODES_PER_IMAGE
+
+    def is_code(self, token_id: int) -> bool:
+        return self.code_offset <= token_id < self.code_offset + self.n_codes
+
+    def span_ids(self, codes: Sequence[int]) -> list[int]:
+        """`[<img>, code ids..., </img>]` for the 32 codes of one image."""
+        return [self.boi_id] + [self.code_offset + c for c in check_image_codes(codes, self.n_codes)] + [self.eoi_id]
+
+    def split(self, ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Cut generated ids at their image spans: (text runs, codes of each span), len(text runs) = spans + 1.
+
+        Every span is checked: `<img>` must be closed by `</img>` and hold exactly 32 image codes (the flask
+        demo's check), a stray `</img>` is an error too.
+        """
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        texts, images, run = [], [], []
+        pos = 0
+        while pos < len(ids):
+            token = ids[pos]
+            if token == self.eoi_id:
+                raise ValueError(f"</img> (id {token}) at position {pos} closes no <img>")
+            if token != self.boi_id:
+                run.append(token)
+                pos += 1
+                continue
+            try:
+                end = ids.index(self.eoi_id, pos + 1)
+            except ValueError:
+                raise ValueError(f"the image span opened by <img> at position {pos} is never closed by </img>") from None
+            for p in range(pos + 1, end):
+                if not self.is_code(ids[p]):
+                    raise ValueError(f"the image span at position {pos} holds id {ids[p]} at position {p}, which is "
+                                     f"not an image code (codes are ids {self.code_offset}.."
+                                     f"{self.code_offset + self.n_codes - 1})")
+            images.append(check_image_codes([i - self.code_offset for i in ids[pos + 1:end]], self.n_codes))
+            texts.append(run)
+            run = []
+            pos = end + 1
+        texts.append(run)
+        return texts, images
+
+
+# --- chat templates (AILab-CVC/SEED scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py) -------
+
+CHAT_TEMPLATES = ("8B", "14B")
+
+
+def chat_conversation(messages: Sequence[str], template: str = "8B", system: str | None = None) -> str:
+    """The conversation text of a chat, with `<image>` placeholders where images go.
+
+    `messages` alternate user, assistant, user, ... and end with the user turn the model answers.
+      8B (Vicuna v1.1):  `{system}\\n` + `USER: {u}\\nASSISTANT: {a}\\n` ... + `USER: {u}\\nASSISTANT:`
+      14B (LLaMA-2 chat): `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` + `[INST] {u} [/INST]\\n{a}\\n` ... + `[INST] {u} [/INST]\\n`
+    """
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; choose one of {CHAT_TEMPLATES}")
+    if len(messages) % 2 != 1:
+        raise ValueError(f"messages alternate user/assistant and end with a user turn, so their number is odd; "
+                         f"got {len(messages)}")
+    if template == "8B":
+        text = "" if system is None else f"{system}\n"
+        for k, message in enumerate(messages):
+            text += f"USER: {message}\n" if k % 2 == 0 else f"ASSISTANT: {message}\n"
+        return text + "ASSISTANT:"
+    text = "" if system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n"
+    for k, message in enumerate(messages):
+        text += f"[INST] {message} [/INST]\n" if k % 2 == 0 else f"{message}\n"
+    return text
+
+
+def chat_prompt(messages: Sequence[str], template: str = "8B", system: str | None = None,
+                images: Sequence[Sequence[int]] = (), force_boi: bool = False, n_codes: int = 8192) -> str:
+    """The prompt text SEED-LLaMA is given: `<s>` + the conversation, the k-th `<image>` replaced by the span of
+    `images[k]`, plus `<img>` when `force_boi` (the flask demo's "force image generation").
+
+    Encode it with `Tokenizer.encode(text)` without BOS: like SEED, the BOS comes from the literal `<s>`.
+    """
+    parts = chat_conversation(messages, template, system).split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(images):
+        raise ValueError(f"the messages hold {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                         f"but {len(images)} images were given")
+    text = parts[0] + "".join(image_span_text(codes, n_codes) + part for codes, part in zip(images, parts[1:]))
+    return "<s>" + text + (BOI_TOKEN if force_boi else "")
+
+
+# --- training a small vocabulary (train.py --tiny) ----------------------------------------------------------------
+
+# Pieces never cross these boundaries: a word is '▁'-led, runs of spaces form their own pieces (LLaMA's
+# allow_whitespace_only_pieces) and every digit stays alone (split_digits).
+_WORD_RE = re.compile("\u2581+(?=\u2581)|\u2581?[^\u25810-9]+|\u2581|[0-9]")
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16) -> bytes:
+    """Train a SentencePiece-format BPE vocabulary with LLaMA's options; returns the bytes of a `tokenizer.model`.
+
+    LLaMA's options: byte fallback (ids 3..258 = <0x00>..<0xFF>), digits split, dummy prefix, no whitespace
+    cleanup, <unk>/<s>/</s> = 0/1/2. Each step merges the most frequent adjacent pair inside a word (ties: first
+    seen), and the new piece scores -step, so encoding replays the merges in order. Every character of the texts
+    becomes a piece (sentencepiece's character_coverage 1.0); others fall back to bytes. Simplification: pieces
+    may mix Unicode scripts (sentencepiece's split_by_unicode_script is not reproduced).
+    """
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        for line in text.split("\n"):  # sentencepiece trains on lines, so '\n' is always a byte piece
+            if line:
+                words.update(tuple(w) for w in _WORD_RE.findall("\u2581" + line.replace(" ", "\u2581")))
+    chars: Counter[str] = Counter()
+    for word, count in words.items():
+        for ch in word:
+            chars[ch] += count
+    n_base = 3 + 256 + len(chars)
+    if vocab_size < n_base:
+        raise ValueError(f"vocab_size {vocab_size} is too small: it needs at least {n_base} "
+                         f"(3 special + 256 byte + {len(chars)} character pieces)")
+    merges: list[str] = []
+    known = set(chars)
+    while n_base + len(merges) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for a, b in zip(word, word[1:]):
+                if len(a) + len(b) <= max_piece_length:
+                    pairs[a, b] += count
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        merged = a + b
+        if merged not in known:  # two pairs can spell the same piece ("ab"+"c", "a"+"bc"): store it once
+            known.add(merged)
+            merges.append(merged)
+        words = Counter({_merge_pair(word, a, b): count for word, count in words.items()})
+    pieces = [("<unk>", 0.0, SentencePieceModel.UNKNOWN), ("<s>", 0.0, SentencePieceModel.CONTROL),
+              ("</s>", 0.0, SentencePieceModel.CONTROL)]
+    pieces += [(f"<0x{b:02X}>", 0.0, SentencePieceModel.BYTE) for b in range(256)]
+    pieces += [(p, -float(k), SentencePieceModel.NORMAL) for k, p in enumerate(merges)]
+    # Single characters come last with the lowest scores, as in LLaMA's vocabulary; BPE never merges into them.
+    pieces += [(ch, -float(len(merges) + k), SentencePieceModel.NORMAL)
+               for k, (ch, _) in enumerate(chars.most_common())]
+    model = b"".join(_proto_field(1, _proto_field(1, p) + _proto_field(2, s) + _proto_field(3, t))
+                     for p, s, t in pieces)
+    # TrainerSpec: model_type BPE, vocab_size, split_digits, byte_fallback, unk/bos/eos/pad ids.
+    trainer = b"".join(_proto_field(n, v) for n, v in
+                       [(3, 2), (4, len(pieces)), (25, True), (35, True), (40, 0), (41, 1), (42, 2), (43, -1)])
+    # NormalizerSpec: identity, add_dummy_prefix, no remove_extra_whitespaces, escape_whitespaces.
+    normalizer = b"".join(_proto_field(n, v) for n, v in [(1, "identity"), (3, True), (4, False), (5, True)])
+    return model + _proto_field(2, trainer) + _proto_field(3, normalizer)
+
+
+def _merge_pair(word: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative ints are written as 10-byte two's complement, as protobuf does
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _proto_field(number: int, value: int | float | str | bytes) -> bytes:
+    if isinstance(value, float):  # proto `float`: fixed32 (wire type 5)
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return _varint(number << 3) + _varint(int(value))
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
 def train_tokenizer(texts: Sequence[str], folder: str | os.PathLike, vocab_size: int,
