@@ -314,64 +314,63 @@ class Llama(nn.Module):
         batch). Returns the new tokens of each prompt, up to and including its first stop id.
 
         config (or keyword overrides such as max_new_tokens=64): see GenerationConfig.
-        image_vocab: the ids of <img>, </img> and the codes; needed by the image-span options.
+        image_vocab: where <img>, </img> and the codes sit (tokenizer.ImageVocab); needed by the image options.
         uncond_prompt: the unconditional prompt of classifier-free guidance (e.g. the template around an empty
             request); it runs as extra rows of the batch and is fed the tokens chosen for its conditional row.
         on_token(row, token): called for every new token as it is produced (streaming).
         """
         cfg = replace(config or GenerationConfig(), **overrides)
-        prompts = [list(p) for p in prompts]
-        if not prompts or any(not p or not isinstance(p[0], int) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty lists of token ids")
-        iv = image_vocab
-        if (cfg.constrain_images or cfg.force_image or cfg.guidance_scale != 1.0) and iv is None:
-            raise ValueError("constrain_images, force_image and guidance_scale need image_vocab")
-        if cfg.guidance_scale != 1.0 and not uncond_prompt:
-            raise ValueError("classifier-free guidance (guidance_scale != 1) needs an uncond_prompt")
-        B = len(prompts)
-        rows = prompts + ([list(uncond_prompt)] * B if cfg.guidance_scale != 1.0 else [])
-        if cfg.force_image:  # the flask demo's force_boi: <img> ends the prompt, so an image comes next
-            rows = [r + [iv.boi_id] for r in rows]
+        rows = generation_rows(prompts, cfg, image_vocab, uncond_prompt)
+        n_prompts = len(prompts)
+        idx, pad = self.left_pad(rows)  # (B', T): the prompts, then the unconditional rows
+        span = _SpanTracker(image_vocab, self.config.vocab_size, idx[:n_prompts]) if image_vocab is not None else None
+        out: list[list[int]] = [[image_vocab.boi_id] if cfg.force_image else [] for _ in range(n_prompts)]
+        if on_token is not None and cfg.force_image:
+            for row in range(n_prompts):
+                on_token(row, image_vocab.boi_id)
+        max_new = min(cfg.max_new_tokens, self.config.max_seq_len - idx.shape[1])  # stop at the context end
+        if max_new == 0:
+            return out
+        self.setup_cache(len(rows), idx.shape[1] + max_new)
+        logits = self.prefill(idx, pad)
+        return self.decode_loop(logits, out, cfg, span, idx.shape[1], pad, max_new, generator, on_token)
+
+    def left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of different lengths as one (B, T) tensor padded on the left, and each row's padding (B,), or
+        None when no row is padded (then the cheaper plain causal path runs)."""
         T = max(len(r) for r in rows)
         if T > self.config.max_seq_len:
             raise ValueError(f"prompt of {T} tokens is longer than the context (max_seq_len="
                              f"{self.config.max_seq_len}); shorten it")
-        max_new = min(cfg.max_new_tokens, self.config.max_seq_len - T)  # generation stops at the context end
         device = self.lm_head.weight.device
-        idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B', T), left-padded
+        idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B, T)
         pad = torch.tensor([T - len(r) for r in rows], device=device)
-        pad = pad if pad.any() else None  # no padding: the cheaper causal path
-        span = _SpanTracker(iv, self.config.vocab_size, idx[:B]) if iv is not None else None
-        out: list[list[int]] = [[iv.boi_id] if cfg.force_image else [] for _ in range(B)]
-        if on_token is not None and cfg.force_image:
-            for b in range(B):
-                on_token(b, iv.boi_id)
-        done, stop_ids = [False] * B, set(cfg.stop_ids)
-        if max_new == 0:
-            return out
+        return idx, (pad if pad.any() else None)
 
-        self.setup_cache(len(rows), T + max_new)
-        logits = self.prefill(idx, pad)
+    def decode_loop(self, logits: torch.Tensor, out: list[list[int]], cfg: GenerationConfig, span, start: int,
+                    pad, max_new: int, generator, on_token) -> list[list[int]]:
+        """From the prefill's logits (B', V): pick a token per row and feed it back at cache slot start, start + 1,
+        ..., max_new times or until every prompt has produced a stop id. `out` holds each prompt's new tokens so
+        far and is returned extended; rows past len(out) are the unconditional rows of guidance."""
+        n_prompts, n_rows = len(out), logits.shape[0]
+        done, stop_ids = [False] * n_prompts, set(cfg.stop_ids)
         for step in range(max_new):
             logits = logits.float()  # sampling math in fp32, as HF does for fp16 models
-            if span is not None and cfg.guidance_scale != 1.0:
-                logits = span.guide(logits[:B], logits[B:], cfg.guidance_scale)
-            if span is not None and cfg.constrain_images:
-                logits = span.constrain(logits)
-            tok = sample_next(logits, cfg, generator)  # (B,)
-            for b, t in enumerate(tok.tolist()):
-                if not done[b]:  # a finished row runs on with the batch, but its tokens are dropped
-                    out[b].append(t)
-                    done[b] = t in stop_ids
+            tok = sample_next(image_options(logits, cfg, span, n_prompts), cfg, generator)  # (B,)
+            for row, t in enumerate(tok.tolist()):
+                if not done[row]:  # a finished row runs on with the batch, but its tokens are dropped
+                    out[row].append(t)
+                    done[row] = t in stop_ids
                     if on_token is not None:
-                        on_token(b, t)
+                        on_token(row, t)
             if span is not None:
                 span.update(tok)
             if all(done) or step == max_new - 1:
                 break
-            feed = tok.repeat(len(rows) // B)  # the unconditional rows follow their conditional row
-            logits = self.decode_one_token(feed, T + step, pad)
+            feed = tok.repeat(n_rows // n_prompts)  # the unconditional rows follow their conditional row
+            logits = self.decode_one_token(feed, start + step, pad)
         return out
+
 
     # ---- checkpoints -------------------------------------------------------------------------------------
 
@@ -421,6 +420,25 @@ class Llama(nn.Module):
         return _load(LlamaConfig.from_hf(hf), files, device, dtype, stored)
 
 
+# ---- sampling and the image-span options ----------------------------------------------------------------
+
+def generation_rows(prompts: Sequence[Sequence[int]], cfg: GenerationConfig, image_vocab,
+                    uncond_prompt: Sequence[int] | None) -> list[list[int]]:
+    """The rows generate() runs: the prompts, then (guidance on) one copy of uncond_prompt per prompt, each
+    followed by <img> when force_image. The options are checked here, before any compute."""
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(not p or not isinstance(p[0], int) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty lists of token ids")
+    if (cfg.constrain_images or cfg.force_image or cfg.guidance_scale != 1.0) and image_vocab is None:
+        raise ValueError("constrain_images, force_image and guidance_scale need image_vocab")
+    if cfg.guidance_scale != 1.0 and not uncond_prompt:
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs an uncond_prompt")
+    rows = prompts + ([list(uncond_prompt)] * len(prompts) if cfg.guidance_scale != 1.0 else [])
+    if cfg.force_image:  # the flask demo's force_boi: <img> ends the prompt, so an image comes next
+        rows = [r + [image_vocab.boi_id] for r in rows]
+    return rows
+
+
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids: argmax, or sampling after HF's warpers in HF's order
     (temperature -> top-k -> top-p; transformers 4.30.2 generation/utils.py `_get_logits_warper`)."""
@@ -455,20 +473,20 @@ class _SpanTracker:
     """Where each row stands in an image span, for constrained decoding and guidance on image codes.
     state = -1 outside a span, else the number of codes since the last <img>."""
 
-    def __init__(self, iv, vocab_size: int, prompts: torch.Tensor):
-        self.iv, self.n = iv, iv.codes_per_image
+    def __init__(self, image_vocab, vocab_size: int, prompts: torch.Tensor):
+        self.image_vocab, self.n = image_vocab, image_vocab.codes_per_image
         self.is_code = torch.zeros(vocab_size, dtype=torch.bool, device=prompts.device)  # (V,)
-        self.is_code[iv.code_offset:iv.code_offset + iv.n_codes] = True
+        self.is_code[image_vocab.code_offset:image_vocab.code_offset + image_vocab.n_codes] = True
         self.is_eoi = torch.zeros_like(self.is_code)
-        self.is_eoi[iv.eoi_id] = True
+        self.is_eoi[image_vocab.eoi_id] = True
         self.state = torch.full((prompts.shape[0],), -1, device=prompts.device)
         for column in prompts.T:  # a prompt may end inside a span (a forced or user-written <img>)
             self.update(column)
 
     def update(self, tok: torch.Tensor):
-        iv = self.iv
-        is_code = (tok >= iv.code_offset) & (tok < iv.code_offset + iv.n_codes)
-        self.state = torch.where(tok == iv.boi_id, 0,
+        vocab = self.image_vocab
+        is_code = (tok >= vocab.code_offset) & (tok < vocab.code_offset + vocab.n_codes)
+        self.state = torch.where(tok == vocab.boi_id, 0,
                                  torch.where((self.state >= 0) & is_code, self.state + 1, -1))
 
     def constrain(self, logits: torch.Tensor) -> torch.Tensor:
@@ -483,6 +501,17 @@ class _SpanTracker:
         # classifier-free guidance u + s (c - u) on the code logits of the rows inside a span; text untouched
         where = (self.state >= 0)[:, None] & self.is_code
         return torch.where(where, uncond + scale * (cond - uncond), cond)
+
+
+def image_options(logits: torch.Tensor, cfg: GenerationConfig, span: _SpanTracker | None,
+                  n_prompts: int) -> torch.Tensor:
+    """The logits (B', V) of every row -> those of the prompts (n_prompts, V) after the image options:
+    guidance mixes each prompt's code logits with its unconditional row's, then the span constraint masks."""
+    if span is not None and cfg.guidance_scale != 1.0:
+        logits = span.guide(logits[:n_prompts], logits[n_prompts:], cfg.guidance_scale)
+    if span is not None and cfg.constrain_images:
+        logits = span.constrain(logits)
+    return logits
 
 
 # ---- loading -------------------------------------------------------------------------------------------
