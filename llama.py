@@ -23,11 +23,8 @@ and AILab-CVC/SEED @ 93b3cf4 `scripts/seed_llama_inference_{8B,14B}.py`, `gradio
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,8 +32,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from weights import (atomic_write, check_keys, find_weights, pick_device, pick_dtype, read_header, read_json,
+                     read_weights, shapes, write_json)
 
 # ======================================================================================================
 # Model: config, RMSNorm, RoPE, attention with KV cache, SwiGLU, blocks, generation, official loader.
@@ -372,15 +371,14 @@ class Llama(nn.Module):
         return out
 
 
-    # ---- checkpoints -------------------------------------------------------------------------------------
+    # ---- checkpoints (the reading itself is the loading section at the end of the file) ---------------------
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None):
         """Write config.json (LlamaConfig) + model.safetensors, atomically; also the tokenizer files if given."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(asdict(self.config), indent=2)))
+        write_json(folder / "config.json", asdict(self.config))
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
         if tokenizer is not None:
             tokenizer.save(folder)
 
@@ -388,15 +386,14 @@ class Llama(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
         """Read a folder written by save_pretrained (strict: every key and shape must match config.json)."""
         folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{config_path} not found: not a folder written by Llama.save_pretrained")
-        raw = json.loads(config_path.read_text())
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'config.json'} not found: not a folder written by Llama.save_pretrained")
+        raw = read_json(folder / "config.json")
         unknown = sorted(set(raw) - {f.name for f in fields(LlamaConfig)})
         if unknown:
-            raise ValueError(f"{config_path} has keys LlamaConfig does not know: {unknown} "
+            raise ValueError(f"{folder / 'config.json'} has keys LlamaConfig does not know: {unknown} "
                              f"(an official HF folder? use Llama.from_official)")
-        return _load(LlamaConfig(**raw), _weight_files(folder, ("model.safetensors",)), device, dtype, None)
+        return _load(LlamaConfig(**raw), find_weights(folder, ("model.safetensors",)), device, dtype)
 
     @classmethod
     def from_official(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
@@ -408,16 +405,13 @@ class Llama(nn.Module):
         else the checkpoint's dtype if it is a half type, fp16 otherwise (the official code runs in fp16).
         """
         folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{config_path} not found: not a Hugging Face LLaMA folder")
-        hf = json.loads(config_path.read_text())
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'config.json'} not found: not a Hugging Face LLaMA folder")
+        hf = read_json(folder / "config.json")
         # the 2023 checkpoints say `torch_dtype`, recent transformers versions write `dtype`
         stored = hf.get("torch_dtype", hf.get("dtype"))
         stored = getattr(torch, stored) if stored in ("float32", "float16", "bfloat16") else None
-        files = _weight_files(folder, ("model.safetensors.index.json", "pytorch_model.bin.index.json",
-                                       "model.safetensors", "pytorch_model.bin"))
-        return _load(LlamaConfig.from_hf(hf), files, device, dtype, stored)
+        return _load(LlamaConfig.from_hf(hf), find_weights(folder, OFFICIAL_WEIGHT_FILES), device, dtype, stored)
 
 
 # ---- sampling and the image-span options ----------------------------------------------------------------
@@ -524,106 +518,31 @@ IGNORED_OFFICIAL_KEYS = [
 ]
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+# The official folders hold one of these (the first found wins): sharded safetensors or .bin with an index, or
+# a single file.
+OFFICIAL_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
+                         "pytorch_model.bin")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _weight_files(folder: Path, names: Sequence[str]) -> list[Path]:
-    """The weight files of folder: the shards of the first index found, or the first single file."""
-    for name in names:
-        path = folder / name
-        if not path.exists():
-            continue
-        if not name.endswith(".index.json"):
-            return [path]
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).exists()]
-        if missing:
-            raise FileNotFoundError(f"{path} names shard files that do not exist: {missing}")
-        return [folder / s for s in shards]
-    raise FileNotFoundError(f"no weights in {folder}: expected one of {list(names)}")
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-@contextmanager
-def _reading(path: Path):
-    try:
-        yield
-    except Exception as e:  # the safetensors, zip and pickle readers each raise their own types
-        raise ValueError(f"cannot read weight file {path} (truncated or not a checkpoint?): {e}") from e
-
-
-def _shard_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """name -> (shape, dtype) of every tensor of a weight file, without reading the data: the safetensors
-    header, or the .bin pickle with memory-mapped storages."""
-    with _reading(path):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: (tuple(f.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()))
-                        for k in f.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
-
-
-def _read_shard(path: Path, names: set[str], device, dtype) -> dict[str, torch.Tensor]:
-    """The tensors `names` of one weight file, cast one at a time: a half-precision source tensor is freed as
-    soon as it is cast, and the file's memory map is released when the caller drops the returned dict."""
-    with _reading(path):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys() if k in names}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {k: t.to(device=device, dtype=dtype) for k, t in state.items() if k in names}
-
-
-def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype) -> Llama:
+def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype=None) -> Llama:
     """Build on the meta device, check every key and shape of every file against the config before any data
     is read, then fill the model file by file with load_state_dict(assign=True), casting on the way. Host RAM
     peaks near one copy of the weights in the target dtype plus one file (a fp32 .bin loaded as fp32 on the
     CPU is not even copied: the parameters keep the file's memory-mapped pages)."""
-    headers = {path: _shard_header(path) for path in files}
+    headers = [read_header(path) for path in files]
+    found = {name: shape for header in headers for name, (shape, _) in header.items()
+             if not any(p.fullmatch(name) for p in IGNORED_OFFICIAL_KEYS)}
     with torch.device("meta"):
         model = Llama(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found, unexpected, misshaped = set(), [], []
-    for header in headers.values():
-        for name, (shape, _) in header.items():
-            if any(p.fullmatch(name) for p in IGNORED_OFFICIAL_KEYS):
-                continue
-            if name not in expected:
-                unexpected.append(name)
-            elif shape != expected[name]:
-                misshaped.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
-            found.add(name)
-    missing = sorted(set(expected) - found)
-    if missing or unexpected or misshaped:
-        raise ValueError(f"checkpoint {[str(f) for f in files]} does not match {config}:\n"
-                         f"  missing keys: {missing}\n  unexpected keys: {sorted(unexpected)}\n"
-                         f"  mis-shaped keys: {misshaped}")
+    expected = shapes(model)  # our names are the file's names: no rename table
+    source = f"checkpoint {files[0].parent} ({', '.join(f.name for f in files)})"
+    check_keys(expected, found, source, what="config.json")
 
-    device = torch.device(device) if device is not None else default_device()
+    device = pick_device(device)
     if dtype is None:
-        stored_dtype = stored_dtype or headers[files[0]]["lm_head.weight"][1]
-        dtype = torch.float32 if device.type == "cpu" else (
-            stored_dtype if stored_dtype in (torch.float16, torch.bfloat16) else torch.float16)
-    for path in files:
-        model.load_state_dict(_read_shard(path, set(expected), device, dtype), strict=False, assign=True)
+        stored_dtype = stored_dtype or next(h["lm_head.weight"][1] for h in headers if "lm_head.weight" in h)
+        dtype = pick_dtype(device, stored_dtype)
+    for path in files:  # one file at a time: every key is known to be present, so strict=False loses nothing
+        model.load_state_dict(read_weights(path, expected, device, dtype), strict=False, assign=True)
     model.rope_cos, model.rope_sin = rope_tables(config, device)
     return model.eval()
