@@ -1,25 +1,22 @@
-"""SEED-LLaMA: a LLaMA whose vocabulary also holds SEED's 8192 image codes, and its tokenizer.
+"""SEED-LLaMA, the model: a LLaMA whose vocabulary also holds SEED's 8192 image codes.
 
 SEED-LLaMA (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", ICLR 2024, arXiv:2310.01218) is a plain
 LLaMA (arXiv:2302.13971), fine-tuned from Vicuna-7B ("8B") or LLaMA-2-chat-13B ("14B"), whose vocabulary gains 8194
-tokens: `<img_00000>` ... `<img_08191>` at ids 32000 + code, then `<img>` and `</img>`. One next-token model thus
-reads an image (its 32 SEED codes in the prompt) and draws one (32 codes in its output, rendered by unet.py).
+tokens: `<img_00000>` ... `<img_08191>` at ids 32000 + code, then `<img>` and `</img>` (tokenizer.py). One
+next-token model thus reads an image (its 32 SEED codes in the prompt) and draws one (32 codes in its output).
 
-  * Tokenizer section: SentencePiece BPE read from `tokenizer.model` without the sentencepiece package, the added
-    image tokens, image-span helpers and the official chat templates (its own references are listed there).
-  * Model section: `LlamaConfig` (defaults = seed-llama-8b; presets `seed-llama-14b`, `tiny`), `Llama` (RMSNorm,
-    rotary embeddings, SwiGLU, attention through F.scaled_dot_product_attention, a preallocated KV cache),
-    `Llama.generate` (greedy or sampled, left-padded batches, optional image-span constraints and guidance), the
-    official loader `Llama.from_official` and the native `save_pretrained` / `from_pretrained`.
+In llama2.c's order: `LlamaConfig` and `GenerationConfig`, RMSNorm, RoPE, `KVCache`, attention, MLP, block,
+`Llama` (forward, `prefill`, `decode_one_token`, `generate`), sampling and the image-span options, loading.
 
-Mirrors transformers==4.30.2 `models/llama/modeling_llama.py` (the version AILab-CVC/SEED pins; SEED's
-`models/llama_xformer.py` is a copy of it with xformers attention) and `generation/utils.py` (the sampling warpers),
-and AILab-CVC/SEED @ 93b3cf4 `scripts/seed_llama_inference_{8B,14B}.py`, `gradio_demo/seed_llama_flask.py`
-(generation settings, forced `<img>`, span parsing). Deliberate deviations, all in generation:
+Mirrors transformers==4.30.2 models/llama/modeling_llama.py (the version AILab-CVC/SEED pins; SEED's
+models/llama_xformer.py is a copy of it with xformers attention) and generation/utils.py (the sampling warpers),
+and AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_{8B,14B}.py and gradio_demo/seed_llama_flask.py
+(generation settings, the forced `<img>`). Deliberate deviations, all in generation:
   * prompts of different lengths are batched with left padding, each row's positions starting at its first real
     token (the official code runs one unpadded prompt at a time; its xformers path ignores padding masks);
   * constrained image spans and classifier-free guidance on image codes are additions, off by default;
-  * stop ids are explicit: the 8B configs name `<s>` as eos (a Vicuna legacy), so pass the ids you want.
+  * stop ids are explicit: the 8B configs name `<s>` as eos (a Vicuna legacy), so pass the ids you want;
+  * `generate` is greedy unless do_sample=True (the official scripts sample).
 """
 from __future__ import annotations
 
@@ -37,10 +34,6 @@ from safetensors.torch import save_file
 from weights import (atomic_write, check_keys, find_weights, pick_device, pick_dtype, read_header, read_json,
                      read_weights, shapes, write_json)
 
-# ======================================================================================================
-# Model: config, RMSNorm, RoPE, attention with KV cache, SwiGLU, blocks, generation, official loader.
-# The architecture is HF `LlamaForCausalLM` (transformers 4.30.2 modeling_llama.py), module names included.
-# ======================================================================================================
 
 @dataclass
 class LlamaConfig:
@@ -76,24 +69,25 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
         """Translate a transformers `LlamaConfig` dict (an official config.json); refuse what we do not implement."""
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "rms_norm_eps", "max_position_embeddings")
-        missing = [k for k in required if k not in hf]
+        missing = [k for k in HF_CONFIG_NAMES if k not in hf]
         unsupported = [f"{k}={hf[k]!r}" for k, ok in (("hidden_act", "silu"), ("rope_scaling", None),
                                                       ("tie_word_embeddings", False), ("attention_bias", False),
                                                       ("mlp_bias", False)) if k in hf and hf[k] != ok]
         if missing or unsupported:
             raise ValueError(f"config.json is not a LLaMA this file implements: missing {missing}, "
                              f"unsupported {unsupported}")
-        config = cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                     n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-                     ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
-                     rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf["max_position_embeddings"])
+        config = cls(**{ours: hf[name] for name, ours in HF_CONFIG_NAMES.items()},
+                     n_kv_heads=hf.get("num_key_value_heads"), rope_theta=hf.get("rope_theta", 10000.0))
         # `pretraining_tp` (14B: 2) only slices the matmuls in transformers >= 4.31; the result is the same.
         if hf.get("head_dim", config.head_dim) != config.head_dim:
             raise ValueError(f"config.json head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
         return config
 
+
+# transformers' LlamaConfig names -> ours (num_key_value_heads and rope_theta are optional there)
+HF_CONFIG_NAMES = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
+                   "num_attention_heads": "n_heads", "intermediate_size": "ffn_dim", "rms_norm_eps": "norm_eps",
+                   "max_position_embeddings": "max_seq_len"}
 
 # Named configs. `tiny` is the laptop model of `train.py --tiny` (about 1M parameters); its vocabulary is the
 # layout of the test tokenizer (640 pieces + 128 codes + 2); train.py replaces vocab_size with its tokenizer's.
@@ -106,18 +100,20 @@ LLAMA_PRESETS = {
 
 @dataclass
 class GenerationConfig:
-    """Decoding settings. The sampling values are the official ones: SEED's scripts call transformers 4.30.2
-    `generate(temperature=1.0, top_p=0.5, do_sample=True)`, whose default top_k=50 then applies too.
-    The image-span options are all off, so that the defaults decode as the official model does."""
-    max_new_tokens: int = 512          # scripts/seed_llama_inference_8B.py
-    do_sample: bool = False            # greedy unless asked; the official scripts sample
+    """Decoding settings, and the one home of the official sampling values. AILab-CVC/SEED @ 93b3cf4
+    scripts/seed_llama_inference_8B.py (lines 81-87) calls transformers 4.30.2 `generate` with temperature 1.0,
+    num_beams 1, max_new_tokens 512, top_p 0.5, do_sample True; 4.30.2's default top_k 50 then applies too
+    (generation/configuration_utils.py). The image options are all off, so the defaults decode as the official
+    model does; do_sample alone differs (greedy unless asked, so that a call without a generator is repeatable)."""
+    max_new_tokens: int = 512
+    do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = 50
     top_p: float | None = 0.5
     stop_ids: tuple[int, ...] = ()     # e.g. (tokenizer.eos_id,); empty = run to max_new_tokens
     constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
     force_image: bool = False          # append <img> to the prompt (returned as the first new token)
-    guidance_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
+    guidance_scale: float = 1.0        # classifier-free guidance on the image-code logits; 1 = off
 
 
 class RMSNorm(nn.Module):
@@ -143,14 +139,11 @@ def rope_tables(config: LlamaConfig, device=None) -> tuple[torch.Tensor, torch.T
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, nh, T, hs); cos, sin (T, hs) shared by the batch, or (B, 1, T, hs) with per-row positions
-    return x * cos + rotate_half(x) * sin
+    # x (B, nh, T, hs); cos, sin (T, hs) shared by the batch, or (B, 1, T, hs) with per-row positions.
+    # HF's rotate_half: the first half of each head pairs with the second, (x1, x2) -> (-x2, x1).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache(nn.Module):
@@ -238,13 +231,9 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        # HF initializer_range 0.02; only used when training from scratch (the tiny model)
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for module in self.modules():  # HF initializer_range 0.02; only matters when training from scratch
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx: torch.Tensor, start_pos: int | None = None, pad: torch.Tensor | None = None):
         """Final-normed hidden states (B, T, C) of the tokens idx (B, T).
@@ -319,9 +308,9 @@ class Llama(nn.Module):
         on_token(row, token): called for every new token as it is produced (streaming).
         """
         cfg = replace(config or GenerationConfig(), **overrides)
-        rows = generation_rows(prompts, cfg, image_vocab, uncond_prompt)
         n_prompts = len(prompts)
-        idx, pad = self.left_pad(rows)  # (B', T): the prompts, then the unconditional rows
+        idx, pad = batch_rows(prompts, cfg, image_vocab, uncond_prompt, self.config.max_seq_len,
+                              self.lm_head.weight.device)  # (B', T): the prompts, then the unconditional rows
         span = _SpanTracker(image_vocab, self.config.vocab_size, idx[:n_prompts]) if image_vocab is not None else None
         out: list[list[int]] = [[image_vocab.boi_id] if cfg.force_image else [] for _ in range(n_prompts)]
         if on_token is not None and cfg.force_image:
@@ -330,21 +319,9 @@ class Llama(nn.Module):
         max_new = min(cfg.max_new_tokens, self.config.max_seq_len - idx.shape[1])  # stop at the context end
         if max_new == 0:
             return out
-        self.setup_cache(len(rows), idx.shape[1] + max_new)
+        self.setup_cache(idx.shape[0], idx.shape[1] + max_new)
         logits = self.prefill(idx, pad)
         return self.decode_loop(logits, out, cfg, span, idx.shape[1], pad, max_new, generator, on_token)
-
-    def left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows of different lengths as one (B, T) tensor padded on the left, and each row's padding (B,), or
-        None when no row is padded (then the cheaper plain causal path runs)."""
-        T = max(len(r) for r in rows)
-        if T > self.config.max_seq_len:
-            raise ValueError(f"prompt of {T} tokens is longer than the context (max_seq_len="
-                             f"{self.config.max_seq_len}); shorten it")
-        device = self.lm_head.weight.device
-        idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B, T)
-        pad = torch.tensor([T - len(r) for r in rows], device=device)
-        return idx, (pad if pad.any() else None)
 
     def decode_loop(self, logits: torch.Tensor, out: list[list[int]], cfg: GenerationConfig, span, start: int,
                     pad, max_new: int, generator, on_token) -> list[list[int]]:
@@ -370,7 +347,6 @@ class Llama(nn.Module):
             logits = self.decode_one_token(feed, start + step, pad)
         return out
 
-
     # ---- checkpoints (the reading itself is the loading section at the end of the file) ---------------------
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None):
@@ -387,7 +363,7 @@ class Llama(nn.Module):
         """Read a folder written by save_pretrained (strict: every key and shape must match config.json)."""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder / 'config.json'} not found: not a folder written by Llama.save_pretrained")
+            raise FileNotFoundError(f"{folder / 'config.json'} not found: not written by Llama.save_pretrained")
         raw = read_json(folder / "config.json")
         unknown = sorted(set(raw) - {f.name for f in fields(LlamaConfig)})
         if unknown:
@@ -416,21 +392,27 @@ class Llama(nn.Module):
 
 # ---- sampling and the image-span options ----------------------------------------------------------------
 
-def generation_rows(prompts: Sequence[Sequence[int]], cfg: GenerationConfig, image_vocab,
-                    uncond_prompt: Sequence[int] | None) -> list[list[int]]:
-    """The rows generate() runs: the prompts, then (guidance on) one copy of uncond_prompt per prompt, each
-    followed by <img> when force_image. The options are checked here, before any compute."""
-    prompts = [list(p) for p in prompts]
-    if not prompts or any(not p or not isinstance(p[0], int) for p in prompts):
+def batch_rows(prompts: Sequence[Sequence[int]], cfg: GenerationConfig, image_vocab,
+               uncond_prompt, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows generate() runs, left-padded into one (B', T) tensor: the prompts, then (guidance on) one copy of
+    uncond_prompt per prompt, each followed by <img> when force_image; and each row's padding (B',), or None when
+    no row is padded (then the cheaper plain causal path runs). The options are checked here, before any compute."""
+    rows = [list(p) for p in prompts]
+    if not rows or any(not p or not isinstance(p[0], int) for p in rows):
         raise ValueError("prompts must be a non-empty list of non-empty lists of token ids")
     if (cfg.constrain_images or cfg.force_image or cfg.guidance_scale != 1.0) and image_vocab is None:
         raise ValueError("constrain_images, force_image and guidance_scale need image_vocab")
     if cfg.guidance_scale != 1.0 and not uncond_prompt:
         raise ValueError("classifier-free guidance (guidance_scale != 1) needs an uncond_prompt")
-    rows = prompts + ([list(uncond_prompt)] * len(prompts) if cfg.guidance_scale != 1.0 else [])
+    rows += [list(uncond_prompt)] * len(rows) if cfg.guidance_scale != 1.0 else []
     if cfg.force_image:  # the flask demo's force_boi: <img> ends the prompt, so an image comes next
         rows = [r + [image_vocab.boi_id] for r in rows]
-    return rows
+    T = max(len(r) for r in rows)
+    if T > max_seq_len:
+        raise ValueError(f"prompt of {T} tokens is longer than the context (max_seq_len={max_seq_len}); shorten it")
+    idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B', T)
+    pad = torch.tensor([T - len(r) for r in rows], device=device)
+    return idx, (pad if pad.any() else None)
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:
@@ -468,20 +450,17 @@ class _SpanTracker:
     state = -1 outside a span, else the number of codes since the last <img>."""
 
     def __init__(self, image_vocab, vocab_size: int, prompts: torch.Tensor):
-        self.image_vocab, self.n = image_vocab, image_vocab.codes_per_image
-        self.is_code = torch.zeros(vocab_size, dtype=torch.bool, device=prompts.device)  # (V,)
-        self.is_code[image_vocab.code_offset:image_vocab.code_offset + image_vocab.n_codes] = True
-        self.is_eoi = torch.zeros_like(self.is_code)
-        self.is_eoi[image_vocab.eoi_id] = True
+        self.boi_id, self.n = image_vocab.boi_id, image_vocab.codes_per_image
+        ids = torch.arange(vocab_size, device=prompts.device)
+        self.is_code = (ids >= image_vocab.code_offset) & (ids < image_vocab.code_offset + image_vocab.n_codes)  # (V,)
+        self.is_eoi = ids == image_vocab.eoi_id
         self.state = torch.full((prompts.shape[0],), -1, device=prompts.device)
         for column in prompts.T:  # a prompt may end inside a span (a forced or user-written <img>)
             self.update(column)
 
     def update(self, tok: torch.Tensor):
-        vocab = self.image_vocab
-        is_code = (tok >= vocab.code_offset) & (tok < vocab.code_offset + vocab.n_codes)
-        self.state = torch.where(tok == vocab.boi_id, 0,
-                                 torch.where((self.state >= 0) & is_code, self.state + 1, -1))
+        self.state = torch.where(tok == self.boi_id, 0,
+                                 torch.where((self.state >= 0) & self.is_code[tok], self.state + 1, -1))
 
     def constrain(self, logits: torch.Tensor) -> torch.Tensor:
         # inside a span: only codes until there are n of them, then only </img>; outside: no codes, no </img>
@@ -517,9 +496,7 @@ IGNORED_OFFICIAL_KEYS = [
     re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
 ]
 
-
-# The official folders hold one of these (the first found wins): sharded safetensors or .bin with an index, or
-# a single file.
+# An official folder holds one of these (the first found wins): shards with their index, or a single file.
 OFFICIAL_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
                          "pytorch_model.bin")
 
