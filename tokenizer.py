@@ -18,12 +18,12 @@ tokenizer of tests/fixtures/llama (640 pieces, so its image tokens sit at 640 + 
             434, 487, 282, 373, 441, 450, 435, 299, 350, 366, 457, 13, 483, 476, 476, 488, 476, 489, 483, 639, 489, 466
 
 In reading order: the protobuf reader; `SentencePieceModel`, the BPE model of `tokenizer.model` (mirrors
-google/sentencepiece src/bpe_model.cc and src/sentencepiece_processor.cc); `Tokenizer`, SEED's `SeedLlamaTokenizer`,
-i.e. the slow `LlamaTokenizer` of transformers==4.30.2 (tokenization_llama.py, tokenization_utils.py: `tokenize`,
-`_decode`) plus the added tokens of `added_tokens.json` (SEED was trained and evaluated with 4.30.2; later versions
-tokenize the same prompts differently); the image tokens and spans (`ImageVocab`); the chat templates of
-AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_8B.py / _14B.py and gradio_demo/conversation.py; last, the
-small BPE trainer `train.py --tiny` uses (`train_bpe`, `train_tokenizer`).
+google/sentencepiece src/bpe_model.cc, src/sentencepiece_processor.cc); `Tokenizer`, SEED's `SeedLlamaTokenizer`:
+the slow `LlamaTokenizer` of transformers==4.30.2 (tokenization_llama.py; tokenization_utils.py `tokenize`,
+`_decode`) plus `added_tokens.json` (SEED was trained with 4.30.2; later versions tokenize prompts differently);
+image tokens and spans (`ImageVocab`); the chat templates of AILab-CVC/SEED @ 93b3cf4
+scripts/seed_llama_inference_8B.py, _14B.py and gradio_demo/conversation.py; last, the BPE trainer of
+`train.py --tiny` (`train_bpe`, `train_tokenizer`).
 
 Deliberate deviations:
   * only what LLaMA's tokenizer.model holds is implemented: BPE (no unigram), the identity normaliser, normal,
@@ -580,7 +580,8 @@ class ImageVocab:
             try:
                 end = ids.index(self.eoi_id, pos + 1)
             except ValueError:
-                raise ValueError(f"the image span opened by <img> at position {pos} is never closed by </img>") from None
+                raise ValueError(f"the image span opened by <img> at position {pos} is never closed by </img>") \
+                    from None
             for p in range(pos + 1, end):
                 if not self.is_code(ids[p]):
                     raise ValueError(f"the image span at position {pos} holds id {ids[p]} at position {p}, which is "
@@ -594,7 +595,7 @@ class ImageVocab:
         return texts, images
 
 
-# --- chat templates (AILab-CVC/SEED scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py) -------
+# --- chat templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py)
 
 CHAT_TEMPLATES = ("8B", "14B")
 
@@ -604,7 +605,8 @@ def chat_conversation(messages: Sequence[str], template: str = "8B", system: str
 
     `messages` alternate user, assistant, user, ... and end with the user turn the model answers.
       8B (Vicuna v1.1):  `{system}\\n` + `USER: {u}\\nASSISTANT: {a}\\n` ... + `USER: {u}\\nASSISTANT:`
-      14B (LLaMA-2 chat): `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` + `[INST] {u} [/INST]\\n{a}\\n` ... + `[INST] {u} [/INST]\\n`
+      14B (LLaMA-2 chat): `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` + `[INST] {u} [/INST]\\n{a}\\n` ...
+                          + `[INST] {u} [/INST]\\n`
     """
     if template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat template {template!r}; choose one of {CHAT_TEMPLATES}")
