@@ -1,33 +1,27 @@
-"""SEED-LLaMA: a LLaMA whose vocabulary also holds SEED's 8192 image codes, and its tokenizer.
+"""SEED-LLaMA, the model: a LLaMA whose vocabulary also holds SEED's 8192 image codes.
 
 SEED-LLaMA (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", ICLR 2024, arXiv:2310.01218) is a plain
 LLaMA (arXiv:2302.13971), fine-tuned from Vicuna-7B ("8B") or LLaMA-2-chat-13B ("14B"), whose vocabulary gains 8194
-tokens: `<img_00000>` ... `<img_08191>` at ids 32000 + code, then `<img>` and `</img>`. One next-token model thus
-reads an image (its 32 SEED codes in the prompt) and draws one (32 codes in its output, rendered by unet.py).
+tokens: `<img_00000>` ... `<img_08191>` at ids 32000 + code, then `<img>` and `</img>` (tokenizer.py). One
+next-token model thus reads an image (its 32 SEED codes in the prompt) and draws one (32 codes in its output).
 
-  * Tokenizer section: SentencePiece BPE read from `tokenizer.model` without the sentencepiece package, the added
-    image tokens, image-span helpers and the official chat templates (its own references are listed there).
-  * Model section: `LlamaConfig` (defaults = seed-llama-8b; presets `seed-llama-14b`, `tiny`), `Llama` (RMSNorm,
-    rotary embeddings, SwiGLU, attention through F.scaled_dot_product_attention, a preallocated KV cache),
-    `Llama.generate` (greedy or sampled, left-padded batches, optional image-span constraints and guidance), the
-    official loader `Llama.from_official` and the native `save_pretrained` / `from_pretrained`.
+In llama2.c's order: `LlamaConfig` and `GenerationConfig`, RMSNorm, RoPE, `KVCache`, attention, MLP, block,
+`Llama` (forward, `prefill`, `decode_one_token`, `generate`), sampling and the image-span options, loading.
 
-Mirrors transformers==4.30.2 `models/llama/modeling_llama.py` (the version AILab-CVC/SEED pins; SEED's
-`models/llama_xformer.py` is a copy of it with xformers attention) and `generation/utils.py` (the sampling warpers),
-and AILab-CVC/SEED @ 93b3cf4 `scripts/seed_llama_inference_{8B,14B}.py`, `gradio_demo/seed_llama_flask.py`
-(generation settings, forced `<img>`, span parsing). Deliberate deviations, all in generation:
+Mirrors transformers==4.30.2 models/llama/modeling_llama.py (the version AILab-CVC/SEED pins; SEED's
+models/llama_xformer.py is a copy of it with xformers attention) and generation/utils.py (the sampling warpers),
+and AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_{8B,14B}.py and gradio_demo/seed_llama_flask.py
+(generation settings, the forced `<img>`). Deliberate deviations, all in generation:
   * prompts of different lengths are batched with left padding, each row's positions starting at its first real
     token (the official code runs one unpadded prompt at a time; its xformers path ignores padding masks);
   * constrained image spans and classifier-free guidance on image codes are additions, off by default;
-  * stop ids are explicit: the 8B configs name `<s>` as eos (a Vicuna legacy), so pass the ids you want.
+  * stop ids are explicit: the 8B configs name `<s>` as eos (a Vicuna legacy), so pass the ids you want;
+  * `generate` is greedy unless do_sample=True (the official scripts sample).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,13 +29,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-# ======================================================================================================
-# Model: config, RMSNorm, RoPE, attention with KV cache, SwiGLU, blocks, generation, official loader.
-# The architecture is HF `LlamaForCausalLM` (transformers 4.30.2 modeling_llama.py), module names included.
-# ======================================================================================================
+from weights import (atomic_write, check_keys, find_weights, pick_device, pick_dtype, read_header, read_json,
+                     read_weights, shapes, write_json)
+
 
 @dataclass
 class LlamaConfig:
@@ -77,24 +69,25 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
         """Translate a transformers `LlamaConfig` dict (an official config.json); refuse what we do not implement."""
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "rms_norm_eps", "max_position_embeddings")
-        missing = [k for k in required if k not in hf]
+        missing = [k for k in HF_CONFIG_NAMES if k not in hf]
         unsupported = [f"{k}={hf[k]!r}" for k, ok in (("hidden_act", "silu"), ("rope_scaling", None),
                                                       ("tie_word_embeddings", False), ("attention_bias", False),
                                                       ("mlp_bias", False)) if k in hf and hf[k] != ok]
         if missing or unsupported:
             raise ValueError(f"config.json is not a LLaMA this file implements: missing {missing}, "
                              f"unsupported {unsupported}")
-        config = cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                     n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-                     ffn_dim=hf["intermediate_size"], norm_eps=hf["rms_norm_eps"],
-                     rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf["max_position_embeddings"])
+        config = cls(**{ours: hf[name] for name, ours in HF_CONFIG_NAMES.items()},
+                     n_kv_heads=hf.get("num_key_value_heads"), rope_theta=hf.get("rope_theta", 10000.0))
         # `pretraining_tp` (14B: 2) only slices the matmuls in transformers >= 4.31; the result is the same.
         if hf.get("head_dim", config.head_dim) != config.head_dim:
             raise ValueError(f"config.json head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
         return config
 
+
+# transformers' LlamaConfig names -> ours (num_key_value_heads and rope_theta are optional there)
+HF_CONFIG_NAMES = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
+                   "num_attention_heads": "n_heads", "intermediate_size": "ffn_dim", "rms_norm_eps": "norm_eps",
+                   "max_position_embeddings": "max_seq_len"}
 
 # Named configs. `tiny` is the laptop model of `train.py --tiny` (about 1M parameters); its vocabulary is the
 # layout of the test tokenizer (640 pieces + 128 codes + 2); train.py replaces vocab_size with its tokenizer's.
@@ -103,6 +96,24 @@ LLAMA_PRESETS = {
     "seed-llama-14b": dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824, norm_eps=1e-5),
     "tiny": dict(vocab_size=770, dim=128, n_layers=4, n_heads=4, ffn_dim=344, norm_eps=1e-5, max_seq_len=256),
 }
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings, and the one home of the official sampling values. AILab-CVC/SEED @ 93b3cf4
+    scripts/seed_llama_inference_8B.py (lines 81-87) calls transformers 4.30.2 `generate` with temperature 1.0,
+    num_beams 1, max_new_tokens 512, top_p 0.5, do_sample True; 4.30.2's default top_k 50 then applies too
+    (generation/configuration_utils.py). The image options are all off, so the defaults decode as the official
+    model does; do_sample alone differs (greedy unless asked, so that a call without a generator is repeatable)."""
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 0.5
+    stop_ids: tuple[int, ...] = ()     # e.g. (tokenizer.eos_id,); empty = run to max_new_tokens
+    constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
+    force_image: bool = False          # append <img> to the prompt (returned as the first new token)
+    guidance_scale: float = 1.0        # classifier-free guidance on the image-code logits; 1 = off
 
 
 class RMSNorm(nn.Module):
@@ -128,14 +139,11 @@ def rope_tables(config: LlamaConfig, device=None) -> tuple[torch.Tensor, torch.T
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, nh, T, hs); cos, sin (T, hs) shared by the batch, or (B, 1, T, hs) with per-row positions
-    return x * cos + rotate_half(x) * sin
+    # x (B, nh, T, hs); cos, sin (T, hs) shared by the batch, or (B, 1, T, hs) with per-row positions.
+    # HF's rotate_half: the first half of each head pairs with the second, (x1, x2) -> (-x2, x1).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class KVCache(nn.Module):
@@ -223,13 +231,9 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        # HF initializer_range 0.02; only used when training from scratch (the tiny model)
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for module in self.modules():  # HF initializer_range 0.02; only matters when training from scratch
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx: torch.Tensor, start_pos: int | None = None, pad: torch.Tensor | None = None):
         """Final-normed hidden states (B, T, C) of the tokens idx (B, T).
@@ -298,74 +302,59 @@ class Llama(nn.Module):
         batch). Returns the new tokens of each prompt, up to and including its first stop id.
 
         config (or keyword overrides such as max_new_tokens=64): see GenerationConfig.
-        image_vocab: the ids of <img>, </img> and the codes; needed by the image-span options.
+        image_vocab: where <img>, </img> and the codes sit (tokenizer.ImageVocab); needed by the image options.
         uncond_prompt: the unconditional prompt of classifier-free guidance (e.g. the template around an empty
             request); it runs as extra rows of the batch and is fed the tokens chosen for its conditional row.
         on_token(row, token): called for every new token as it is produced (streaming).
         """
         cfg = replace(config or GenerationConfig(), **overrides)
-        prompts = [list(p) for p in prompts]
-        if not prompts or any(not p or not isinstance(p[0], int) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty lists of token ids")
-        iv = image_vocab
-        if (cfg.constrain_images or cfg.force_image or cfg.guidance_scale != 1.0) and iv is None:
-            raise ValueError("constrain_images, force_image and guidance_scale need image_vocab")
-        if cfg.guidance_scale != 1.0 and not uncond_prompt:
-            raise ValueError("classifier-free guidance (guidance_scale != 1) needs an uncond_prompt")
-        B = len(prompts)
-        rows = prompts + ([list(uncond_prompt)] * B if cfg.guidance_scale != 1.0 else [])
-        if cfg.force_image:  # the flask demo's force_boi: <img> ends the prompt, so an image comes next
-            rows = [r + [iv.boi_id] for r in rows]
-        T = max(len(r) for r in rows)
-        if T > self.config.max_seq_len:
-            raise ValueError(f"prompt of {T} tokens is longer than the context (max_seq_len="
-                             f"{self.config.max_seq_len}); shorten it")
-        max_new = min(cfg.max_new_tokens, self.config.max_seq_len - T)  # generation stops at the context end
-        device = self.lm_head.weight.device
-        idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B', T), left-padded
-        pad = torch.tensor([T - len(r) for r in rows], device=device)
-        pad = pad if pad.any() else None  # no padding: the cheaper causal path
-        span = _SpanTracker(iv, self.config.vocab_size, idx[:B]) if iv is not None else None
-        out: list[list[int]] = [[iv.boi_id] if cfg.force_image else [] for _ in range(B)]
+        n_prompts = len(prompts)
+        idx, pad = batch_rows(prompts, cfg, image_vocab, uncond_prompt, self.config.max_seq_len,
+                              self.lm_head.weight.device)  # (B', T): the prompts, then the unconditional rows
+        span = _SpanTracker(image_vocab, self.config.vocab_size, idx[:n_prompts]) if image_vocab is not None else None
+        out: list[list[int]] = [[image_vocab.boi_id] if cfg.force_image else [] for _ in range(n_prompts)]
         if on_token is not None and cfg.force_image:
-            for b in range(B):
-                on_token(b, iv.boi_id)
-        done, stop_ids = [False] * B, set(cfg.stop_ids)
+            for row in range(n_prompts):
+                on_token(row, image_vocab.boi_id)
+        max_new = min(cfg.max_new_tokens, self.config.max_seq_len - idx.shape[1])  # stop at the context end
         if max_new == 0:
             return out
-
-        self.setup_cache(len(rows), T + max_new)
+        self.setup_cache(idx.shape[0], idx.shape[1] + max_new)
         logits = self.prefill(idx, pad)
+        return self.decode_loop(logits, out, cfg, span, idx.shape[1], pad, max_new, generator, on_token)
+
+    def decode_loop(self, logits: torch.Tensor, out: list[list[int]], cfg: GenerationConfig, span, start: int,
+                    pad, max_new: int, generator, on_token) -> list[list[int]]:
+        """From the prefill's logits (B', V): pick a token per row and feed it back at cache slot start, start + 1,
+        ..., max_new times or until every prompt has produced a stop id. `out` holds each prompt's new tokens so
+        far and is returned extended; rows past len(out) are the unconditional rows of guidance."""
+        n_prompts, n_rows = len(out), logits.shape[0]
+        done, stop_ids = [False] * n_prompts, set(cfg.stop_ids)
         for step in range(max_new):
             logits = logits.float()  # sampling math in fp32, as HF does for fp16 models
-            if span is not None and cfg.guidance_scale != 1.0:
-                logits = span.guide(logits[:B], logits[B:], cfg.guidance_scale)
-            if span is not None and cfg.constrain_images:
-                logits = span.constrain(logits)
-            tok = sample_next(logits, cfg, generator)  # (B,)
-            for b, t in enumerate(tok.tolist()):
-                if not done[b]:  # a finished row runs on with the batch, but its tokens are dropped
-                    out[b].append(t)
-                    done[b] = t in stop_ids
+            tok = sample_next(image_options(logits, cfg, span, n_prompts), cfg, generator)  # (B,)
+            for row, t in enumerate(tok.tolist()):
+                if not done[row]:  # a finished row runs on with the batch, but its tokens are dropped
+                    out[row].append(t)
+                    done[row] = t in stop_ids
                     if on_token is not None:
-                        on_token(b, t)
+                        on_token(row, t)
             if span is not None:
                 span.update(tok)
             if all(done) or step == max_new - 1:
                 break
-            feed = tok.repeat(len(rows) // B)  # the unconditional rows follow their conditional row
-            logits = self.decode_one_token(feed, T + step, pad)
+            feed = tok.repeat(n_rows // n_prompts)  # the unconditional rows follow their conditional row
+            logits = self.decode_one_token(feed, start + step, pad)
         return out
 
-    # ---- checkpoints -------------------------------------------------------------------------------------
+    # ---- checkpoints (the reading itself is the loading section at the end of the file) ---------------------
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None):
         """Write config.json (LlamaConfig) + model.safetensors, atomically; also the tokenizer files if given."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(asdict(self.config), indent=2)))
+        write_json(folder / "config.json", asdict(self.config))
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
         if tokenizer is not None:
             tokenizer.save(folder)
 
@@ -373,15 +362,14 @@ class Llama(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
         """Read a folder written by save_pretrained (strict: every key and shape must match config.json)."""
         folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{config_path} not found: not a folder written by Llama.save_pretrained")
-        raw = json.loads(config_path.read_text())
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'config.json'} not found: not written by Llama.save_pretrained")
+        raw = read_json(folder / "config.json")
         unknown = sorted(set(raw) - {f.name for f in fields(LlamaConfig)})
         if unknown:
-            raise ValueError(f"{config_path} has keys LlamaConfig does not know: {unknown} "
+            raise ValueError(f"{folder / 'config.json'} has keys LlamaConfig does not know: {unknown} "
                              f"(an official HF folder? use Llama.from_official)")
-        return _load(LlamaConfig(**raw), _weight_files(folder, ("model.safetensors",)), device, dtype, None)
+        return _load(LlamaConfig(**raw), find_weights(folder, ("model.safetensors",)), device, dtype)
 
     @classmethod
     def from_official(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
@@ -393,32 +381,38 @@ class Llama(nn.Module):
         else the checkpoint's dtype if it is a half type, fp16 otherwise (the official code runs in fp16).
         """
         folder = Path(folder)
-        config_path = folder / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{config_path} not found: not a Hugging Face LLaMA folder")
-        hf = json.loads(config_path.read_text())
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'config.json'} not found: not a Hugging Face LLaMA folder")
+        hf = read_json(folder / "config.json")
         # the 2023 checkpoints say `torch_dtype`, recent transformers versions write `dtype`
         stored = hf.get("torch_dtype", hf.get("dtype"))
         stored = getattr(torch, stored) if stored in ("float32", "float16", "bfloat16") else None
-        files = _weight_files(folder, ("model.safetensors.index.json", "pytorch_model.bin.index.json",
-                                       "model.safetensors", "pytorch_model.bin"))
-        return _load(LlamaConfig.from_hf(hf), files, device, dtype, stored)
+        return _load(LlamaConfig.from_hf(hf), find_weights(folder, OFFICIAL_WEIGHT_FILES), device, dtype, stored)
 
 
-@dataclass
-class GenerationConfig:
-    """Decoding settings. The sampling values are the official ones: SEED's scripts call transformers 4.30.2
-    `generate(temperature=1.0, top_p=0.5, do_sample=True)`, whose default top_k=50 then applies too.
-    The image-span options are all off, so that the defaults decode as the official model does."""
-    max_new_tokens: int = 512          # scripts/seed_llama_inference_8B.py
-    do_sample: bool = False            # greedy unless asked; the official scripts sample
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float | None = 0.5
-    stop_ids: tuple[int, ...] = ()     # e.g. (tokenizer.eos_id,); empty = run to max_new_tokens
-    constrain_images: bool = False     # after <img> only codes, exactly codes_per_image, then </img>
-    force_image: bool = False          # append <img> to the prompt (returned as the first new token)
-    guidance_scale: float = 1.0             # classifier-free guidance on the image-code logits; 1 = off
+# ---- sampling and the image-span options ----------------------------------------------------------------
+
+def batch_rows(prompts: Sequence[Sequence[int]], cfg: GenerationConfig, image_vocab,
+               uncond_prompt, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows generate() runs, left-padded into one (B', T) tensor: the prompts, then (guidance on) one copy of
+    uncond_prompt per prompt, each followed by <img> when force_image; and each row's padding (B',), or None when
+    no row is padded (then the cheaper plain causal path runs). The options are checked here, before any compute."""
+    rows = [list(p) for p in prompts]
+    if not rows or any(not p or not isinstance(p[0], int) for p in rows):
+        raise ValueError("prompts must be a non-empty list of non-empty lists of token ids")
+    if (cfg.constrain_images or cfg.force_image or cfg.guidance_scale != 1.0) and image_vocab is None:
+        raise ValueError("constrain_images, force_image and guidance_scale need image_vocab")
+    if cfg.guidance_scale != 1.0 and not uncond_prompt:
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs an uncond_prompt")
+    rows += [list(uncond_prompt)] * len(rows) if cfg.guidance_scale != 1.0 else []
+    if cfg.force_image:  # the flask demo's force_boi: <img> ends the prompt, so an image comes next
+        rows = [r + [image_vocab.boi_id] for r in rows]
+    T = max(len(r) for r in rows)
+    if T > max_seq_len:
+        raise ValueError(f"prompt of {T} tokens is longer than the context (max_seq_len={max_seq_len}); shorten it")
+    idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # (B', T)
+    pad = torch.tensor([T - len(r) for r in rows], device=device)
+    return idx, (pad if pad.any() else None)
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:
@@ -455,21 +449,18 @@ class _SpanTracker:
     """Where each row stands in an image span, for constrained decoding and guidance on image codes.
     state = -1 outside a span, else the number of codes since the last <img>."""
 
-    def __init__(self, iv, vocab_size: int, prompts: torch.Tensor):
-        self.iv, self.n = iv, iv.codes_per_image
-        self.is_code = torch.zeros(vocab_size, dtype=torch.bool, device=prompts.device)  # (V,)
-        self.is_code[iv.code_offset:iv.code_offset + iv.n_codes] = True
-        self.is_eoi = torch.zeros_like(self.is_code)
-        self.is_eoi[iv.eoi_id] = True
+    def __init__(self, image_vocab, vocab_size: int, prompts: torch.Tensor):
+        self.boi_id, self.n = image_vocab.boi_id, image_vocab.codes_per_image
+        ids = torch.arange(vocab_size, device=prompts.device)
+        self.is_code = (ids >= image_vocab.code_offset) & (ids < image_vocab.code_offset + image_vocab.n_codes)  # (V,)
+        self.is_eoi = ids == image_vocab.eoi_id
         self.state = torch.full((prompts.shape[0],), -1, device=prompts.device)
         for column in prompts.T:  # a prompt may end inside a span (a forced or user-written <img>)
             self.update(column)
 
     def update(self, tok: torch.Tensor):
-        iv = self.iv
-        is_code = (tok >= iv.code_offset) & (tok < iv.code_offset + iv.n_codes)
-        self.state = torch.where(tok == iv.boi_id, 0,
-                                 torch.where((self.state >= 0) & is_code, self.state + 1, -1))
+        self.state = torch.where(tok == self.boi_id, 0,
+                                 torch.where((self.state >= 0) & self.is_code[tok], self.state + 1, -1))
 
     def constrain(self, logits: torch.Tensor) -> torch.Tensor:
         # inside a span: only codes until there are n of them, then only </img>; outside: no codes, no </img>
@@ -485,6 +476,17 @@ class _SpanTracker:
         return torch.where(where, uncond + scale * (cond - uncond), cond)
 
 
+def image_options(logits: torch.Tensor, cfg: GenerationConfig, span: _SpanTracker | None,
+                  n_prompts: int) -> torch.Tensor:
+    """The logits (B', V) of every row -> those of the prompts (n_prompts, V) after the image options:
+    guidance mixes each prompt's code logits with its unconditional row's, then the span constraint masks."""
+    if span is not None and cfg.guidance_scale != 1.0:
+        logits = span.guide(logits[:n_prompts], logits[n_prompts:], cfg.guidance_scale)
+    if span is not None and cfg.constrain_images:
+        logits = span.constrain(logits)
+    return logits
+
+
 # ---- loading -------------------------------------------------------------------------------------------
 
 # Keys of the official checkpoints that are deliberately not loaded (the official code ignores them too).
@@ -494,107 +496,30 @@ IGNORED_OFFICIAL_KEYS = [
     re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
 ]
 
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+# An official folder holds one of these (the first found wins): shards with their index, or a single file.
+OFFICIAL_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
+                         "pytorch_model.bin")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _weight_files(folder: Path, names: Sequence[str]) -> list[Path]:
-    """The weight files of folder: the shards of the first index found, or the first single file."""
-    for name in names:
-        path = folder / name
-        if not path.exists():
-            continue
-        if not name.endswith(".index.json"):
-            return [path]
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).exists()]
-        if missing:
-            raise FileNotFoundError(f"{path} names shard files that do not exist: {missing}")
-        return [folder / s for s in shards]
-    raise FileNotFoundError(f"no weights in {folder}: expected one of {list(names)}")
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-@contextmanager
-def _reading(path: Path):
-    try:
-        yield
-    except Exception as e:  # the safetensors, zip and pickle readers each raise their own types
-        raise ValueError(f"cannot read weight file {path} (truncated or not a checkpoint?): {e}") from e
-
-
-def _shard_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """name -> (shape, dtype) of every tensor of a weight file, without reading the data: the safetensors
-    header, or the .bin pickle with memory-mapped storages."""
-    with _reading(path):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: (tuple(f.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()))
-                        for k in f.keys()}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
-
-
-def _read_shard(path: Path, names: set[str], device, dtype) -> dict[str, torch.Tensor]:
-    """The tensors `names` of one weight file, cast one at a time: a half-precision source tensor is freed as
-    soon as it is cast, and the file's memory map is released when the caller drops the returned dict."""
-    with _reading(path):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys() if k in names}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return {k: t.to(device=device, dtype=dtype) for k, t in state.items() if k in names}
-
-
-def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype) -> Llama:
+def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype=None) -> Llama:
     """Build on the meta device, check every key and shape of every file against the config before any data
     is read, then fill the model file by file with load_state_dict(assign=True), casting on the way. Host RAM
     peaks near one copy of the weights in the target dtype plus one file (a fp32 .bin loaded as fp32 on the
     CPU is not even copied: the parameters keep the file's memory-mapped pages)."""
-    headers = {path: _shard_header(path) for path in files}
+    headers = [read_header(path) for path in files]
+    found = {name: shape for header in headers for name, (shape, _) in header.items()
+             if not any(p.fullmatch(name) for p in IGNORED_OFFICIAL_KEYS)}
     with torch.device("meta"):
         model = Llama(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found, unexpected, misshaped = set(), [], []
-    for header in headers.values():
-        for name, (shape, _) in header.items():
-            if any(p.fullmatch(name) for p in IGNORED_OFFICIAL_KEYS):
-                continue
-            if name not in expected:
-                unexpected.append(name)
-            elif shape != expected[name]:
-                misshaped.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
-            found.add(name)
-    missing = sorted(set(expected) - found)
-    if missing or unexpected or misshaped:
-        raise ValueError(f"checkpoint {[str(f) for f in files]} does not match {config}:\n"
-                         f"  missing keys: {missing}\n  unexpected keys: {sorted(unexpected)}\n"
-                         f"  mis-shaped keys: {misshaped}")
+    expected = shapes(model)  # our names are the file's names: no rename table
+    source = f"checkpoint {files[0].parent} ({', '.join(f.name for f in files)})"
+    check_keys(expected, found, source, what="config.json")
 
-    device = torch.device(device) if device is not None else default_device()
+    device = pick_device(device)
     if dtype is None:
-        stored_dtype = stored_dtype or headers[files[0]]["lm_head.weight"][1]
-        dtype = torch.float32 if device.type == "cpu" else (
-            stored_dtype if stored_dtype in (torch.float16, torch.bfloat16) else torch.float16)
-    for path in files:
-        model.load_state_dict(_read_shard(path, set(expected), device, dtype), strict=False, assign=True)
+        stored_dtype = stored_dtype or next(h["lm_head.weight"][1] for h in headers if "lm_head.weight" in h)
+        dtype = pick_dtype(device, stored_dtype)
+    for path in files:  # one file at a time: every key is known to be present, so strict=False loses nothing
+        model.load_state_dict(read_weights(path, expected, device, dtype), strict=False, assign=True)
     model.rope_cos, model.rope_sin = rope_tables(config, device)
     return model.eval()

@@ -3,6 +3,35 @@
 SEED-LLaMA (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", ICLR 2024, arXiv:2310.01218) extends LLaMA's
 32000 SentencePiece pieces with 8192 image tokens `<img_00000>` ... `<img_08191>` (ids 32000 + code) and `<img>`,
 `</img>`; an image in a prompt is `<img>` + its 32 SEED codes + `</img>`.
+
+Worked example: the 8B chat template around "Describe the image." with an image of codes [12, 7, 0, 1, ..., 29],
+`Tokenizer.encode(chat_prompt(["<image>Describe the image."], "8B", images=[codes]))`, here with the small test
+tokenizer of tests/fixtures/llama (640 pieces, so its image tokens sit at 640 + code instead of 32000 + code):
+
+    text    <s>USER: <img><img_00012><img_00007><img_00000>...<img_00029></img>Describe the image.\\nASSISTANT:
+    split   <s> | "USER:" | <img> | <img_00012> ... <img_00029> | </img> | "Describe the image.\\nASSISTANT:"
+            (the space after "USER:" touches <img>, a plain-string added token, so 4.30.2 strips it; each text
+            chunk is encoded alone and gets its own dummy-prefix '▁')
+    pieces  <s> ▁ U S E R : <img> <img_00012> <img_00007> <img_00000> ... <img_00029> </img>
+            ▁ D es cr i b e ▁the ▁im age . <0x0A> A S S I S T A N T :
+    ids     1, 434, 612, 476, 468, 501, 466, 768, 652, 647, 640, 641, ..., 669, 769,
+            434, 487, 282, 373, 441, 450, 435, 299, 350, 366, 457, 13, 483, 476, 476, 488, 476, 489, 483, 639, 489, 466
+
+In reading order: the protobuf reader; `SentencePieceModel`, the BPE model of `tokenizer.model` (mirrors
+google/sentencepiece src/bpe_model.cc, src/sentencepiece_processor.cc); `Tokenizer`, SEED's `SeedLlamaTokenizer`:
+the slow `LlamaTokenizer` of transformers==4.30.2 (tokenization_llama.py; tokenization_utils.py `tokenize`,
+`_decode`) plus `added_tokens.json` (SEED was trained with 4.30.2; later versions tokenize prompts differently);
+image tokens and spans (`ImageVocab`); the chat templates of AILab-CVC/SEED @ 93b3cf4
+scripts/seed_llama_inference_8B.py, _14B.py and gradio_demo/conversation.py; last, the BPE trainer of
+`train.py --tiny` (`train_bpe`, `train_tokenizer`).
+
+Deliberate deviations:
+  * only what LLaMA's tokenizer.model holds is implemented: BPE (no unigram), the identity normaliser, normal,
+    unknown, control and byte pieces; user-defined or unused pieces, other model types, precompiled normaliser
+    maps and treat_whitespace_as_suffix are refused by name;
+  * `train_bpe` is a plain frequency-count BPE, not sentencepiece's trainer: it writes a model sentencepiece
+    reads and encodes identically, but not the vocabulary sentencepiece would have learned;
+  * image spans are checked (exactly 32 codes, closed by `</img>`), where the official scripts take them as they come.
 """
 from __future__ import annotations
 
@@ -17,29 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-# ======================================================================================================
-# Tokenizer: SentencePiece BPE read from tokenizer.model, SEED's image tokens and chat templates, and a small
-# BPE trainer for the tiny world. Pure Python: no sentencepiece, no transformers.
-# ======================================================================================================
 
-# Text becomes ids in two layers, each mirroring one reference:
-#   * `SentencePieceModel`: the SentencePiece BPE model of `tokenizer.model` (google/sentencepiece:
-#     src/bpe_model.cc, src/sentencepiece_processor.cc), read from its protobuf without the sentencepiece package;
-#   * `Tokenizer`: SEED's `SeedLlamaTokenizer`, i.e. the transformers 4.30.2 slow `LlamaTokenizer`
-#     (tokenization_utils.py: `tokenize`, `_decode`; tokenization_llama.py) plus the added image tokens of
-#     `added_tokens.json`. SEED was trained and evaluated with 4.30.2; later versions tokenize prompts differently.
-# An image is `<img>` + 32 `<img_{code:05d}>` + `</img>` (AILab-CVC/SEED scripts/seed_llama_inference_8B.py).
-
-CODES_PER_IMAGE = 32  # SEED's causal Q-Former emits 32 codes per image
-BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
-IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a chat message (gradio_demo/conversation.py)
-
-
-def image_token(code: int) -> str:
-    return f"<img_{code:05d}>"
-
-
-# --- protobuf wire format (https://protobuf.dev/programming-guides/encoding/) -------------------------------------
+# --- protobuf wire format, read (https://protobuf.dev/programming-guides/encoding/) ------------------------------
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
@@ -80,82 +88,71 @@ def _proto_fields(buf: bytes, message: str):
         yield number, value
 
 
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative ints are written as 10-byte two's complement, as protobuf does
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _proto_field(number: int, value: int | float | str | bytes) -> bytes:
-    if isinstance(value, float):  # proto `float`: fixed32 (wire type 5)
-        return _varint(number << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (bool, int)):
-        return _varint(number << 3) + _varint(int(value))
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
 # --- SentencePiece BPE -------------------------------------------------------------------------------------------
 
 _WORD_START = re.compile("(?<=[^\u2581])(?=\u2581)")  # before a '▁' that follows another character
 _AFTER_CHAR_SPACE = re.compile("[^\u2581]\u2581")
+PIECE_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+
+
+def _parse_model(data: bytes, source: str) -> tuple[list[tuple[str, float, int]], dict, dict]:
+    """ModelProto -> (pieces as (piece, score, type), TrainerSpec fields, NormalizerSpec fields), keyed by the
+    field numbers of google/sentencepiece src/sentencepiece_model.proto."""
+    pieces, trainer, normalizer = [], b"", b""
+    try:
+        for number, value in _proto_fields(data, "ModelProto"):
+            if number == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
+                if not isinstance(value, bytes):
+                    raise ValueError("field 1 (pieces) is not a message")
+                fields = dict(_proto_fields(value, "SentencePiece"))
+                score = struct.unpack("<f", fields[2])[0] if 2 in fields else 0.0
+                pieces.append((fields.get(1, b"").decode("utf-8"), score, fields.get(3, SentencePieceModel.NORMAL)))
+            elif number == 2:
+                trainer = value
+            elif number == 3:
+                normalizer = value
+        return pieces, dict(_proto_fields(trainer, "TrainerSpec")), dict(_proto_fields(normalizer, "NormalizerSpec"))
+    except (ValueError, UnicodeDecodeError, struct.error, TypeError, AttributeError) as e:
+        raise ValueError(f"{source} is not a SentencePiece model (cannot parse its protobuf: {e})") from None
+
+
+def _refuse_unsupported(types: list[int], pieces: list[str], spec: dict, norm: dict, source: str) -> None:
+    """Refuse by name what LLaMA's tokenizer.model (and `train_bpe`'s) never has, rather than half-support it."""
+    if not pieces or types.count(SentencePieceModel.UNKNOWN) != 1:
+        raise ValueError(f"{source} is not a SentencePiece model: it needs pieces with exactly one <unk>, "
+                         f"found {len(pieces)} pieces and {types.count(SentencePieceModel.UNKNOWN)} unknown ones")
+    model_type = spec.get(3, 1)  # TrainerSpec.model_type, default UNIGRAM
+    if model_type != 2:
+        names = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+        raise ValueError(f"{source}: model_type {names.get(model_type, model_type)} is not supported (only BPE)")
+    for i, kind in enumerate(types):
+        # user-defined pieces would be matched whole before BPE, unused ones re-split after it (bpe_model.cc)
+        if kind not in (SentencePieceModel.NORMAL, SentencePieceModel.UNKNOWN, SentencePieceModel.CONTROL,
+                        SentencePieceModel.BYTE):
+            raise ValueError(f"{source}: piece {i} {pieces[i]!r} has type {PIECE_TYPES.get(kind, kind)}, which "
+                             f"is not supported (only NORMAL, UNKNOWN, CONTROL and BYTE pieces, as LLaMA's)")
+    if norm.get(2, b""):  # LLaMA's normaliser is "identity" with an empty map; NFKC tables are not implemented
+        raise ValueError(f"{source}: normaliser {norm.get(1, b'').decode()!r} with a precompiled charsmap "
+                         f"is not supported (only the identity normaliser, as LLaMA's)")
+    if spec.get(24, 0):
+        raise ValueError(f"{source}: treat_whitespace_as_suffix is not supported")
 
 
 class SentencePieceModel:
     """A SentencePiece BPE `tokenizer.model`: the protobuf `ModelProto` parsed by hand, plus encode/decode.
 
-    Field numbers from google/sentencepiece:src/sentencepiece_model.proto. Only what a BPE model with an identity
-    normaliser needs is supported (LLaMA's model and the ones `train_bpe` writes); anything else is refused by name.
+    Only what LLaMA's model uses is supported: BPE, the identity normaliser, normal, unknown, control and byte
+    pieces (the models `train_bpe` writes are the same kind); anything else is refused by name.
     """
-    NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece.Type
+    NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6  # SentencePiece.Type
 
     def __init__(self, data: bytes, source: str = "tokenizer.model"):
         self.data = bytes(data)  # kept verbatim so that `Tokenizer.save` writes the exact file back
-        self.pieces: list[str] = []
-        self.scores: list[float] = []
-        self.types: list[int] = []
-        trainer, normalizer = b"", b""
-        try:
-            for number, value in _proto_fields(self.data, "ModelProto"):
-                if number == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
-                    if not isinstance(value, bytes):
-                        raise ValueError("field 1 (pieces) is not a message")
-                    piece, score, kind = "", 0.0, self.NORMAL
-                    for n, v in _proto_fields(value, "SentencePiece"):
-                        if n == 1:
-                            piece = v.decode("utf-8")
-                        elif n == 2:
-                            score = struct.unpack("<f", v)[0]
-                        elif n == 3:
-                            kind = v
-                    self.pieces.append(piece)
-                    self.scores.append(score)
-                    self.types.append(kind)
-                elif number == 2:
-                    trainer = value
-                elif number == 3:
-                    normalizer = value
-            spec = dict(_proto_fields(trainer, "TrainerSpec"))
-            norm = dict(_proto_fields(normalizer, "NormalizerSpec"))
-        except (ValueError, UnicodeDecodeError, struct.error, TypeError, AttributeError) as e:
-            raise ValueError(f"{source} is not a SentencePiece model (cannot parse its protobuf: {e})") from None
-        if not self.pieces or self.types.count(self.UNKNOWN) != 1:
-            raise ValueError(f"{source} is not a SentencePiece model: it needs pieces with exactly one <unk>, "
-                             f"found {len(self.pieces)} pieces and {self.types.count(self.UNKNOWN)} unknown ones")
-        model_type = spec.get(3, 1)  # TrainerSpec.model_type, default UNIGRAM
-        if model_type != 2:
-            names = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
-            raise ValueError(f"{source}: model_type {names.get(model_type, model_type)} is not supported (only BPE)")
-        charsmap = norm.get(2, b"")
-        if charsmap:  # LLaMA's normaliser is "identity" with an empty map; NFKC tables are not implemented
-            raise ValueError(f"{source}: normaliser {norm.get(1, b'').decode()!r} with a precompiled charsmap "
-                             f"is not supported (only the identity normaliser, as LLaMA's)")
-        if spec.get(24, 0):
-            raise ValueError(f"{source}: treat_whitespace_as_suffix is not supported")
+        entries, spec, norm = _parse_model(self.data, source)
+        self.pieces = [piece for piece, _, _ in entries]
+        self.scores = [score for _, score, _ in entries]
+        self.types = [kind for _, _, kind in entries]
+        _refuse_unsupported(self.types, self.pieces, spec, norm, source)
         self.byte_fallback = bool(spec.get(35, 0))
         self.unk_surface = spec.get(44, " \u2047 ".encode()).decode()
         self.add_dummy_prefix = bool(norm.get(3, 1))  # proto2 defaults: true, true, true
@@ -166,18 +163,12 @@ class SentencePieceModel:
         self.piece_to_id: dict[str, int] = {}
         for i, piece in enumerate(self.pieces):
             self.piece_to_id.setdefault(piece, i)
-        # Pieces BPE may build by merging (sentencepiece's `pieces_`): normal, user-defined and unused ones.
-        # Control, unknown and byte pieces are never produced from text.
-        self.mergeable = {p: (s, t) for p, s, t in zip(self.pieces, self.scores, self.types)
-                          if t in (self.NORMAL, self.USER_DEFINED, self.UNUSED)}
-        user = sorted((p for p, t in zip(self.pieces, self.types) if t == self.USER_DEFINED), key=len, reverse=True)
-        # User-defined pieces are matched whole and never merged further; everything else starts as one character.
-        self.user_defined = set(user)
-        self._symbol_re = re.compile("|".join([re.escape(p) for p in user] + ["."]), re.DOTALL) if user else None
+        # The pieces BPE may build by merging, with their scores; control, unknown and byte pieces never come
+        # from text.
+        self.mergeable = {p: s for p, s, t in entries if t == self.NORMAL}
         # When no piece has a '▁' right after another character, no merge can cross the start of a '▁'-led word,
-        # so words can be encoded one by one, and cached, with the same result: true for LLaMA's model. (Unused
-        # pieces are excluded: sentencepiece re-splits them by the last way they were built anywhere in the text.)
-        self._words_independent = self.escape_whitespaces and self.UNUSED not in self.types and not any(
+        # so words can be encoded one by one, and cached, with the same result: true for LLaMA's model.
+        self._words_independent = self.escape_whitespaces and not any(
             _AFTER_CHAR_SPACE.search(p) for p in self.mergeable)
         self._cache: dict[str, list[int]] = {}
         self.byte_ids = [self.piece_to_id.get(f"<0x{b:02X}>", -1) for b in range(256)]
@@ -212,30 +203,21 @@ class SentencePieceModel:
         return ids
 
     def _bpe(self, text: str) -> list[int]:
-        """BPE on normalised text: start from characters (user-defined pieces whole), then repeatedly merge the
-        adjacent pair whose concatenation is the highest-scoring piece (ties: leftmost). A heap of candidate pairs
-        over a doubly linked list of symbols makes this O(n log n); a popped pair whose symbols have changed since
-        it was pushed is stale and skipped (bpe_model.cc: `Model::SampleEncode` with alpha 0)."""
+        """BPE on normalised text: start from characters, then repeatedly merge the adjacent pair whose
+        concatenation is the highest-scoring piece (ties: leftmost). A heap of candidate pairs over a doubly
+        linked list of symbols makes this O(n log n); a popped pair whose symbols have changed since it was pushed
+        is stale and skipped (bpe_model.cc: `Model::SampleEncode` with alpha 0)."""
         if not text:
             return []
-        symbols = self._symbol_re.findall(text) if self._symbol_re else list(text)
+        symbols = list(text)
         n = len(symbols)
         prev, nxt = list(range(-1, n - 1)), list(range(1, n + 1))
         nxt[-1] = -1
         heap: list[tuple[float, int, int, str]] = []
-        unused_parts: dict[str, tuple[str, str]] = {}  # how each unused piece was built, to re-split it at the end
 
         def push(left: int, right: int) -> None:
-            if left < 0 or right < 0:
-                return
-            a, b = symbols[left], symbols[right]
-            if a in self.user_defined or b in self.user_defined:
-                return
-            entry = self.mergeable.get(a + b)
-            if entry is not None:
-                heapq.heappush(heap, (-entry[0], left, right, a + b))
-                if entry[1] == self.UNUSED:
-                    unused_parts[a + b] = (a, b)
+            if left >= 0 and right >= 0 and (score := self.mergeable.get(symbols[left] + symbols[right])) is not None:
+                heapq.heappush(heap, (-score, left, right, symbols[left] + symbols[right]))
 
         for i in range(n - 1):
             push(i, i + 1)
@@ -253,20 +235,13 @@ class SentencePieceModel:
         ids: list[int] = []
         i = 0
         while i >= 0:
-            self._emit(symbols[i], unused_parts, ids)
+            piece_id = self.piece_to_id.get(symbols[i], self.unk_id)
+            if piece_id == self.unk_id and self.byte_fallback:  # sentencepiece_processor.cc: one <0xNN> per byte
+                ids.extend(self.byte_ids[b] for b in symbols[i].encode("utf-8"))
+            else:
+                ids.append(piece_id)
             i = nxt[i]
         return ids
-
-    def _emit(self, piece: str, unused_parts: dict[str, tuple[str, str]], ids: list[int]) -> None:
-        """Append the id(s) of one final symbol: unused pieces are re-split, unknown ones fall back to bytes."""
-        i = self.piece_to_id.get(piece, self.unk_id)
-        if self.types[i] == self.UNUSED and piece in unused_parts:
-            for part in unused_parts[piece]:
-                self._emit(part, unused_parts, ids)
-        elif i == self.unk_id and self.byte_fallback:  # sentencepiece_processor.cc: one <0xNN> per UTF-8 byte
-            ids.extend(self.byte_ids[b] for b in piece.encode("utf-8"))
-        else:
-            ids.append(i)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` as sentencepiece's `Decode`: control pieces vanish, '▁' -> ' ', runs of byte pieces are
@@ -310,191 +285,6 @@ def _decode_utf8(data: bytes) -> str:
         except UnicodeDecodeError as e:
             out.append(data[pos:pos + e.start].decode("utf-8") + "\ufffd" * (e.end - e.start))
             pos += e.end
-
-
-# --- training a small vocabulary (train.py --tiny) ----------------------------------------------------------------
-
-# Pieces never cross these boundaries: a word is '▁'-led, runs of spaces form their own pieces (LLaMA's
-# allow_whitespace_only_pieces) and every digit stays alone (split_digits).
-_WORD_RE = re.compile("\u2581+(?=\u2581)|\u2581?[^\u25810-9]+|\u2581|[0-9]")
-
-
-def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16) -> bytes:
-    """Train a SentencePiece-format BPE vocabulary with LLaMA's options; returns the bytes of a `tokenizer.model`.
-
-    LLaMA's options: byte fallback (ids 3..258 = <0x00>..<0xFF>), digits split, dummy prefix, no whitespace
-    cleanup, <unk>/<s>/</s> = 0/1/2. Each step merges the most frequent adjacent pair inside a word (ties: first
-    seen), and the new piece scores -step, so encoding replays the merges in order. Every character of the texts
-    becomes a piece (sentencepiece's character_coverage 1.0); others fall back to bytes. Simplification: pieces
-    may mix Unicode scripts (sentencepiece's split_by_unicode_script is not reproduced).
-    """
-    words: Counter[tuple[str, ...]] = Counter()
-    for text in texts:
-        for line in text.split("\n"):  # sentencepiece trains on lines, so '\n' is always a byte piece
-            if line:
-                words.update(tuple(w) for w in _WORD_RE.findall("\u2581" + line.replace(" ", "\u2581")))
-    chars: Counter[str] = Counter()
-    for word, count in words.items():
-        for ch in word:
-            chars[ch] += count
-    n_base = 3 + 256 + len(chars)
-    if vocab_size < n_base:
-        raise ValueError(f"vocab_size {vocab_size} is too small: it needs at least {n_base} "
-                         f"(3 special + 256 byte + {len(chars)} character pieces)")
-    merges: list[str] = []
-    known = set(chars)
-    while n_base + len(merges) < vocab_size:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for word, count in words.items():
-            for a, b in zip(word, word[1:]):
-                if len(a) + len(b) <= max_piece_length:
-                    pairs[a, b] += count
-        if not pairs:
-            break
-        (a, b), _ = pairs.most_common(1)[0]
-        merged = a + b
-        if merged not in known:  # two pairs can spell the same piece ("ab"+"c", "a"+"bc"): store it once
-            known.add(merged)
-            merges.append(merged)
-        words = Counter({_merge_pair(word, a, b): count for word, count in words.items()})
-    pieces = [("<unk>", 0.0, SentencePieceModel.UNKNOWN), ("<s>", 0.0, SentencePieceModel.CONTROL),
-              ("</s>", 0.0, SentencePieceModel.CONTROL)]
-    pieces += [(f"<0x{b:02X}>", 0.0, SentencePieceModel.BYTE) for b in range(256)]
-    pieces += [(p, -float(k), SentencePieceModel.NORMAL) for k, p in enumerate(merges)]
-    # Single characters come last with the lowest scores, as in LLaMA's vocabulary; BPE never merges into them.
-    pieces += [(ch, -float(len(merges) + k), SentencePieceModel.NORMAL)
-               for k, (ch, _) in enumerate(chars.most_common())]
-    model = b"".join(_proto_field(1, _proto_field(1, p) + _proto_field(2, s) + _proto_field(3, t))
-                     for p, s, t in pieces)
-    # TrainerSpec: model_type BPE, vocab_size, split_digits, byte_fallback, unk/bos/eos/pad ids.
-    trainer = b"".join(_proto_field(n, v) for n, v in
-                       [(3, 2), (4, len(pieces)), (25, True), (35, True), (40, 0), (41, 1), (42, 2), (43, -1)])
-    # NormalizerSpec: identity, add_dummy_prefix, no remove_extra_whitespaces, escape_whitespaces.
-    normalizer = b"".join(_proto_field(n, v) for n, v in [(1, "identity"), (3, True), (4, False), (5, True)])
-    return model + _proto_field(2, trainer) + _proto_field(3, normalizer)
-
-
-def _merge_pair(word: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
-            out.append(a + b)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
-
-# --- image spans --------------------------------------------------------------------------------------------------
-
-def check_image_codes(codes: Sequence[int], n_codes: int = 8192) -> list[int]:
-    """The codes of one image as a list of ints, or a ValueError naming what is wrong with them."""
-    codes = codes.tolist() if hasattr(codes, "tolist") else list(codes)
-    if len(codes) != CODES_PER_IMAGE:
-        raise ValueError(f"an image span holds exactly {CODES_PER_IMAGE} codes, got {len(codes)}")
-    for k, code in enumerate(codes):
-        if not 0 <= code < n_codes:
-            raise ValueError(f"image code {code} at index {k} is outside [0, {n_codes})")
-    return [int(c) for c in codes]
-
-
-def image_span_text(codes: Sequence[int], n_codes: int = 8192) -> str:
-    """`<img><img_00012>...</img>`: the text SEED writes for one image (32 codes)."""
-    return BOI_TOKEN + "".join(image_token(c) for c in check_image_codes(codes, n_codes)) + EOI_TOKEN
-
-
-@dataclass(frozen=True)
-class ImageVocab:
-    """Where the image tokens sit in the vocabulary: `<img>`, `</img>`, and codes k -> code_offset + k."""
-    boi_id: int
-    eoi_id: int
-    code_offset: int
-    n_codes: int
-    codes_per_image: int = CODES_PER_IMAGE
-
-    def is_code(self, token_id: int) -> bool:
-        return self.code_offset <= token_id < self.code_offset + self.n_codes
-
-    def span_ids(self, codes: Sequence[int]) -> list[int]:
-        """`[<img>, code ids..., </img>]` for the 32 codes of one image."""
-        return [self.boi_id] + [self.code_offset + c for c in check_image_codes(codes, self.n_codes)] + [self.eoi_id]
-
-    def split(self, ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
-        """Cut generated ids at their image spans: (text runs, codes of each span), len(text runs) = spans + 1.
-
-        Every span is checked: `<img>` must be closed by `</img>` and hold exactly 32 image codes (the flask
-        demo's check), a stray `</img>` is an error too.
-        """
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        texts, images, run = [], [], []
-        pos = 0
-        while pos < len(ids):
-            token = ids[pos]
-            if token == self.eoi_id:
-                raise ValueError(f"</img> (id {token}) at position {pos} closes no <img>")
-            if token != self.boi_id:
-                run.append(token)
-                pos += 1
-                continue
-            try:
-                end = ids.index(self.eoi_id, pos + 1)
-            except ValueError:
-                raise ValueError(f"the image span opened by <img> at position {pos} is never closed by </img>") from None
-            for p in range(pos + 1, end):
-                if not self.is_code(ids[p]):
-                    raise ValueError(f"the image span at position {pos} holds id {ids[p]} at position {p}, which is "
-                                     f"not an image code (codes are ids {self.code_offset}.."
-                                     f"{self.code_offset + self.n_codes - 1})")
-            images.append(check_image_codes([i - self.code_offset for i in ids[pos + 1:end]], self.n_codes))
-            texts.append(run)
-            run = []
-            pos = end + 1
-        texts.append(run)
-        return texts, images
-
-
-# --- chat templates (AILab-CVC/SEED scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py) -------
-
-CHAT_TEMPLATES = ("8B", "14B")
-
-
-def chat_conversation(messages: Sequence[str], template: str = "8B", system: str | None = None) -> str:
-    """The conversation text of a chat, with `<image>` placeholders where images go.
-
-    `messages` alternate user, assistant, user, ... and end with the user turn the model answers.
-      8B (Vicuna v1.1):  `{system}\\n` + `USER: {u}\\nASSISTANT: {a}\\n` ... + `USER: {u}\\nASSISTANT:`
-      14B (LLaMA-2 chat): `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` + `[INST] {u} [/INST]\\n{a}\\n` ... + `[INST] {u} [/INST]\\n`
-    """
-    if template not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; choose one of {CHAT_TEMPLATES}")
-    if len(messages) % 2 != 1:
-        raise ValueError(f"messages alternate user/assistant and end with a user turn, so their number is odd; "
-                         f"got {len(messages)}")
-    if template == "8B":
-        text = "" if system is None else f"{system}\n"
-        for k, message in enumerate(messages):
-            text += f"USER: {message}\n" if k % 2 == 0 else f"ASSISTANT: {message}\n"
-        return text + "ASSISTANT:"
-    text = "" if system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n"
-    for k, message in enumerate(messages):
-        text += f"[INST] {message} [/INST]\n" if k % 2 == 0 else f"{message}\n"
-    return text
-
-
-def chat_prompt(messages: Sequence[str], template: str = "8B", system: str | None = None,
-                images: Sequence[Sequence[int]] = (), force_boi: bool = False, n_codes: int = 8192) -> str:
-    """The prompt text SEED-LLaMA is given: `<s>` + the conversation, the k-th `<image>` replaced by the span of
-    `images[k]`, plus `<img>` when `force_boi` (the flask demo's "force image generation").
-
-    Encode it with `Tokenizer.encode(text)` without BOS: like SEED, the BOS comes from the literal `<s>`.
-    """
-    parts = chat_conversation(messages, template, system).split(IMAGE_PLACEHOLDER)
-    if len(parts) - 1 != len(images):
-        raise ValueError(f"the messages hold {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
-                         f"but {len(images)} images were given")
-    text = parts[0] + "".join(image_span_text(codes, n_codes) + part for codes, part in zip(images, parts[1:]))
-    return "<s>" + text + (BOI_TOKEN if force_boi else "")
 
 
 # --- the tokenizer SEED-LLaMA uses --------------------------------------------------------------------------------
@@ -725,6 +515,223 @@ class Tokenizer:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, folder / name)
+
+
+# --- image tokens and spans ---------------------------------------------------------------------------------------
+
+CODES_PER_IMAGE = 32  # SEED's causal Q-Former emits 32 codes per image
+BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
+IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a chat message (gradio_demo/conversation.py)
+
+
+def image_token(code: int) -> str:
+    return f"<img_{code:05d}>"
+
+
+def check_image_codes(codes: Sequence[int], n_codes: int = 8192) -> list[int]:
+    """The codes of one image as a list of ints, or a ValueError naming what is wrong with them."""
+    codes = codes.tolist() if hasattr(codes, "tolist") else list(codes)
+    if len(codes) != CODES_PER_IMAGE:
+        raise ValueError(f"an image span holds exactly {CODES_PER_IMAGE} codes, got {len(codes)}")
+    for k, code in enumerate(codes):
+        if not 0 <= code < n_codes:
+            raise ValueError(f"image code {code} at index {k} is outside [0, {n_codes})")
+    return [int(c) for c in codes]
+
+
+def image_span_text(codes: Sequence[int], n_codes: int = 8192) -> str:
+    """`<img><img_00012>...</img>`: the text SEED writes for one image (32 codes)."""
+    return BOI_TOKEN + "".join(image_token(c) for c in check_image_codes(codes, n_codes)) + EOI_TOKEN
+
+
+@dataclass(frozen=True)
+class ImageVocab:
+    """Where the image tokens sit in the vocabulary: `<img>`, `</img>`, and codes k -> code_offset + k."""
+    boi_id: int
+    eoi_id: int
+    code_offset: int
+    n_codes: int
+    codes_per_image: int = CODES_PER_IMAGE
+
+    def is_code(self, token_id: int) -> bool:
+        return self.code_offset <= token_id < self.code_offset + self.n_codes
+
+    def span_ids(self, codes: Sequence[int]) -> list[int]:
+        """`[<img>, code ids..., </img>]` for the 32 codes of one image."""
+        return [self.boi_id] + [self.code_offset + c for c in check_image_codes(codes, self.n_codes)] + [self.eoi_id]
+
+    def split(self, ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Cut generated ids at their image spans: (text runs, codes of each span), len(text runs) = spans + 1.
+
+        Every span is checked: `<img>` must be closed by `</img>` and hold exactly 32 image codes (the flask
+        demo's check), a stray `</img>` is an error too.
+        """
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        texts, images, run = [], [], []
+        pos = 0
+        while pos < len(ids):
+            token = ids[pos]
+            if token == self.eoi_id:
+                raise ValueError(f"</img> (id {token}) at position {pos} closes no <img>")
+            if token != self.boi_id:
+                run.append(token)
+                pos += 1
+                continue
+            try:
+                end = ids.index(self.eoi_id, pos + 1)
+            except ValueError:
+                raise ValueError(f"the image span opened by <img> at position {pos} is never closed by </img>") \
+                    from None
+            for p in range(pos + 1, end):
+                if not self.is_code(ids[p]):
+                    raise ValueError(f"the image span at position {pos} holds id {ids[p]} at position {p}, which is "
+                                     f"not an image code (codes are ids {self.code_offset}.."
+                                     f"{self.code_offset + self.n_codes - 1})")
+            images.append(check_image_codes([i - self.code_offset for i in ids[pos + 1:end]], self.n_codes))
+            texts.append(run)
+            run = []
+            pos = end + 1
+        texts.append(run)
+        return texts, images
+
+
+# --- chat templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py)
+
+CHAT_TEMPLATES = ("8B", "14B")
+
+
+def chat_conversation(messages: Sequence[str], template: str = "8B", system: str | None = None) -> str:
+    """The conversation text of a chat, with `<image>` placeholders where images go.
+
+    `messages` alternate user, assistant, user, ... and end with the user turn the model answers.
+      8B (Vicuna v1.1):  `{system}\\n` + `USER: {u}\\nASSISTANT: {a}\\n` ... + `USER: {u}\\nASSISTANT:`
+      14B (LLaMA-2 chat): `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` + `[INST] {u} [/INST]\\n{a}\\n` ...
+                          + `[INST] {u} [/INST]\\n`
+    """
+    if template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; choose one of {CHAT_TEMPLATES}")
+    if len(messages) % 2 != 1:
+        raise ValueError(f"messages alternate user/assistant and end with a user turn, so their number is odd; "
+                         f"got {len(messages)}")
+    if template == "8B":
+        text = "" if system is None else f"{system}\n"
+        for k, message in enumerate(messages):
+            text += f"USER: {message}\n" if k % 2 == 0 else f"ASSISTANT: {message}\n"
+        return text + "ASSISTANT:"
+    text = "" if system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n"
+    for k, message in enumerate(messages):
+        text += f"[INST] {message} [/INST]\n" if k % 2 == 0 else f"{message}\n"
+    return text
+
+
+def chat_prompt(messages: Sequence[str], template: str = "8B", system: str | None = None,
+                images: Sequence[Sequence[int]] = (), force_boi: bool = False, n_codes: int = 8192) -> str:
+    """The prompt text SEED-LLaMA is given: `<s>` + the conversation, the k-th `<image>` replaced by the span of
+    `images[k]`, plus `<img>` when `force_boi` (the flask demo's "force image generation").
+
+    Encode it with `Tokenizer.encode(text)` without BOS: like SEED, the BOS comes from the literal `<s>`.
+    """
+    parts = chat_conversation(messages, template, system).split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(images):
+        raise ValueError(f"the messages hold {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                         f"but {len(images)} images were given")
+    text = parts[0] + "".join(image_span_text(codes, n_codes) + part for codes, part in zip(images, parts[1:]))
+    return "<s>" + text + (BOI_TOKEN if force_boi else "")
+
+
+# --- training a small vocabulary (train.py --tiny) ----------------------------------------------------------------
+
+# Pieces never cross these boundaries: a word is '▁'-led, runs of spaces form their own pieces (LLaMA's
+# allow_whitespace_only_pieces) and every digit stays alone (split_digits).
+_WORD_RE = re.compile("\u2581+(?=\u2581)|\u2581?[^\u25810-9]+|\u2581|[0-9]")
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16) -> bytes:
+    """Train a SentencePiece-format BPE vocabulary with LLaMA's options; returns the bytes of a `tokenizer.model`.
+
+    LLaMA's options: byte fallback (ids 3..258 = <0x00>..<0xFF>), digits split, dummy prefix, no whitespace
+    cleanup, <unk>/<s>/</s> = 0/1/2. Each step merges the most frequent adjacent pair inside a word (ties: first
+    seen), and the new piece scores -step, so encoding replays the merges in order. Every character of the texts
+    becomes a piece (sentencepiece's character_coverage 1.0); others fall back to bytes. Simplification: pieces
+    may mix Unicode scripts (sentencepiece's split_by_unicode_script is not reproduced).
+    """
+    words: Counter[tuple[str, ...]] = Counter()
+    for text in texts:
+        for line in text.split("\n"):  # sentencepiece trains on lines, so '\n' is always a byte piece
+            if line:
+                words.update(tuple(w) for w in _WORD_RE.findall("\u2581" + line.replace(" ", "\u2581")))
+    chars: Counter[str] = Counter()
+    for word, count in words.items():
+        for ch in word:
+            chars[ch] += count
+    n_base = 3 + 256 + len(chars)
+    if vocab_size < n_base:
+        raise ValueError(f"vocab_size {vocab_size} is too small: it needs at least {n_base} "
+                         f"(3 special + 256 byte + {len(chars)} character pieces)")
+    merges: list[str] = []
+    known = set(chars)
+    while n_base + len(merges) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for a, b in zip(word, word[1:]):
+                if len(a) + len(b) <= max_piece_length:
+                    pairs[a, b] += count
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        merged = a + b
+        if merged not in known:  # two pairs can spell the same piece ("ab"+"c", "a"+"bc"): store it once
+            known.add(merged)
+            merges.append(merged)
+        words = Counter({_merge_pair(word, a, b): count for word, count in words.items()})
+    pieces = [("<unk>", 0.0, SentencePieceModel.UNKNOWN), ("<s>", 0.0, SentencePieceModel.CONTROL),
+              ("</s>", 0.0, SentencePieceModel.CONTROL)]
+    pieces += [(f"<0x{b:02X}>", 0.0, SentencePieceModel.BYTE) for b in range(256)]
+    pieces += [(p, -float(k), SentencePieceModel.NORMAL) for k, p in enumerate(merges)]
+    # Single characters come last with the lowest scores, as in LLaMA's vocabulary; BPE never merges into them.
+    pieces += [(ch, -float(len(merges) + k), SentencePieceModel.NORMAL)
+               for k, (ch, _) in enumerate(chars.most_common())]
+    model = b"".join(_proto_field(1, _proto_field(1, p) + _proto_field(2, s) + _proto_field(3, t))
+                     for p, s, t in pieces)
+    # TrainerSpec: model_type BPE, vocab_size, split_digits, byte_fallback, unk/bos/eos/pad ids.
+    trainer = b"".join(_proto_field(n, v) for n, v in
+                       [(3, 2), (4, len(pieces)), (25, True), (35, True), (40, 0), (41, 1), (42, 2), (43, -1)])
+    # NormalizerSpec: identity, add_dummy_prefix, no remove_extra_whitespaces, escape_whitespaces.
+    normalizer = b"".join(_proto_field(n, v) for n, v in [(1, "identity"), (3, True), (4, False), (5, True)])
+    return model + _proto_field(2, trainer) + _proto_field(3, normalizer)
+
+
+def _merge_pair(word: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+# protobuf wire format, written: what `train_bpe` needs to write a tokenizer.model
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative ints are written as 10-byte two's complement, as protobuf does
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _proto_field(number: int, value: int | float | str | bytes) -> bytes:
+    if isinstance(value, float):  # proto `float`: fixed32 (wire type 5)
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return _varint(number << 3) + _varint(int(value))
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
 def train_tokenizer(texts: Sequence[str], folder: str | os.PathLike, vocab_size: int,

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import llama
+import weights
 from tokenizer import ImageVocab, Tokenizer
 from llama import GenerationConfig, Llama, LlamaConfig
 
@@ -82,7 +83,7 @@ def test_fixture_parity_bin_fp16_shards(ref, tmp_path):
     src = FIXTURES / "llama"
     for name in ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
                  "pytorch_model.bin.index.json"):
-        (tmp_path / name).symlink_to(src / name)
+        shutil.copy(src / name, tmp_path / name)
     shutil.copy(src / "config.seed_era_4.30.2.json", tmp_path / "config.json")
     model = Llama.from_official(tmp_path, device="cpu")  # fp16 on disk, fp32 on CPU by default
     assert model.lm_head.weight.dtype == torch.float32
@@ -234,8 +235,14 @@ def test_config_that_disagrees_with_the_weights(tmp_path):
     with pytest.raises(ValueError) as err:
         Llama.from_official(tmp_path)
     msg = str(err.value)
-    assert "model.embed_tokens.weight: checkpoint (770, 48) vs config (771, 48)" in msg
-    assert "lm_head.weight" in msg and "unexpected keys: ['model.layers.1.input_layernorm.weight'" in msg
+    assert "model.embed_tokens.weight: file (770, 48) vs config.json (771, 48)" in msg
+    assert "lm_head.weight: file (770, 48) vs config.json (771, 48)" in msg
+    unexpected = msg.split("unexpected (")[1]
+    assert "model.layers.1.input_layernorm.weight" in unexpected and "rotary_emb" not in msg
+    hf.update(vocab_size=770, num_hidden_layers=3)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=r"missing \(9\):\n    model\.layers\.2\.input_layernorm\.weight"):
+        Llama.from_official(tmp_path)
 
 
 def test_save_and_load_pretrained(tiny, tmp_path):
@@ -278,8 +285,8 @@ def test_official_checkpoint_matches_preset(repo, preset):
     folder = official_file("AILab-CVC", repo, "config.json").parent
     config = LlamaConfig.from_hf(json.loads((folder / "config.json").read_text()))
     assert config == LlamaConfig.preset(preset)
-    files = llama._weight_files(folder, ("pytorch_model.bin.index.json", "model.safetensors.index.json"))
-    stored = {k: list(shape) for f in files for k, (shape, _) in llama._shard_header(f).items()}
+    files = weights.find_weights(folder, ("pytorch_model.bin.index.json", "model.safetensors.index.json"))
+    stored = {k: list(shape) for f in files for k, (shape, _) in weights.read_header(f).items()}
     official = json.loads((FIXTURES / "official_keys" / f"llama_{preset.split('-')[-1]}.json").read_text())
     assert stored == official
 
