@@ -45,11 +45,102 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# ======================================================================================================
-# CLIP text side: the OpenCLIP ViT-H text tower as SD-2 uses it (transformers `CLIPTextModel` layout: 23 pre-LN
-# blocks, causal, exact GELU, final LayerNorm), and a CLIP byte-level BPE tokenizer that reproduces transformers'
-# slow `CLIPTokenizer` without ftfy or regex.
-# ======================================================================================================
+
+# ==============================================================================================================
+# Configs: the UNet, the VAE decoder, the CLIP text tower, and the decoder that holds them (+ presets)
+# ==============================================================================================================
+
+
+@dataclass
+class UNetConfig:
+    """UNet2DConditionModel as SD-2.1-unclip configures it (OFFICIAL_FORMATS.md §d); defaults = the official model."""
+    in_channels: int = 4                                    # latent channels (3 for the tiny pixel-space model)
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    cross_attention: tuple[bool, ...] = (True, True, True, False)  # per level: CrossAttn{Down,Up}Block2D or plain
+    mid_attention: bool = True                              # UNetMidBlock2DCrossAttn (True) or UNetMidBlock2D
+    layers_per_block: int = 2                               # resnets per down block (up blocks have one more)
+    attention_head_dim: tuple[int, ...] = (5, 10, 20, 20)   # diffusers' misnomer: the NUMBER of heads (size 64)
+    cross_attention_dim: int = 1024                         # width of the text states (OpenCLIP-H)
+    class_embed_dim: int = 2048                             # 2E: noised image embedding ++ noise-level embedding
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    sample_size: int = 96                                   # latent side: 96 * 8 = 768 px
+    # How a resnet takes the time + image-condition embedding: "default" adds it after conv1 (SD-2.1-unclip);
+    # "scale_shift" modulates norm2's output, h * (1 + scale) + shift (FiLM; diffusers' option of the same name).
+    resnet_time_scale_shift: str = "default"
+
+    # Every option of diffusers' config that this implementation does not generalise over, with the value it
+    # implements; `from_diffusers` refuses a config that asks for anything else (absent keys take diffusers'
+    # default, which is given second when it differs from what we need).
+    FIXED = {"use_linear_projection": (True, False), "class_embed_type": ("projection", None),
+             "flip_sin_to_cos": (True, True), "freq_shift": (0, 0), "act_fn": ("silu", "silu"),
+             "transformer_layers_per_block": (1, 1),
+             "only_cross_attention": (False, False), "dual_cross_attention": (False, False),
+             "class_embeddings_concat": (False, False), "addition_embed_type": (None, None),
+             "time_embedding_type": ("positional", "positional"), "center_input_sample": (False, False),
+             "conv_in_kernel": (3, 3), "conv_out_kernel": (3, 3), "mid_block_scale_factor": (1, 1),
+             "downsample_padding": (1, 1), "encoder_hid_dim": (None, None), "time_cond_proj_dim": (None, None),
+             "num_class_embeds": (None, None), "time_embedding_dim": (None, None)}
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "UNetConfig":
+        """Read diffusers' unet/config.json; raise on any option this implementation does not have."""
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # a live diffusers config has tuples
+        bad = [f"{k}={cfg[k]!r} (need {want!r})" for k, (want, default) in cls.FIXED.items()
+               if cfg.get(k, default) != want]
+        down = cfg.get("down_block_types", [])
+        cross = tuple(t == "CrossAttnDownBlock2D" for t in down)
+        if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
+            bad.append(f"down_block_types={down}")
+        up = ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)]
+        if cfg.get("up_block_types") != up:  # the up path must mirror the down path, as in every SD UNet
+            bad.append(f"up_block_types={cfg.get('up_block_types')} (need {up})")
+        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+        if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+            bad.append(f"mid_block_type={mid!r}")
+        shift = cfg.get("resnet_time_scale_shift", "default")
+        if shift not in ("default", "scale_shift"):
+            bad.append(f"resnet_time_scale_shift={shift!r} (need 'default' or 'scale_shift')")
+        if bad:
+            raise ValueError("unsupported UNet config: " + "; ".join(bad))
+        # diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` (the historical misnomer)
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        n = len(down)
+        return cls(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+                   block_out_channels=tuple(cfg["block_out_channels"]), cross_attention=cross,
+                   mid_attention=mid == "UNetMidBlock2DCrossAttn", layers_per_block=cfg["layers_per_block"],
+                   attention_head_dim=tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n,
+                   cross_attention_dim=cfg["cross_attention_dim"],
+                   class_embed_dim=cfg["projection_class_embeddings_input_dim"],
+                   norm_num_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
+                   sample_size=cfg["sample_size"], resnet_time_scale_shift=shift)
+
+
+@dataclass
+class VAEConfig:
+    """The decoder half of SD-2's AutoencoderKL (vae/config.json); defaults = the official model."""
+    latent_channels: int = 4
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # encoder order; the decoder walks it backwards
+    layers_per_block: int = 2                                   # the decoder has one more resnet per block
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215                             # latents are stored multiplied by this
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "VAEConfig":
+        """Read diffusers' vae/config.json; raise on any option this implementation does not have."""
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # a live diffusers config has tuples
+        n = len(cfg["block_out_channels"])
+        want = {"act_fn": "silu", "up_block_types": ["UpDecoderBlock2D"] * n, "use_post_quant_conv": True,
+                "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None}
+        bad = [f"{k}={cfg[k]!r} (need {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
+        if bad:
+            raise ValueError("unsupported VAE config: " + "; ".join(bad))
+        return cls(latent_channels=cfg["latent_channels"], out_channels=cfg["out_channels"],
+                   block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
+                   norm_num_groups=cfg["norm_num_groups"], scaling_factor=cfg.get("scaling_factor", 0.18215))
+
 
 @dataclass
 class CLIPTextConfig:
@@ -88,6 +179,458 @@ class CLIPTextConfig:
         return cls(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
                    width=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
                    mlp_width=hf["intermediate_size"], layer_norm_eps=hf.get("layer_norm_eps", 1e-5))
+
+
+@dataclass
+class DecoderConfig:
+    """All components of the decoder. `vae=None` is pixel space (the sample is the image); `text=None` means no
+    cross-attention anywhere, so no prompt states (the tiny model)."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig | None = field(default_factory=VAEConfig)
+    text: CLIPTextConfig | None = field(default_factory=CLIPTextConfig)
+
+    @property
+    def embed_dim(self) -> int:  # E: the image embedding is half of the UNet's class label
+        return self.unet.class_embed_dim // 2
+
+    @classmethod
+    def preset(cls, name: str) -> "DecoderConfig":
+        if name not in DECODER_PRESETS:
+            raise ValueError(f"unknown decoder preset {name!r}; choices: {sorted(DECODER_PRESETS)}")
+        return DECODER_PRESETS[name]()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        return cls(unet=_dataclass_from_dict(UNetConfig, d["unet"]),
+                   vae=None if d["vae"] is None else _dataclass_from_dict(VAEConfig, d["vae"]),
+                   text=None if d["text"] is None else _dataclass_from_dict(CLIPTextConfig, d["text"]))
+
+
+DECODER_PRESETS = {
+    "sd21-unclip": DecoderConfig,
+    # Pixel space, 3 x 32 x 32, no VAE, no text: the shapes-world decoder of train.py (SHAPES_WORLD.md: channels
+    # 16-32-64, one resnet per level, no attention). train.py sets class_embed_dim = 2E for its tokenizer's E.
+    # FiLM resnets ("scale_shift"): with the official additive embedding this UNet drew every shape as a blob
+    # (judged shape 0.43 after 1000 steps; 0.62 with FiLM, same steps).
+    "tiny": lambda: DecoderConfig(
+        unet=UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
+                        cross_attention=(False, False, False), mid_attention=False, layers_per_block=1,
+                        attention_head_dim=(1, 1, 1), cross_attention_dim=0, class_embed_dim=256,
+                        norm_num_groups=8, sample_size=32, resnet_time_scale_shift="scale_shift"),
+        vae=None, text=None),
+}
+
+
+def _dataclass_from_dict(cls, d: dict):
+    """Rebuild a config dataclass from its JSON form (lists back to tuples); unknown keys are an error."""
+    names = {f.name for f in fields(cls)}
+    if set(d) - names:
+        raise ValueError(f"unknown {cls.__name__} fields in config.json: {sorted(set(d) - names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ==============================================================================================================
+# Building blocks, bottom-up (diffusers models/embeddings.py, resnet.py, attention.py, transformer_2d.py)
+# ==============================================================================================================
+
+
+# The SD-2.1-unclip UNet is diffusers' UNet2DConditionModel in one configuration. Every module below is named as
+# in the diffusers checkpoint (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so the
+# official keys load unchanged; the only renames are the legacy VAE attention names (see VAE_LEGACY_NAMES).
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim).
+
+    freq_i = exp(-ln(max_period) * i / (dim/2 - shift)), i < dim/2; the output is [cos(t f), sin(t f)] when
+    `flip_sin_to_cos` (what SD-2 uses everywhere), else [sin, cos]. Mirrors diffusers
+    `models/embeddings.py: get_timestep_embedding` (= ldm `timestep_embedding`), computed in fp32 in the same
+    order so that the results agree bit for bit. Used by the UNet's `time_proj` (dim 320) and by the unCLIP
+    noise augmentation (dim 1024, the noise level).
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timestep_embedding expects a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, 1) * (1, half) -> (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
+                    dim=-1)
+    if dim % 2:  # odd widths get one zero column, as in diffusers
+        emb = F.pad(emb, (0, 1))
+    return emb  # (B, dim)
+
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention with diffusers' names to_q/to_k/to_v/to_out.0, computed with SDPA.
+
+    SDPA never materialises the (T, S) score matrix on CUDA (flash / memory-efficient kernels) and keeps the
+    softmax in fp32 there, which is what diffusers' `upcast_attention` flag asked for by hand.
+    """
+
+    def __init__(self, dim: int, n_heads: int, context_dim: int | None = None, qkv_bias: bool = False):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"width {dim} is not divisible by {n_heads} heads")
+        self.n_heads = n_heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
+        # diffusers keeps [Linear, Dropout] here; the list makes the checkpoint key `to_out.0.weight`.
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, T, C = x.shape
+        S, nh = context.shape[1], self.n_heads
+        q = self.to_q(x).view(B, T, nh, C // nh).transpose(1, 2)        # (B, T, C) -> (B, nh, T, hs)
+        k = self.to_k(context).view(B, S, nh, C // nh).transpose(1, 2)  # (B, S, Cc) -> (B, nh, S, hs)
+        v = self.to_v(context).view(B, S, nh, C // nh).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(hs)) v
+        return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))       # (B, nh, T, hs) -> (B, T, C)
+
+
+class GEGLU(nn.Module):
+    """proj: C -> 2 * 4C, then value * gelu(gate) (exact gelu): the feed-forward gate of SD's transformer."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)  # diffusers: hidden_states, gate (value first)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Indices mirror diffusers' `net` = [GEGLU, Dropout, Linear]: the checkpoint names net.0.proj and net.2.
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN block: self-attention, cross-attention to the text states, GEGLU feed-forward; all residual."""
+
+    def __init__(self, dim: int, n_heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, n_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, n_heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """Transformer2DModel with linear proj_in/proj_out (`use_linear_projection`, the SD-2 variant), one block."""
+
+    def __init__(self, channels: int, n_heads: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # eps 1e-6 here, 1e-5 in the resnets (as official)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, n_heads, context_dim)])
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
+        return x + h
+
+
+class ResnetBlock2D(nn.Module):
+    """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut.
+
+    With `scale_shift` the projected embedding is (scale, shift) instead, applied after the second GN:
+    GN(h) * (1 + scale) + shift. A per-channel gain lets the condition switch features on and off, not only
+    move them, which the tiny pixel decoder needs to draw shapes (train.py).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
+                 scale_shift: bool = False):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        # the VAE has no time embedding
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch * (2 if scale_shift else 1)) if temb_ch else None
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        emb = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        if emb is not None and not self.scale_shift:
+            h = h + emb                                   # (B, C) -> (B, C, 1, 1): a bias per channel
+        h = self.norm2(h)
+        if emb is not None and self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)            # (B, 2C, 1, 1) -> 2 x (B, C, 1, 1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # Nearest x2, or to `size` (the matching skip's size, which diffusers passes as `upsample_size` when a
+        # side is not a multiple of 8 latents).
+        x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
+
+
+class SpatialSelfAttention(Attention):
+    """The VAE's mid-block attention: GroupNorm, one head over all H*W positions, residual (eps 1e-6)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__(ch, n_heads=1, qkv_bias=True)
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, context: None = None) -> torch.Tensor:  # context: MidBlock's interface
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        h = super().forward(h).transpose(1, 2).reshape(B, C, H, W)
+        return x + h
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D (`attention` > 0 heads) or DownBlock2D: resnets [+ transformers], then stride-2 conv.
+
+    Returns the output and the skip tensors the up path will concatenate (one per resnet, plus the downsampled).
+    """
+
+    def __init__(self, in_ch, out_ch, temb_ch, n_layers, n_heads, context_dim, groups, eps, attention, downsample,
+                 scale_shift=False):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps,
+                                                    scale_shift) for i in range(n_layers)])
+        self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
+                                         for _ in range(n_layers)]) if attention else None
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
+
+    def forward(self, x, temb, context):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D / UpBlock2D (UNet) and UpDecoderBlock2D (VAE, no skips, no time embedding).
+
+    Resnet i takes the previous output concatenated with skip i (channel counts as in diffusers'
+    `res_skip_channels`), then an optional transformer; then nearest x2 + conv3x3.
+    """
+
+    def __init__(self, in_chs, out_ch, temb_ch, n_heads, context_dim, groups, eps, attention, upsample,
+                 scale_shift=False):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, out_ch, temb_ch, groups, eps, scale_shift) for c in in_chs])
+        self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
+                                         for _ in in_chs]) if attention else None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+
+    def forward(self, x, temb=None, context=None, skips=(), size=None):
+        for i, resnet in enumerate(self.resnets):
+            if skips:  # the UNet pops its skips newest first: (B, C, H, W) ++ (B, Cs, H, W) on channels
+                x = torch.cat([x, skips[-1 - i]], dim=1)
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, size)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet -> attention -> resnet at the lowest resolution (UNetMidBlock2DCrossAttn, the VAE's UNetMidBlock2D);
+    without attention a single resnet (the UNet's "UNetMidBlock2D", built with num_layers=0 by diffusers)."""
+
+    def __init__(self, ch: int, temb_ch: int | None, groups: int, eps: float, attention: nn.Module | None,
+                 scale_shift: bool = False):
+        super().__init__()
+        n = 1 if attention is None else 2
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, groups, eps, scale_shift) for _ in range(n)])
+        self.attentions = nn.ModuleList([attention]) if attention is not None else None
+
+    def forward(self, x, temb=None, context=None):
+        x = self.resnets[0](x, temb)
+        if self.attentions is not None:
+            x = self.resnets[1](self.attentions[0](x, context), temb)
+        return x
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear: diffusers' TimestepEmbedding, used for the time and the class ("projection")."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# ==============================================================================================================
+# The UNet
+# ==============================================================================================================
+
+
+class UNet(nn.Module):
+    """UNet2DConditionModel (diffusers models/unets/unet_2d_condition.py) for unCLIP: v = unet(x_t, t, text, label).
+
+    emb = MLP(sinusoid(t)) + MLP(class_label): the image condition enters only through the time embedding that
+    every resnet adds; the text (E("") for SEED) enters through the cross-attention of every transformer.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        cfg = self.config = config
+        n = len(cfg.block_out_channels)
+        if not (len(cfg.cross_attention) == len(cfg.attention_head_dim) == n):
+            raise ValueError("block_out_channels, cross_attention and attention_head_dim need one entry per level")
+        ch, temb, G, eps = cfg.block_out_channels, 4 * cfg.block_out_channels[0], cfg.norm_num_groups, cfg.norm_eps
+        if cfg.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift', "
+                             f"got {cfg.resnet_time_scale_shift!r}")
+        film = cfg.resnet_time_scale_shift == "scale_shift"
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)          # sinusoid(320) -> 1280
+        self.class_embedding = TimestepEmbedding(cfg.class_embed_dim, temb)  # "projection": 2048 -> 1280
+        self.down_blocks = nn.ModuleList(
+            DownBlock(ch[max(i - 1, 0)], ch[i], temb, cfg.layers_per_block, cfg.attention_head_dim[i],
+                      cfg.cross_attention_dim, G, eps, cfg.cross_attention[i], downsample=i < n - 1,
+                      scale_shift=film)
+            for i in range(n))
+        mid_attn = Transformer2D(ch[-1], cfg.attention_head_dim[-1], cfg.cross_attention_dim, G)
+        self.mid_block = MidBlock(ch[-1], temb, G, eps, mid_attn if cfg.mid_attention else None, film)
+        # Up level j mirrors down level i = n-1-j. Its skips, newest first, come from: the downsampler of level
+        # i-1 (or conv_in) last, the resnets of level i before; diffusers' prev_output / res_skip channels.
+        self.up_blocks = nn.ModuleList()
+        prev = ch[-1]
+        for j in range(n):
+            i = n - 1 - j
+            skip_chs = [ch[i]] * cfg.layers_per_block + [ch[max(i - 1, 0)]]
+            in_chs = [(prev if k == 0 else ch[i]) + s for k, s in enumerate(skip_chs)]
+            self.up_blocks.append(UpBlock(in_chs, ch[i], temb, cfg.attention_head_dim[i], cfg.cross_attention_dim,
+                                          G, eps, cfg.cross_attention[i], upsample=j < n - 1, scale_shift=film))
+            prev = ch[i]
+        self.conv_norm_out = nn.GroupNorm(G, ch[0], eps=eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t, encoder_hidden_states: torch.Tensor | None,
+                class_labels: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), t int / (,) / (B,), text (B, 77, D) (None when no level has attention), label (B, 2E)."""
+        cfg = self.config
+        B = x.shape[0]
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNet input must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if class_labels is None or class_labels.shape != (B, cfg.class_embed_dim):
+            got = None if class_labels is None else tuple(class_labels.shape)
+            raise ValueError(f"class_labels must be (B={B}, {cfg.class_embed_dim}) (the noised image embedding ++ "
+                             f"its noise-level embedding), got {got}")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # a shared scalar or one per sample
+        # time_proj: sinusoid(320, flip_sin_to_cos, shift 0) in fp32, then the module dtype (diffusers casts too)
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], True, 0.0).to(x.dtype))
+        emb = emb + self.class_embedding(class_labels.to(x.dtype))   # (B, 1280): time + image condition
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, emb, encoder_hidden_states)
+            skips += block_skips
+        h = self.mid_block(h, emb, encoder_hidden_states)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = skips[-1].shape[-2:] if skips else None  # upsample to the next skip's size (odd sides)
+            h = block(h, emb, encoder_hidden_states, block_skips, size)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+# ==============================================================================================================
+# The VAE decoder
+# ==============================================================================================================
+
+
+class Decoder(nn.Module):
+    """The VAE decoder (diffusers models/autoencoders/vae.py: Decoder): latent (B, 4, h, w) -> image (B, 3, 8h, 8w)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, G = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups   # (512, 512, 256, 128)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], None, G, 1e-6, SpatialSelfAttention(ch[0], G))
+        self.up_blocks = nn.ModuleList(
+            UpBlock([ch[max(j - 1, 0)]] + [ch[j]] * cfg.layers_per_block, ch[j], None, 1, None, G, 1e-6,
+                    attention=False, upsample=j < len(ch) - 1)
+            for j in range(len(ch)))
+        self.conv_norm_out = nn.GroupNorm(G, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class VAEDecoder(nn.Module):
+    """post_quant_conv + Decoder: the half of AutoencoderKL that unCLIP needs (`vae.decode(z)`)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.decoder = Decoder(config)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w).
+
+        One image at a time: at 768x768 a single image's activations at full resolution are 128-256 channels
+        x 768 x 768 (0.3 GB per fp16 tensor at the 256-channel input of the last block), so batching would
+        multiply the peak; the mid attention over 96x96 = 9216 positions goes through SDPA, which on CUDA never
+        builds the 9216^2 score matrix (170 MB per image in fp16).
+        """
+        return torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
+
+
+# ==============================================================================================================
+# The text tower: OpenCLIP ViT-H's text encoder as SD-2 uses it (transformers `CLIPTextModel` layout)
+# ==============================================================================================================
 
 
 class CLIPAttention(nn.Module):
@@ -374,31 +917,9 @@ class CLIPTokenizer:
         return torch.tensor(padded, dtype=torch.long).view(len(texts), self.context_length)  # (B, 77), also B=0
 
 
-# ======================================================================================================
-# Noise schedules, unCLIP noise augmentation, samplers (PNDM default, DDIM alternative).
-# Schedules in fp32 as diffusers computes them; samplers are pure functions of `model_fn(x, t) -> v`.
-# ======================================================================================================
-
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0,
-                       max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim).
-
-    freq_i = exp(-ln(max_period) * i / (dim/2 - shift)), i < dim/2; the output is [cos(t f), sin(t f)] when
-    `flip_sin_to_cos` (what SD-2 uses everywhere), else [sin, cos]. Mirrors diffusers
-    `models/embeddings.py: get_timestep_embedding` (= ldm `timestep_embedding`), computed in fp32 in the same
-    order so that the results agree bit for bit. Used by the UNet's `time_proj` (dim 320) and by the unCLIP
-    noise augmentation (dim 1024, the noise level).
-    """
-    if t.ndim != 1:
-        raise ValueError(f"timestep_embedding expects a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
-    args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, 1) * (1, half) -> (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
-                    dim=-1)
-    if dim % 2:  # odd widths get one zero column, as in diffusers
-        emb = F.pad(emb, (0, 1))
-    return emb  # (B, dim)
+# ==============================================================================================================
+# Noise schedules (fp32, as diffusers computes them)
+# ==============================================================================================================
 
 
 # --- Noise schedules. Everything is indexed by the integer train timestep t in [0, 1000); alphas_cumprod[t] =
@@ -449,6 +970,11 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cump
     return a ** 0.5 * noise - (1 - a) ** 0.5 * x0
 
 
+# ==============================================================================================================
+# unCLIP noise augmentation of the image embedding
+# ==============================================================================================================
+
+
 # --- unCLIP noise augmentation of the image embedding (diffusers `StableUnCLIPImg2ImgPipeline.noise_image_embeddings`
 # with `image_normalizer` = StableUnCLIPImageNormalizer and `image_noising_scheduler` = DDPM squaredcos_cap_v2).
 
@@ -491,21 +1017,14 @@ class ImageNoiseAugmentation(nn.Module):
         return torch.cat([x, level_emb], dim=1)  # (B, E) ++ (B, E) -> (B, 2E)
 
 
+# ==============================================================================================================
+# Samplers: pure functions of `model_fn(x, t) -> v`
+# ==============================================================================================================
+
+
 # --- Samplers: pure functions over a `model_fn(x, t) -> v` (t a Python int; the function applies classifier-free
 # guidance itself, see `classifier_free_guidance`), in the style of k-diffusion. `callback`, if given, receives
 # dict(i=call index, t=timestep, x=sample after the update) after each model call.
-
-def classifier_free_guidance(model_fn, guidance_scale: float):
-    """Wrap a model over the doubled batch [uncond; cond] into a guided one: v = v_u + s (v_c - v_u).
-
-    `model_fn(x2, t)` sees cat([x, x]) and must put the unconditional conditioning first (as the diffusers
-    pipelines do); one batched call per step, then `chunk(2)`.
-    """
-    def guided(x: torch.Tensor, t: int) -> torch.Tensor:
-        v_uncond, v_cond = model_fn(torch.cat([x, x]), t).chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
-    return guided
-
 
 def leading_timesteps(steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
     """The "leading" spacing of diffusers, descending: k · (T // steps) + steps_offset, k = steps-1 ... 0.
@@ -607,523 +1126,21 @@ def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
 SAMPLERS = {"pndm": pndm_sample, "ddim": ddim_sample}  # name -> sampler; PNDM is the official one
 
 
-# ======================================================================================================
-# UNet (SD-2.1-unclip), VAE decoder, UnCLIPDecoder pipeline and official loader.
-# Configs first, then the blocks bottom-up, the two networks, the pipeline and its loaders.
-# ======================================================================================================
+def classifier_free_guidance(model_fn, guidance_scale: float):
+    """Wrap a model over the doubled batch [uncond; cond] into a guided one: v = v_u + s (v_c - v_u).
 
-# The SD-2.1-unclip UNet is diffusers' UNet2DConditionModel in one configuration. Every module below is named as
-# in the diffusers checkpoint (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so the
-# official keys load unchanged; the only renames are the legacy VAE attention names (see VAE_LEGACY_NAMES).
-
-
-@dataclass
-class UNetConfig:
-    """UNet2DConditionModel as SD-2.1-unclip configures it (OFFICIAL_FORMATS.md §d); defaults = the official model."""
-    in_channels: int = 4                                    # latent channels (3 for the tiny pixel-space model)
-    out_channels: int = 4
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    cross_attention: tuple[bool, ...] = (True, True, True, False)  # per level: CrossAttn{Down,Up}Block2D or plain
-    mid_attention: bool = True                              # UNetMidBlock2DCrossAttn (True) or UNetMidBlock2D
-    layers_per_block: int = 2                               # resnets per down block (up blocks have one more)
-    attention_head_dim: tuple[int, ...] = (5, 10, 20, 20)   # diffusers' misnomer: the NUMBER of heads (size 64)
-    cross_attention_dim: int = 1024                         # width of the text states (OpenCLIP-H)
-    class_embed_dim: int = 2048                             # 2E: noised image embedding ++ noise-level embedding
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    sample_size: int = 96                                   # latent side: 96 * 8 = 768 px
-    # How a resnet takes the time + image-condition embedding: "default" adds it after conv1 (SD-2.1-unclip);
-    # "scale_shift" modulates norm2's output, h * (1 + scale) + shift (FiLM; diffusers' option of the same name).
-    resnet_time_scale_shift: str = "default"
-
-    # Every option of diffusers' config that this implementation does not generalise over, with the value it
-    # implements; `from_diffusers` refuses a config that asks for anything else (absent keys take diffusers'
-    # default, which is given second when it differs from what we need).
-    FIXED = {"use_linear_projection": (True, False), "class_embed_type": ("projection", None),
-             "flip_sin_to_cos": (True, True), "freq_shift": (0, 0), "act_fn": ("silu", "silu"),
-             "transformer_layers_per_block": (1, 1),
-             "only_cross_attention": (False, False), "dual_cross_attention": (False, False),
-             "class_embeddings_concat": (False, False), "addition_embed_type": (None, None),
-             "time_embedding_type": ("positional", "positional"), "center_input_sample": (False, False),
-             "conv_in_kernel": (3, 3), "conv_out_kernel": (3, 3), "mid_block_scale_factor": (1, 1),
-             "downsample_padding": (1, 1), "encoder_hid_dim": (None, None), "time_cond_proj_dim": (None, None),
-             "num_class_embeds": (None, None), "time_embedding_dim": (None, None)}
-
-    @classmethod
-    def from_diffusers(cls, cfg: dict) -> "UNetConfig":
-        """Read diffusers' unet/config.json; raise on any option this implementation does not have."""
-        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # a live diffusers config has tuples
-        bad = [f"{k}={cfg[k]!r} (need {want!r})" for k, (want, default) in cls.FIXED.items()
-               if cfg.get(k, default) != want]
-        down = cfg.get("down_block_types", [])
-        cross = tuple(t == "CrossAttnDownBlock2D" for t in down)
-        if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
-            bad.append(f"down_block_types={down}")
-        up = ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)]
-        if cfg.get("up_block_types") != up:  # the up path must mirror the down path, as in every SD UNet
-            bad.append(f"up_block_types={cfg.get('up_block_types')} (need {up})")
-        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-        if mid not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
-            bad.append(f"mid_block_type={mid!r}")
-        shift = cfg.get("resnet_time_scale_shift", "default")
-        if shift not in ("default", "scale_shift"):
-            bad.append(f"resnet_time_scale_shift={shift!r} (need 'default' or 'scale_shift')")
-        if bad:
-            raise ValueError("unsupported UNet config: " + "; ".join(bad))
-        # diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` (the historical misnomer)
-        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-        n = len(down)
-        return cls(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-                   block_out_channels=tuple(cfg["block_out_channels"]), cross_attention=cross,
-                   mid_attention=mid == "UNetMidBlock2DCrossAttn", layers_per_block=cfg["layers_per_block"],
-                   attention_head_dim=tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n,
-                   cross_attention_dim=cfg["cross_attention_dim"],
-                   class_embed_dim=cfg["projection_class_embeddings_input_dim"],
-                   norm_num_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
-                   sample_size=cfg["sample_size"], resnet_time_scale_shift=shift)
-
-
-@dataclass
-class VAEConfig:
-    """The decoder half of SD-2's AutoencoderKL (vae/config.json); defaults = the official model."""
-    latent_channels: int = 4
-    out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # encoder order; the decoder walks it backwards
-    layers_per_block: int = 2                                   # the decoder has one more resnet per block
-    norm_num_groups: int = 32
-    scaling_factor: float = 0.18215                             # latents are stored multiplied by this
-
-    @classmethod
-    def from_diffusers(cls, cfg: dict) -> "VAEConfig":
-        """Read diffusers' vae/config.json; raise on any option this implementation does not have."""
-        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # a live diffusers config has tuples
-        n = len(cfg["block_out_channels"])
-        want = {"act_fn": "silu", "up_block_types": ["UpDecoderBlock2D"] * n, "use_post_quant_conv": True,
-                "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None}
-        bad = [f"{k}={cfg[k]!r} (need {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
-        if bad:
-            raise ValueError("unsupported VAE config: " + "; ".join(bad))
-        return cls(latent_channels=cfg["latent_channels"], out_channels=cfg["out_channels"],
-                   block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
-                   norm_num_groups=cfg["norm_num_groups"], scaling_factor=cfg.get("scaling_factor", 0.18215))
-
-
-# ------------------------------------------------------------------------------------------------------
-# Building blocks (diffusers models/resnet.py, attention_processor.py, attention.py, transformers/transformer_2d.py)
-# ------------------------------------------------------------------------------------------------------
-
-class Attention(nn.Module):
-    """Multi-head (cross-)attention with diffusers' names to_q/to_k/to_v/to_out.0, computed with SDPA.
-
-    SDPA never materialises the (T, S) score matrix on CUDA (flash / memory-efficient kernels) and keeps the
-    softmax in fp32 there, which is what diffusers' `upcast_attention` flag asked for by hand.
+    `model_fn(x2, t)` sees cat([x, x]) and must put the unconditional conditioning first (as the diffusers
+    pipelines do); one batched call per step, then `chunk(2)`.
     """
-
-    def __init__(self, dim: int, n_heads: int, context_dim: int | None = None, qkv_bias: bool = False):
-        super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"width {dim} is not divisible by {n_heads} heads")
-        self.n_heads = n_heads
-        context_dim = context_dim or dim
-        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
-        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
-        # diffusers keeps [Linear, Dropout] here; the list makes the checkpoint key `to_out.0.weight`.
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        B, T, C = x.shape
-        S, nh = context.shape[1], self.n_heads
-        q = self.to_q(x).view(B, T, nh, C // nh).transpose(1, 2)        # (B, T, C) -> (B, nh, T, hs)
-        k = self.to_k(context).view(B, S, nh, C // nh).transpose(1, 2)  # (B, S, Cc) -> (B, nh, S, hs)
-        v = self.to_v(context).view(B, S, nh, C // nh).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(hs)) v
-        return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))       # (B, nh, T, hs) -> (B, T, C)
-
-
-class GEGLU(nn.Module):
-    """proj: C -> 2 * 4C, then value * gelu(gate) (exact gelu): the feed-forward gate of SD's transformer."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)  # diffusers: hidden_states, gate (value first)
-        return value * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        # Indices mirror diffusers' `net` = [GEGLU, Dropout, Linear]: the checkpoint names net.0.proj and net.2.
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
-class BasicTransformerBlock(nn.Module):
-    """Pre-LN block: self-attention, cross-attention to the text states, GEGLU feed-forward; all residual."""
-
-    def __init__(self, dim: int, n_heads: int, context_dim: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, n_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, n_heads, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
-
-
-class Transformer2D(nn.Module):
-    """Transformer2DModel with linear proj_in/proj_out (`use_linear_projection`, the SD-2 variant), one block."""
-
-    def __init__(self, channels: int, n_heads: int, context_dim: int, groups: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # eps 1e-6 here, 1e-5 in the resnets (as official)
-        self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, n_heads, context_dim)])
-        self.proj_out = nn.Linear(channels, channels)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
-        h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h, context)
-        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
-        return x + h
-
-
-class ResnetBlock2D(nn.Module):
-    """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut.
-
-    With `scale_shift` the projected embedding is (scale, shift) instead, applied after the second GN:
-    GN(h) * (1 + scale) + shift. A per-channel gain lets the condition switch features on and off, not only
-    move them, which the tiny pixel decoder needs to draw shapes (train.py).
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
-                 scale_shift: bool = False):
-        super().__init__()
-        self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        # the VAE has no time embedding
-        self.time_emb_proj = nn.Linear(temb_ch, out_ch * (2 if scale_shift else 1)) if temb_ch else None
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        emb = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        if emb is not None and not self.scale_shift:
-            h = h + emb                                   # (B, C) -> (B, C, 1, 1): a bias per channel
-        h = self.norm2(h)
-        if emb is not None and self.scale_shift:
-            scale, shift = emb.chunk(2, dim=1)            # (B, 2C, 1, 1) -> 2 x (B, C, 1, 1)
-            h = h * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class Downsample2D(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        # Nearest x2, or to `size` (the matching skip's size, which diffusers passes as `upsample_size` when a
-        # side is not a multiple of 8 latents).
-        x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x)
-
-
-class SpatialSelfAttention(Attention):
-    """The VAE's mid-block attention: GroupNorm, one head over all H*W positions, residual (eps 1e-6)."""
-
-    def __init__(self, ch: int, groups: int):
-        super().__init__(ch, n_heads=1, qkv_bias=True)
-        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
-
-    def forward(self, x: torch.Tensor, context: None = None) -> torch.Tensor:  # context: MidBlock's interface
-        B, C, H, W = x.shape
-        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
-        h = super().forward(h).transpose(1, 2).reshape(B, C, H, W)
-        return x + h
-
-
-class DownBlock(nn.Module):
-    """CrossAttnDownBlock2D (`attention` > 0 heads) or DownBlock2D: resnets [+ transformers], then stride-2 conv.
-
-    Returns the output and the skip tensors the up path will concatenate (one per resnet, plus the downsampled).
-    """
-
-    def __init__(self, in_ch, out_ch, temb_ch, n_layers, n_heads, context_dim, groups, eps, attention, downsample,
-                 scale_shift=False):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps,
-                                                    scale_shift) for i in range(n_layers)])
-        self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
-                                         for _ in range(n_layers)]) if attention else None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
-
-    def forward(self, x, temb, context):
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x, skips
-
-
-class UpBlock(nn.Module):
-    """CrossAttnUpBlock2D / UpBlock2D (UNet) and UpDecoderBlock2D (VAE, no skips, no time embedding).
-
-    Resnet i takes the previous output concatenated with skip i (channel counts as in diffusers'
-    `res_skip_channels`), then an optional transformer; then nearest x2 + conv3x3.
-    """
-
-    def __init__(self, in_chs, out_ch, temb_ch, n_heads, context_dim, groups, eps, attention, upsample,
-                 scale_shift=False):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(c, out_ch, temb_ch, groups, eps, scale_shift) for c in in_chs])
-        self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
-                                         for _ in in_chs]) if attention else None
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
-
-    def forward(self, x, temb=None, context=None, skips=(), size=None):
-        for i, resnet in enumerate(self.resnets):
-            if skips:  # the UNet pops its skips newest first: (B, C, H, W) ++ (B, Cs, H, W) on channels
-                x = torch.cat([x, skips[-1 - i]], dim=1)
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x, size)
-        return x
-
-
-class MidBlock(nn.Module):
-    """resnet -> attention -> resnet at the lowest resolution (UNetMidBlock2DCrossAttn, the VAE's UNetMidBlock2D);
-    without attention a single resnet (the UNet's "UNetMidBlock2D", built with num_layers=0 by diffusers)."""
-
-    def __init__(self, ch: int, temb_ch: int | None, groups: int, eps: float, attention: nn.Module | None,
-                 scale_shift: bool = False):
-        super().__init__()
-        n = 1 if attention is None else 2
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, groups, eps, scale_shift) for _ in range(n)])
-        self.attentions = nn.ModuleList([attention]) if attention is not None else None
-
-    def forward(self, x, temb=None, context=None):
-        x = self.resnets[0](x, temb)
-        if self.attentions is not None:
-            x = self.resnets[1](self.attentions[0](x, context), temb)
-        return x
-
-
-class TimestepEmbedding(nn.Module):
-    """Linear -> SiLU -> Linear: diffusers' TimestepEmbedding, used for the time and the class ("projection")."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-# ------------------------------------------------------------------------------------------------------
-# The UNet and the VAE decoder
-# ------------------------------------------------------------------------------------------------------
-
-class UNet(nn.Module):
-    """UNet2DConditionModel (diffusers models/unets/unet_2d_condition.py) for unCLIP: v = unet(x_t, t, text, label).
-
-    emb = MLP(sinusoid(t)) + MLP(class_label): the image condition enters only through the time embedding that
-    every resnet adds; the text (E("") for SEED) enters through the cross-attention of every transformer.
-    """
-
-    def __init__(self, config: UNetConfig):
-        super().__init__()
-        cfg = self.config = config
-        n = len(cfg.block_out_channels)
-        if not (len(cfg.cross_attention) == len(cfg.attention_head_dim) == n):
-            raise ValueError("block_out_channels, cross_attention and attention_head_dim need one entry per level")
-        ch, temb, G, eps = cfg.block_out_channels, 4 * cfg.block_out_channels[0], cfg.norm_num_groups, cfg.norm_eps
-        if cfg.resnet_time_scale_shift not in ("default", "scale_shift"):
-            raise ValueError(f"resnet_time_scale_shift must be 'default' or 'scale_shift', "
-                             f"got {cfg.resnet_time_scale_shift!r}")
-        film = cfg.resnet_time_scale_shift == "scale_shift"
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb)          # sinusoid(320) -> 1280
-        self.class_embedding = TimestepEmbedding(cfg.class_embed_dim, temb)  # "projection": 2048 -> 1280
-        self.down_blocks = nn.ModuleList(
-            DownBlock(ch[max(i - 1, 0)], ch[i], temb, cfg.layers_per_block, cfg.attention_head_dim[i],
-                      cfg.cross_attention_dim, G, eps, cfg.cross_attention[i], downsample=i < n - 1,
-                      scale_shift=film)
-            for i in range(n))
-        mid_attn = Transformer2D(ch[-1], cfg.attention_head_dim[-1], cfg.cross_attention_dim, G)
-        self.mid_block = MidBlock(ch[-1], temb, G, eps, mid_attn if cfg.mid_attention else None, film)
-        # Up level j mirrors down level i = n-1-j. Its skips, newest first, come from: the downsampler of level
-        # i-1 (or conv_in) last, the resnets of level i before; diffusers' prev_output / res_skip channels.
-        self.up_blocks = nn.ModuleList()
-        prev = ch[-1]
-        for j in range(n):
-            i = n - 1 - j
-            skip_chs = [ch[i]] * cfg.layers_per_block + [ch[max(i - 1, 0)]]
-            in_chs = [(prev if k == 0 else ch[i]) + s for k, s in enumerate(skip_chs)]
-            self.up_blocks.append(UpBlock(in_chs, ch[i], temb, cfg.attention_head_dim[i], cfg.cross_attention_dim,
-                                          G, eps, cfg.cross_attention[i], upsample=j < n - 1, scale_shift=film))
-            prev = ch[i]
-        self.conv_norm_out = nn.GroupNorm(G, ch[0], eps=eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, t, encoder_hidden_states: torch.Tensor | None,
-                class_labels: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W), t int / (,) / (B,), text (B, 77, D) (None when no level has attention), label (B, 2E)."""
-        cfg = self.config
-        B = x.shape[0]
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNet input must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        if class_labels is None or class_labels.shape != (B, cfg.class_embed_dim):
-            got = None if class_labels is None else tuple(class_labels.shape)
-            raise ValueError(f"class_labels must be (B={B}, {cfg.class_embed_dim}) (the noised image embedding ++ "
-                             f"its noise-level embedding), got {got}")
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # a shared scalar or one per sample
-        # time_proj: sinusoid(320, flip_sin_to_cos, shift 0) in fp32, then the module dtype (diffusers casts too)
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], True, 0.0).to(x.dtype))
-        emb = emb + self.class_embedding(class_labels.to(x.dtype))   # (B, 1280): time + image condition
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, emb, encoder_hidden_states)
-            skips += block_skips
-        h = self.mid_block(h, emb, encoder_hidden_states)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            size = skips[-1].shape[-2:] if skips else None  # upsample to the next skip's size (odd sides)
-            h = block(h, emb, encoder_hidden_states, block_skips, size)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
-
-
-class Decoder(nn.Module):
-    """The VAE decoder (diffusers models/autoencoders/vae.py: Decoder): latent (B, 4, h, w) -> image (B, 3, 8h, 8w)."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch, G = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups   # (512, 512, 256, 128)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], None, G, 1e-6, SpatialSelfAttention(ch[0], G))
-        self.up_blocks = nn.ModuleList(
-            UpBlock([ch[max(j - 1, 0)]] + [ch[j]] * cfg.layers_per_block, ch[j], None, 1, None, G, 1e-6,
-                    attention=False, upsample=j < len(ch) - 1)
-            for j in range(len(ch)))
-        self.conv_norm_out = nn.GroupNorm(G, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
-
-
-class VAEDecoder(nn.Module):
-    """post_quant_conv + Decoder: the half of AutoencoderKL that unCLIP needs (`vae.decode(z)`)."""
-
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        self.config = config
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
-        self.decoder = Decoder(config)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w).
-
-        One image at a time: at 768x768 a single image's activations at full resolution are 128-256 channels
-        x 768 x 768 (0.3 GB per fp16 tensor at the 256-channel input of the last block), so batching would
-        multiply the peak; the mid attention over 96x96 = 9216 positions goes through SDPA, which on CUDA never
-        builds the 9216^2 score matrix (170 MB per image in fp16).
-        """
-        return torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
-
-
-# ------------------------------------------------------------------------------------------------------
-# The pipeline: UnCLIPDecoder = text encoder + noise augmentation + UNet + PNDM + VAE decoder
-# ------------------------------------------------------------------------------------------------------
-
-@dataclass
-class DecoderConfig:
-    """All components of the decoder. `vae=None` is pixel space (the sample is the image); `text=None` means no
-    cross-attention anywhere, so no prompt states (the tiny model)."""
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    vae: VAEConfig | None = field(default_factory=VAEConfig)
-    text: CLIPTextConfig | None = field(default_factory=CLIPTextConfig)
-
-    @property
-    def embed_dim(self) -> int:  # E: the image embedding is half of the UNet's class label
-        return self.unet.class_embed_dim // 2
-
-    @classmethod
-    def preset(cls, name: str) -> "DecoderConfig":
-        if name not in DECODER_PRESETS:
-            raise ValueError(f"unknown decoder preset {name!r}; choices: {sorted(DECODER_PRESETS)}")
-        return DECODER_PRESETS[name]()
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DecoderConfig":
-        return cls(unet=_dataclass_from_dict(UNetConfig, d["unet"]),
-                   vae=None if d["vae"] is None else _dataclass_from_dict(VAEConfig, d["vae"]),
-                   text=None if d["text"] is None else _dataclass_from_dict(CLIPTextConfig, d["text"]))
-
-
-DECODER_PRESETS = {
-    "sd21-unclip": DecoderConfig,
-    # Pixel space, 3 x 32 x 32, no VAE, no text: the shapes-world decoder of train.py (SHAPES_WORLD.md: channels
-    # 16-32-64, one resnet per level, no attention). train.py sets class_embed_dim = 2E for its tokenizer's E.
-    # FiLM resnets ("scale_shift"): with the official additive embedding this UNet drew every shape as a blob
-    # (judged shape 0.43 after 1000 steps; 0.62 with FiLM, same steps).
-    "tiny": lambda: DecoderConfig(
-        unet=UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
-                        cross_attention=(False, False, False), mid_attention=False, layers_per_block=1,
-                        attention_head_dim=(1, 1, 1), cross_attention_dim=0, class_embed_dim=256,
-                        norm_num_groups=8, sample_size=32, resnet_time_scale_shift="scale_shift"),
-        vae=None, text=None),
-}
-
-
-def _dataclass_from_dict(cls, d: dict):
-    """Rebuild a config dataclass from its JSON form (lists back to tuples); unknown keys are an error."""
-    names = {f.name for f in fields(cls)}
-    if set(d) - names:
-        raise ValueError(f"unknown {cls.__name__} fields in config.json: {sorted(set(d) - names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    def guided(x: torch.Tensor, t: int) -> torch.Tensor:
+        v_uncond, v_cond = model_fn(torch.cat([x, x]), t).chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+    return guided
+
+
+# ==============================================================================================================
+# The pipeline: UnCLIPDecoder = text encoder + noise augmentation + UNet + sampler + VAE decoder
+# ==============================================================================================================
 
 
 class UnCLIPDecoder(nn.Module):
@@ -1307,6 +1324,11 @@ class UnCLIPDecoder(nn.Module):
 
         _load_strict(model, tensors(), device, dtype)
         return model.eval()
+
+
+# ==============================================================================================================
+# Loaders: the official diffusers folder
+# ==============================================================================================================
 
 
 # The weight-holding folders of the diffusers layout and their file stems (tokenizer/ and the schedulers hold none).
