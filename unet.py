@@ -614,10 +614,9 @@ class VAEDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w).
 
-        One image at a time: at 768x768 a single image's activations at full resolution are 128-256 channels
-        x 768 x 768 (0.3 GB per fp16 tensor at the 256-channel input of the last block), so batching would
-        multiply the peak; the mid attention over 96x96 = 9216 positions goes through SDPA, which on CUDA never
-        builds the 9216^2 score matrix (170 MB per image in fp16).
+        One image at a time: at 768 x 768 one image's full-resolution activations are 0.3 GB per fp16 tensor (256
+        channels), so batching would multiply the peak; the mid attention over 96 x 96 = 9216 positions goes
+        through SDPA, which on CUDA never builds the 9216^2 score matrix (170 MB per image in fp16).
         """
         return torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
 
@@ -894,8 +893,8 @@ def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
     """Deterministic DDIM (eta = 0; Song et al. 2020, arXiv:2010.02502) for a v-prediction model, mirroring
     diffusers `DDIMScheduler.step` (leading spacing, steps_offset 1, set_alpha_to_one False, no clipping).
 
-    A documented alternative: it needs one model call per step, but it is not the official unclip scheduler and
-    gives different images than `pndm_sample`. With a = ᾱ_t, a' = ᾱ_{t-δ} (ᾱ_0 below 0):
+    `UnCLIPDecoder(..., sampler="ddim")`: one model call per step, but not the official unclip scheduler, so
+    other images than `pndm_sample` gives. With a = ᾱ_t, a' = ᾱ_{t-δ} (ᾱ_0 below 0):
         x̂_0 = √a · x - √(1-a) · v,   ε̂ = √a · v + √(1-a) · x,   x' = √a' · x̂_0 + √(1-a') · ε̂
     The callback also receives `denoised` = x̂_0.
     """
@@ -1154,7 +1153,7 @@ COMPONENT_ATTRIBUTES = {"unet": "unet", "vae": "vae", "text_encoder": "text_enco
 OFFICIAL_IGNORED = (
     "vae.encoder.",       # the VAE encoder: unCLIP decoding only ever decodes
     "vae.quant_conv.",    # the encoder's moment projection
-    "text_encoder.text_model.embeddings.position_ids",  # arange(77) buffer saved by transformers <= 4.30
+    *(f"text_encoder.{key}" for key in CLIPTextEncoder.IGNORED_KEYS),  # the position_ids buffer
 )
 
 # Files written by diffusers < 0.18 (the official VAE, Mar 2023) name the VAE mid-block attention
