@@ -930,6 +930,11 @@ def classifier_free_guidance(model_fn, guidance_scale: float):
 
 # ---- 9. the pipeline: UnCLIPDecoder = text encoder + noise augmentation + UNet + sampler + VAE decoder ---------------
 
+def _encode_after_load(decoder: "UnCLIPDecoder", incompatible_keys) -> None:
+    """load_state_dict post-hook (a named function, so that the module still pickles): recompute E("")."""
+    decoder.encode_empty_prompt()
+
+
 class UnCLIPDecoder(nn.Module):
     """SEED's image decoder: a (B, E) image embedding -> images, as StableUnCLIPImg2ImgPipeline with
     `image_embeds` and no prompt (AILab-CVC/SEED @ 93b3cf4 models/pipeline_stable_unclip_img2img.py, as
@@ -957,7 +962,7 @@ class UnCLIPDecoder(nn.Module):
         self.register_buffer("empty_prompt_states", None, persistent=False)  # E(""), (1, 77, D)
         if self.text_encoder is not None:
             # after every load_state_dict (also the assign=True of the loaders): E("") of the new weights
-            self.register_load_state_dict_post_hook(lambda module, _keys: module.encode_empty_prompt())
+            self.register_load_state_dict_post_hook(_encode_after_load)
             self.encode_empty_prompt()
 
     @torch.no_grad()
@@ -1121,13 +1126,14 @@ class UnCLIPDecoder(nn.Module):
         config = DecoderConfig(unet=UNetConfig.from_diffusers(weights.read_json(folder / "unet" / "config.json")),
                                vae=VAEConfig.from_diffusers(weights.read_json(folder / "vae" / "config.json")),
                                text=CLIPTextConfig.from_hf(weights.read_json(folder / "text_encoder" / "config.json")))
-        suffix = f".{variant}" if variant else ""  # diffusers' file choice: safetensors first, then .bin
-        files = {component: weights.find_weights(folder / component, [f"{stem}{suffix}{ext}" for ext in
-                                                                       (".safetensors", ".bin") for stem in stems])
-                 for component, stems in OFFICIAL_COMPONENTS.items()}
-        headers = {component: {path: weights.read_header(path) for path in paths} for component, paths in files.items()}
+        suffix = f".{variant}" if variant else ""
+        headers = {}  # component -> {weight file: {key: (shape, dtype)}}
+        for component, stems in OFFICIAL_COMPONENTS.items():
+            names = [f"{stem}{suffix}{ext}" for ext in (".safetensors", ".bin") for stem in stems]  # diffusers' order
+            headers[component] = {path: weights.read_header(path)
+                                  for path in weights.find_weights(folder / component, names)}
         device = weights.pick_device(device)
-        dtype = dtype or weights.pick_dtype(device, _stored_dtype(next(iter(headers["unet"].values()))))
+        dtype = dtype or weights.pick_dtype(device, _stored_dtype(*headers["unet"].values()))
         with torch.device("meta"):
             model = cls(config)
         _check_official_keys(model, headers, folder)
@@ -1203,9 +1209,10 @@ def _check_official_keys(model: nn.Module, headers: dict[str, dict], folder: Pat
                        note="the VAE encoder and the text encoder's position_ids are left out on purpose")
 
 
-def _stored_dtype(header: dict) -> torch.dtype | None:
-    """The dtype of a weight file's first floating-point tensor (header: {key: (shape, dtype)})."""
-    return next((dtype for _, dtype in header.values() if dtype is not None and dtype.is_floating_point), None)
+def _stored_dtype(*headers: dict) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor of weight files (headers: {key: (shape, dtype)})."""
+    return next((dtype for header in headers for _, dtype in header.values()
+                 if dtype is not None and dtype.is_floating_point), None)
 
 
 def _check_official_schedulers(folder: Path) -> None:
