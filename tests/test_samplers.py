@@ -105,9 +105,9 @@ def test_noise_augmentation_level0_noise_fp32_vs_fp16():
 def test_noise_augmentation_bad_input():
     aug = ImageNoiseAugmentation(16)
     with pytest.raises(ValueError, match="16"):
-        aug.noise_image_embeddings(torch.zeros(1, 24), 0)
+        aug.noise_image_embeddings(torch.zeros(1, 24), 0, torch.zeros(1, 24))
     with pytest.raises(ValueError, match="noise_level"):
-        aug.noise_image_embeddings(torch.zeros(1, 16), 1000)
+        aug.noise_image_embeddings(torch.zeros(1, 16), 1000, torch.zeros(1, 16))
     with pytest.raises(ValueError, match="noise shape"):
         aug.noise_image_embeddings(torch.zeros(1, 16), 0, torch.zeros(2, 16))
 

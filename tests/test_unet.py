@@ -1,6 +1,6 @@
 """unet.py: the SD-2.1-unclip UNet, the VAE decoder and the UnCLIPDecoder pipeline + loaders.
 
-(The text encoder, tokenizer and sampler tests are in tests/test_clip_sampler.py.)
+(The text encoder and the empty prompt's ids are tested in tests/test_clip.py, the samplers in test_samplers.py.)
 Fixtures: tests/fixtures/{unet,vae,unclip}/ (see tests/fixtures/README.md), random weights in the official formats.
 """
 import json
@@ -43,12 +43,15 @@ def test_every_official_key_is_consumed_or_ignored(fixtures, vae_keys):
         ours = {k: tuple(v.shape) for k, v in U.UnCLIPDecoder(U.DecoderConfig()).state_dict().items()}
     fed, ignored = {}, []
     for component, name in {**OFFICIAL, "vae": vae_keys}.items():
-        for key, shape in json.loads((fixtures / "official_keys" / name).read_text()).items():
+        official = json.loads((fixtures / "official_keys" / name).read_text())
+        legacy = any(".attentions.0.query." in key for key in official)
+        for key, shape in official.items():
             ours_key = U.official_key(component, key)
             if ours_key is None:
                 ignored.append(f"{component}.{key}")
                 continue
             assert ours.get(ours_key) == tuple(shape), f"{component}/{key} -> {ours_key}: {shape}"
+            assert U.file_key(component, ours_key, legacy) == key  # the inverse the loader reports errors with
             fed[ours_key] = shape
     assert set(fed) == set(ours)
     # the ignore list is exactly what SEED never runs: the VAE encoder side and the text position_ids buffer
@@ -96,7 +99,7 @@ def pipeline():
 def test_from_official_components(pipeline, fixtures):
     ref = load_file(fixtures / "unclip/ref.safetensors")
     assert pipeline.vae is not None and pipeline.config.vae.scaling_factor == 0.18215
-    assert pipeline.clip_tokenizer("")[0].tolist() == ref["empty_prompt_input_ids"].tolist()
+    assert U.empty_prompt_ids(pipeline.config.text.vocab_size) == ref["empty_prompt_input_ids"].tolist()
     with torch.no_grad():
         torch.testing.assert_close(pipeline.prompt_states(2), ref["prompt_embeds"], atol=1e-5, rtol=0)
         case = "steps20_neg"
@@ -142,13 +145,22 @@ def test_save_pretrained_round_trip(pipeline, tmp_path):
     assert again.config == pipeline.config
     for (k, a), (k2, b) in zip(pipeline.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    assert again.clip_tokenizer("a photo")[0].tolist() == pipeline.clip_tokenizer("a photo")[0].tolist()
+    assert torch.equal(again.prompt_states(2), pipeline.prompt_states(2))  # E("") recomputed on load
+
+
+def test_empty_prompt_states_follow_the_weights(pipeline):
+    """E("") is computed once per set of weights: at construction, and again after any load_state_dict."""
+    model = U.UnCLIPDecoder(pipeline.config)
+    assert not torch.equal(model.prompt_states(1), pipeline.prompt_states(1))  # its own random weights
+    model.load_state_dict(pipeline.state_dict())
+    assert torch.equal(model.prompt_states(1), pipeline.prompt_states(1))
+    assert "empty_prompt_states" not in model.state_dict()  # never saved: the text encoder's weights define it
 
 
 def test_tiny_pixel_space_decoder(tmp_path):
     """The tiny preset (no VAE, no text encoder, 3 x 32 x 32) runs end to end and round-trips."""
     model = U.UnCLIPDecoder(U.DecoderConfig.preset("tiny")).eval()
-    assert model.vae is None and model.text_encoder is None and model.clip_tokenizer is None
+    assert model.vae is None and model.text_encoder is None and model.prompt_states(2) is None
     E = model.config.embed_dim
     v = model.unet(torch.randn(2, 3, 32, 32), torch.tensor([5, 900]), None, torch.randn(2, 2 * E))
     assert v.shape == (2, 3, 32, 32)
@@ -160,6 +172,17 @@ def test_tiny_pixel_space_decoder(tmp_path):
     model.save_pretrained(tmp_path)
     again = U.UnCLIPDecoder.from_pretrained(tmp_path, device="cpu")
     assert again.config == model.config and again.vae is None
+
+
+def test_sampler_by_name():
+    """sampler="ddim" runs DDIM over the same model and noise (another image than PNDM); unknown names list the
+    choices."""
+    model = U.UnCLIPDecoder(U.DecoderConfig.preset("tiny")).eval()
+    e = torch.randn(1, model.config.embed_dim)
+    pndm, ddim = model(e, steps=3, seed=0)[0], model(e, steps=3, seed=0, sampler="ddim")[0]
+    assert ddim.size == pndm.size and not np.array_equal(np.asarray(ddim), np.asarray(pndm))
+    with pytest.raises(ValueError, match="choices: pndm, ddim"):
+        model(e, steps=3, sampler="euler")
 
 
 def test_unknown_preset_lists_choices():
@@ -203,8 +226,9 @@ def test_strict_loader_names_bad_keys(tmp_path, fixtures):
     save_file(state, path)
     with pytest.raises(ValueError) as err:
         U.UnCLIPDecoder.from_official(tmp_path / "p", device="cpu")
-    assert "unet.conv_in.bias" in str(err.value) and "unet.extra.weight" in str(err.value)
-    assert "unet.conv_out.weight: file (2," in str(err.value)
+    message = str(err.value)  # in the folder's own names: component/key
+    assert "missing (1):\n    unet/conv_in.bias" in message and "unexpected (1):\n    unet/extra.weight" in message
+    assert "unet/conv_out.weight: file (2," in message
 
 
 def test_fp16_variant_and_bin_files(tmp_path, fixtures, pipeline):
@@ -218,7 +242,7 @@ def test_fp16_variant_and_bin_files(tmp_path, fixtures, pipeline):
     model = U.UnCLIPDecoder.from_official(folder, device="cpu", dtype=torch.float32, variant="fp16")
     for (key, ours), theirs in zip(model.state_dict().items(), pipeline.state_dict().values()):
         assert ours.dtype == torch.float32 and torch.equal(ours, theirs.half().float()), key
-    with pytest.raises(FileNotFoundError, match="looked for"):
+    with pytest.raises(FileNotFoundError, match="expected one of"):
         U.UnCLIPDecoder.from_official(folder, device="cpu", variant="bf16")
 
 
@@ -338,14 +362,16 @@ def test_fp16_memory_at_768(monkeypatch, capsys):
 
 @pytest.mark.golden
 def test_official_folder_loads_and_runs():
-    """Loads the released folder strictly (fp32 files, else the fp16 variant) and checks the facts marked [U]/[D]
-    in OFFICIAL_FORMATS.md §d: pad id 0, normaliser mean 0 / std 1; then one small UNet call and decode."""
+    """Loads the released folder strictly (fp32 files, else the fp16 variant) and checks E("") of the empty
+    prompt's ids (pad id 0) and the normaliser (mean 0 / std 1); then one small UNet call and decode."""
     from conftest import official_file
     folder = official_file("stabilityai", "stable-diffusion-2-1-unclip", "model_index.json").parent
     variant = None if (folder / "unet/diffusion_pytorch_model.safetensors").exists() else "fp16"
     model = U.UnCLIPDecoder.from_official(folder, device="cpu", dtype=torch.float32, variant=variant)
     assert sum(p.numel() for p in model.unet.parameters()) == 870_173_124
-    assert model.clip_tokenizer("")[0].tolist() == [49406, 49407] + [0] * 75
+    with torch.no_grad():
+        ids = torch.tensor([[49406, 49407] + [0] * 75])
+        assert torch.equal(model.prompt_states(1), model.text_encoder(ids))
     assert torch.all(model.noise_augmentation.mean == 0) and torch.all(model.noise_augmentation.std == 1)
     with torch.no_grad():
         text = model.prompt_states(2)
