@@ -240,6 +240,176 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 # ======================================================================================================
+# Orchestration: checkpoints, resume, DDP, main().  (train-core helper)
+# ======================================================================================================
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" = cuda -> mps -> cpu; under torchrun each process takes the GPU of its local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank)
+    if name not in ("cpu", "mps"):
+        raise ValueError(f"unknown --device {name!r}: choose auto, cuda, mps or cpu")
+    return torch.device(name)
+
+
+def lr_at(step: int, steps: int, base: float) -> float:
+    """Linear warm-up over the first 5 % of the steps, then cosine decay to 10 % of the base rate."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then os.replace: a checkpoint on disk is always whole, even after a kill."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Run:
+    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves.
+
+    The stage protocol: a stage is `stage_x(run, prev) -> dict`; `prev` holds what earlier stages returned (trained
+    modules, cached features) and the returned dict is merged into it. A stage builds its modules, then calls
+    `run.train(...)`, which either trains them (resuming from the stage's checkpoint under --resume), or, when the
+    stage is not in --stages, loads its completed checkpoint. Afterwards the stage records its metrics in
+    `run.metrics[stage]`. Only rank 0 writes files.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.rank, self.world_size = 0, 1
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # launched by torchrun
+            backend = "nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = pick_device(cfg.device, local_rank)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.selected = {int(s) for s in cfg.stages.split(",") if s.strip()}
+        if not self.selected <= set(range(6)):
+            raise ValueError(f"--stages takes stage numbers 0-5, got {cfg.stages!r}")
+        self.world = build_world()
+        self.metrics: dict[str, dict] = {}
+        self.curves: dict[str, list[float]] = {}
+        self.timings: dict[str, float] = {}
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def seed_everything(self, stage: int) -> None:
+        """Same initial weights for a stage whatever ran before it, on every rank."""
+        torch.manual_seed(self.cfg.seed * 1000 + stage)
+
+    def generator(self, stage: int, step: int) -> torch.Generator:
+        """The randomness of one training step (batch, noise, dropout masks) depends only on (seed, stage, step),
+        identically on every rank. This is what makes a resumed run bit-identical to an uninterrupted one."""
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + stage) * 1_000_003 + step)
+
+    def batch(self, pool: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        """This rank's share of a global batch drawn (with replacement) from the index pool."""
+        idx = pool[torch.randint(len(pool), (batch_size,), generator=gen)]
+        return idx[self.rank::self.world_size]
+
+    def sync_grads(self, params: list[nn.Parameter]) -> None:
+        """Data parallelism: average gradients over the ranks (what DDP's bucketed all-reduce computes)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def ckpt_path(self, name: str) -> Path:
+        return self.out / "ckpt" / f"{name}.pt"
+
+    def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
+              steps: int, lr: float, step_fn, after_step=None) -> None:
+        """The training loop of every stage, with checkpoints and resume.
+
+        `step_fn(step, gen) -> loss` computes this rank's loss of one step; `after_step(step, gen)` runs after the
+        optimiser step (EMA, dead-code restarts). The checkpoint `OUT/ckpt/<name>.pt` holds every module in
+        `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
+        the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
+        """
+        path, start, curve, seconds, cpu = self.ckpt_path(name), 0, [], 0.0, 0.0
+        if stage not in self.selected or self.cfg.resume:
+            if path.exists():
+                state = torch.load(path, map_location=self.device, weights_only=True)
+                for key, module in modules.items():
+                    module.load_state_dict(state["modules"][key])
+                if optimizer is not None and state["optimizer"] is not None:
+                    optimizer.load_state_dict(state["optimizer"])
+                start, curve, seconds, cpu = state["step"], state["curve"], state["seconds"], state["cpu_seconds"]
+            if stage not in self.selected and start < steps:
+                raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} "
+                                        f"does not hold a completed run of it ({start}/{steps} steps): train it first")
+        crash = os.environ.get("SEED_TRAIN_CRASH", "")  # test hook "name:step": die after that step, as a kill would
+        crash_step = int(crash.split(":")[1]) if crash.split(":")[0] == name else -1
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        t0, c0 = time.time() - seconds, time.process_time() - cpu  # the clocks continue across resumes
+        for step in tqdm(range(start, steps), desc=f"stage {stage} {name}", initial=start, total=steps,
+                         disable=not self.main, mininterval=2.0, dynamic_ncols=True):
+            gen = self.generator(stage, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr)
+            loss = step_fn(step, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.sync_grads(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if after_step is not None:
+                after_step(step, gen)
+            curve.append(loss.item())
+            if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
+                self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0,
+                                     time.process_time() - c0)
+            if step + 1 == crash_step:
+                raise RuntimeError(f"SEED_TRAIN_CRASH: simulated crash after step {crash_step} of stage {name}")
+        for module in modules.values():
+            module.eval()
+        self.curves[name] = curve
+        # Wall time of the training loop, and its CPU time (all threads): on a shared machine the CPU time is
+        # close to what the loop takes alone with one thread, the wall time is what it took.
+        self.timings[name] = time.time() - t0 if start < steps else seconds
+        self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
+
+    def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer, curve: list[float],
+                        seconds: float, cpu_seconds: float) -> None:
+        if self.main:
+            atomic_torch_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
+                               "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                               "curve": curve, "seconds": seconds, "cpu_seconds": cpu_seconds}, path)
+        self.barrier()
+
+    def save_pretrained(self, model: nn.Module, name: str) -> None:
+        """A component in the native checkpoint format (config.json + model.safetensors) under OUT/<name>/."""
+        if self.main:
+            model.save_pretrained(self.out / name)
+        self.barrier()
+
+
+# ======================================================================================================
 # Stages 0-3: tiny CLIP, Causal Q-Former, codebook, decoder; their metrics.  (train-core helper)
 # ======================================================================================================
 
@@ -852,6 +1022,29 @@ def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, l
     run.train(stage, name, {"llm": model}, optimizer, steps, lr, step)
 
 
+def stage_llm_pretrain(run: Run, prev: dict) -> dict:
+    """Stage 4: the tokenizer (BPE on the world's text + the image tokens), then SEED-LLaMA pretraining: a tiny
+    llama.Llama from scratch on caption -> image and image -> caption sequences, with the codes of stages 0-2."""
+    cfg, dev = run.cfg.llm, run.device
+    n_codes = prev["tokenizer"].quantize.n_codes
+    folder = run.out / "llama"
+    tokenizer = build_llm_tokenizer(folder, n_codes, cfg.text_vocab_size) if run.main else None
+    run.barrier()
+    tokenizer = tokenizer or Tokenizer(folder)
+    builder = SequenceBuilder(tokenizer)
+    data = LLMData(run.world, prev["codes"], builder)
+    run.seed_everything(4)
+    # llama.py's `tiny` preset (its sizes live there, once), with this tokenizer's vocabulary
+    config = dataclasses.replace(llama.LlamaConfig.preset("tiny"), vocab_size=len(tokenizer))
+    model = llama.Llama(config).to(dev)
+    train_llm(run, 4, "llm_pretrain", model, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size,
+              lambda rng: data.pretrain(rng, cfg.reverse_ratio), tokenizer.pad_id)
+    model.eval()
+    run.metrics["llm"] = {"params": sum(p.numel() for p in model.parameters()), "vocab_text": len(tokenizer.sp),
+                          "vocab": len(tokenizer)}
+    return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) * B A x (LoRA, Hu et al. 2021,
     arXiv:2106.09685). B starts at zero, so the wrapped layer starts as exactly the base layer; `merge` folds
@@ -892,29 +1085,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if isinstance(child, LoRALinear):
                 setattr(parent, name, child.merge())
     return model
-
-
-def stage_llm_pretrain(run: Run, prev: dict) -> dict:
-    """Stage 4: the tokenizer (BPE on the world's text + the image tokens), then SEED-LLaMA pretraining: a tiny
-    llama.Llama from scratch on caption -> image and image -> caption sequences, with the codes of stages 0-2."""
-    cfg, dev = run.cfg.llm, run.device
-    n_codes = prev["tokenizer"].quantize.n_codes
-    folder = run.out / "llama"
-    tokenizer = build_llm_tokenizer(folder, n_codes, cfg.text_vocab_size) if run.main else None
-    run.barrier()
-    tokenizer = tokenizer or Tokenizer(folder)
-    builder = SequenceBuilder(tokenizer)
-    data = LLMData(run.world, prev["codes"], builder)
-    run.seed_everything(4)
-    # llama.py's `tiny` preset (its sizes live there, once), with this tokenizer's vocabulary
-    config = dataclasses.replace(llama.LlamaConfig.preset("tiny"), vocab_size=len(tokenizer))
-    model = llama.Llama(config).to(dev)
-    train_llm(run, 4, "llm_pretrain", model, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size,
-              lambda rng: data.pretrain(rng, cfg.reverse_ratio), tokenizer.pad_id)
-    model.eval()
-    run.metrics["llm"] = {"params": sum(p.numel() for p in model.parameters()), "vocab_text": len(tokenizer.sp),
-                          "vocab": len(tokenizer)}
-    return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
 
 
 def stage_llm_instruct(run: Run, prev: dict) -> dict:
@@ -1273,176 +1443,6 @@ def write_reports(run: Run, outputs: dict) -> None:
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, run.out / "metrics.json")
     print(results_table(run))
-
-
-# ======================================================================================================
-# Orchestration: checkpoints, resume, DDP, main().  (train-core helper)
-# ======================================================================================================
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" = cuda -> mps -> cpu; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    if name not in ("cpu", "mps"):
-        raise ValueError(f"unknown --device {name!r}: choose auto, cuda, mps or cpu")
-    return torch.device(name)
-
-
-def lr_at(step: int, steps: int, base: float) -> float:
-    """Linear warm-up over the first 5 % of the steps, then cosine decay to 10 % of the base rate."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then os.replace: a checkpoint on disk is always whole, even after a kill."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class Run:
-    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves.
-
-    The stage protocol: a stage is `stage_x(run, prev) -> dict`; `prev` holds what earlier stages returned (trained
-    modules, cached features) and the returned dict is merged into it. A stage builds its modules, then calls
-    `run.train(...)`, which either trains them (resuming from the stage's checkpoint under --resume), or, when the
-    stage is not in --stages, loads its completed checkpoint. Afterwards the stage records its metrics in
-    `run.metrics[stage]`. Only rank 0 writes files.
-    """
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.rank, self.world_size = 0, 1
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # launched by torchrun
-            backend = "nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = pick_device(cfg.device, local_rank)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.selected = {int(s) for s in cfg.stages.split(",") if s.strip()}
-        if not self.selected <= set(range(6)):
-            raise ValueError(f"--stages takes stage numbers 0-5, got {cfg.stages!r}")
-        self.world = build_world()
-        self.metrics: dict[str, dict] = {}
-        self.curves: dict[str, list[float]] = {}
-        self.timings: dict[str, float] = {}
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def seed_everything(self, stage: int) -> None:
-        """Same initial weights for a stage whatever ran before it, on every rank."""
-        torch.manual_seed(self.cfg.seed * 1000 + stage)
-
-    def generator(self, stage: int, step: int) -> torch.Generator:
-        """The randomness of one training step (batch, noise, dropout masks) depends only on (seed, stage, step),
-        identically on every rank. This is what makes a resumed run bit-identical to an uninterrupted one."""
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + stage) * 1_000_003 + step)
-
-    def batch(self, pool: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-        """This rank's share of a global batch drawn (with replacement) from the index pool."""
-        idx = pool[torch.randint(len(pool), (batch_size,), generator=gen)]
-        return idx[self.rank::self.world_size]
-
-    def sync_grads(self, params: list[nn.Parameter]) -> None:
-        """Data parallelism: average gradients over the ranks (what DDP's bucketed all-reduce computes)."""
-        if self.world_size == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def ckpt_path(self, name: str) -> Path:
-        return self.out / "ckpt" / f"{name}.pt"
-
-    def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
-              steps: int, lr: float, step_fn, after_step=None) -> None:
-        """The training loop of every stage, with checkpoints and resume.
-
-        `step_fn(step, gen) -> loss` computes this rank's loss of one step; `after_step(step, gen)` runs after the
-        optimiser step (EMA, dead-code restarts). The checkpoint `OUT/ckpt/<name>.pt` holds every module in
-        `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
-        the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
-        """
-        path, start, curve, seconds, cpu = self.ckpt_path(name), 0, [], 0.0, 0.0
-        if stage not in self.selected or self.cfg.resume:
-            if path.exists():
-                state = torch.load(path, map_location=self.device, weights_only=True)
-                for key, module in modules.items():
-                    module.load_state_dict(state["modules"][key])
-                if optimizer is not None and state["optimizer"] is not None:
-                    optimizer.load_state_dict(state["optimizer"])
-                start, curve, seconds, cpu = state["step"], state["curve"], state["seconds"], state["cpu_seconds"]
-            if stage not in self.selected and start < steps:
-                raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} "
-                                        f"does not hold a completed run of it ({start}/{steps} steps): train it first")
-        crash = os.environ.get("SEED_TRAIN_CRASH", "")  # test hook "name:step": die after that step, as a kill would
-        crash_step = int(crash.split(":")[1]) if crash.split(":")[0] == name else -1
-        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-        t0, c0 = time.time() - seconds, time.process_time() - cpu  # the clocks continue across resumes
-        for step in tqdm(range(start, steps), desc=f"stage {stage} {name}", initial=start, total=steps,
-                         disable=not self.main, mininterval=2.0, dynamic_ncols=True):
-            gen = self.generator(stage, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
-            loss = step_fn(step, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.sync_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if after_step is not None:
-                after_step(step, gen)
-            curve.append(loss.item())
-            if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
-                self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0,
-                                     time.process_time() - c0)
-            if step + 1 == crash_step:
-                raise RuntimeError(f"SEED_TRAIN_CRASH: simulated crash after step {crash_step} of stage {name}")
-        for module in modules.values():
-            module.eval()
-        self.curves[name] = curve
-        # Wall time of the training loop, and its CPU time (all threads): on a shared machine the CPU time is
-        # close to what the loop takes alone with one thread, the wall time is what it took.
-        self.timings[name] = time.time() - t0 if start < steps else seconds
-        self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
-
-    def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer, curve: list[float],
-                        seconds: float, cpu_seconds: float) -> None:
-        if self.main:
-            atomic_torch_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
-                               "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                               "curve": curve, "seconds": seconds, "cpu_seconds": cpu_seconds}, path)
-        self.barrier()
-
-    def save_pretrained(self, model: nn.Module, name: str) -> None:
-        """A component in the native checkpoint format (config.json + model.safetensors) under OUT/<name>/."""
-        if self.main:
-            model.save_pretrained(self.out / name)
-        self.barrier()
 
 
 # The stages in the paper's order: each a plain function `stage_x(run, prev) -> dict` (see `Run`).
