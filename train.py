@@ -44,20 +44,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import platform
 import random
-import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -69,10 +65,10 @@ import llama
 import seed
 import unet
 import vq
-from world import (SHAPES, COLOURS, SIZES, POSITIONS, PLACES, JITTERS, HELD_OUT_PAIRS, QUESTIONS, IMAGE_SIZE, Combo,
-                   COMBOS, CAPTIONS, World, to_image, build_world, judge, judge_accuracy)
+from world import (ATTRIBUTES, CAPTION_REQUESTS, CAPTIONS, COMBOS, IMAGE_SIZE, JITTERS, QUESTIONS, T2I_REQUESTS,
+                   VALUES, World, build_world, judge, judge_accuracy, parse_caption, to_image)
 from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER, Tokenizer, chat_conversation,
-                       chat_prompt, train_bpe, train_tokenizer)
+                       train_tokenizer)
 
 # ======================================================================================================
 # Config dataclasses and the CLI generated from them.  (train-core helper; train-llm adds its own dataclass here)
@@ -819,13 +815,6 @@ def stage_decoder(run: Run, prev: dict) -> dict:
 
 # --- Sequences: pretraining pairs and instruction chats, encoded with the real tokenizer ---------------------------
 
-# The instruction data. The four VQA questions and the edit instructions are SHAPES_WORLD.md's (QUESTIONS,
-# Combo.edit); the request templates are paraphrases, so the model learns the task and not one sentence. The first
-# template of each list is the one the evaluation asks with.
-CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "write a short caption for this image.")
-T2I_REQUESTS = ("draw {}.", "can you generate an image of {}?", "please make a picture of {}.", "show me {}.")
-ATTRIBUTES = ("shape", "colour", "size", "position")
-VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
 EOS = "</s>"  # every assistant turn ends with it (Vicuna v1.1's sep2); generation stops on it
 IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
 
@@ -945,9 +934,7 @@ class LLMData:
     def edit_target(self, rng, i) -> tuple[str, int] | None:
         """A random edit of image i whose target is drawable (not held out): (instruction, target image), keeping
         the jitter when the target with that jitter is a train image, else a random train jitter of it."""
-        attribute = rng.choice(ATTRIBUTES)
-        value = rng.choice([v for v in VALUES[attribute] if v != getattr(self.combos[i], attribute)])
-        instruction, target = self.combos[i].edit(attribute, value)
+        instruction, target = self.combos[i].random_edit(rng)
         if target.held_out:
             return None
         c = COMBOS.index(target)
@@ -1140,17 +1127,6 @@ def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
     return images[0] if images else None
 
 
-def parse_caption(text: str) -> dict[str, str | None]:
-    """Attributes named in a generated caption (None where the caption does not follow the world's grammar)."""
-    words = {a: "|".join(re.escape(v) for v in VALUES[a]) for a in ("shape", "colour", "size")}
-    places = "|".join(re.escape(p) for p in PLACES.values())
-    m = re.fullmatch(f"a ({words['size']}) ({words['colour']}) ({words['shape']}) ({places})", text)
-    if m is None:
-        return dict.fromkeys(ATTRIBUTES)
-    place = {p: k for k, p in PLACES.items()}[m.group(4)]
-    return {"size": m.group(1), "colour": m.group(2), "shape": m.group(3), "position": place}
-
-
 @torch.no_grad()
 def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id: int, device) -> float:
     """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies: how well
@@ -1215,9 +1191,7 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     rng = random.Random(run.cfg.seed)
     n_edits = min(run.cfg.llm.eval_edits, len(one_per_combo))
     for i in one_per_combo[::len(one_per_combo) // n_edits][:n_edits]:
-        attribute = rng.choice(ATTRIBUTES)
-        value = rng.choice([v for v in VALUES[attribute] if v != getattr(data.combos[i], attribute)])
-        instruction, target = data.combos[i].edit(attribute, value)
+        instruction, target = data.combos[i].random_edit(rng)
         records.append({"task": "edit", "target": target, "prompt": instruction, "source": i,
                         "images": [data.codes[i]]})
     out = generate_batched(model, tok, [prompt((IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],

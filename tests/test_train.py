@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,14 +68,14 @@ def test_world_follows_the_spec_and_is_deterministic():
     assert len(held) == 30 and {(c.shape, c.colour) for c in held} == set(world.HELD_OUT_PAIRS)
     # a large red square at the centre, no jitter: box [9, 23) x [9, 23), exact colour inside, white outside
     square = world.Combo("square", "red", "large", "center")
-    pixels = torch.from_numpy(train.np.array(world.render(square))).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(world.render(square))).permute(2, 0, 1)
     inside = pixels[:, 9:23, 9:23]
     assert (inside == torch.tensor([220, 40, 40]).view(3, 1, 1)).all()
     outside = pixels.clone()
     outside[:, 9:23, 9:23] = 255
     assert (outside == 255).all()
     # the triangle points up: its top row is narrower than its bottom row
-    tri = torch.from_numpy(train.np.array(world.render(world.Combo("triangle", "blue", "large", "center"))))
+    tri = torch.from_numpy(np.array(world.render(world.Combo("triangle", "blue", "large", "center"))))
     drawn = (tri < 250).any(-1)
     rows = drawn.sum(1)
     assert rows[9] < rows[22]
