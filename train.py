@@ -65,6 +65,7 @@ import llama
 import seed
 import unet
 import vq
+import weights
 from world import (ATTRIBUTES, CAPTION_REQUESTS, CAPTIONS, COMBOS, IMAGE_SIZE, JITTERS, QUESTIONS, T2I_REQUESTS,
                    VALUES, World, build_world, judge, judge_accuracy, parse_caption, to_image)
 from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER, Tokenizer, chat_conversation,
@@ -239,17 +240,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 # Orchestration: checkpoints, resume, DDP, main().  (train-core helper)
 # ======================================================================================================
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" = cuda -> mps -> cpu; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    if name not in ("cpu", "mps"):
-        raise ValueError(f"unknown --device {name!r}: choose auto, cuda, mps or cpu")
-    return torch.device(name)
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device; "auto" = cuda -> mps -> cpu
 
 
 def lr_at(step: int, steps: int, base: float) -> float:
@@ -259,14 +250,6 @@ def lr_at(step: int, steps: int, base: float) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then os.replace: a checkpoint on disk is always whole, even after a kill."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Run:
@@ -287,7 +270,9 @@ class Run:
             backend = "nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = pick_device(cfg.device, local_rank)
+        if cfg.device not in DEVICES:
+            raise ValueError(f"unknown --device {cfg.device!r}: choose {', '.join(DEVICES)}")
+        self.device = weights.pick_device(cfg.device, local_rank)  # under torchrun: the GPU of this local rank
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.selected = {int(s) for s in cfg.stages.split(",") if s.strip()}
@@ -393,9 +378,10 @@ class Run:
     def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer, curve: list[float],
                         seconds: float, cpu_seconds: float) -> None:
         if self.main:
-            atomic_torch_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
-                               "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                               "curve": curve, "seconds": seconds, "cpu_seconds": cpu_seconds}, path)
+            state = {"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
+                     "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                     "curve": curve, "seconds": seconds, "cpu_seconds": cpu_seconds}
+            weights.atomic_write(path, lambda tmp: torch.save(state, tmp))
         self.barrier()
 
     def save_pretrained(self, model: nn.Module, name: str) -> None:
@@ -1284,7 +1270,7 @@ def save_eval_images(run: Run, records: list[dict]) -> None:
                       "target": dataclasses.asdict(r["target"]), "held_out": r["target"].held_out,
                       "codes": r["codes"], "judged": r["judged"], "correct": r["correct"],
                       "nearest_real": dataclasses.asdict(r["nearest"]) if "nearest" in r else None})
-    (folder / "index.json").write_text(json.dumps(index, indent=1))
+    weights.write_json(folder / "index.json", index)
 
 
 def draw_samples(run: Run, outputs: dict) -> Image.Image:
@@ -1413,9 +1399,7 @@ def write_reports(run: Run, outputs: dict) -> None:
         draw_curves(run.curves).save(run.out / "curves.png")
     report = {"metrics": run.metrics, "timings_s": run.timings, "machine": machine_info(run),
               "config": dataclasses.asdict(run.cfg)}
-    tmp = run.out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, run.out / "metrics.json")
+    weights.write_json(run.out / "metrics.json", report)
     print(results_table(run))
 
 

@@ -52,6 +52,8 @@ def test_cli_rejects_bad_values_and_smoke_is_overridable():
     assert cfg.clip.steps == train.SMOKE_STEPS and cfg.decoder.steps == 5  # an explicit flag beats --smoke
     with pytest.raises(SystemExit, match="--tiny"):
         train.main([])
+    with pytest.raises(ValueError, match="unknown --device 'tpu'"):
+        train.main(["--tiny", "--device", "tpu"])
 
 
 # --- the shapes world ----------------------------------------------------------------------------------------------
