@@ -243,7 +243,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device; "auto" = cuda -> mps -> cpu
 
 
-def lr_at(step: int, steps: int, base: float) -> float:
+def learning_rate(step: int, steps: int, base: float) -> float:
     """Linear warm-up over the first 5 % of the steps, then cosine decay to 10 % of the base rate."""
     warmup = max(1, steps // 20)
     if step < warmup:
@@ -323,7 +323,7 @@ class Run:
     def ckpt_path(self, name: str) -> Path:
         return self.out / "ckpt" / f"{name}.pt"
 
-    def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
+    def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
               steps: int, lr: float, step_fn, after_step=None) -> None:
         """The training loop of every stage, with checkpoints and resume.
 
@@ -332,41 +332,23 @@ class Run:
         `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
         the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
         """
-        path, start, curve, seconds, cpu = self.ckpt_path(name), 0, [], 0.0, 0.0
-        if stage not in self.selected or self.cfg.resume:
-            if path.exists():
-                state = torch.load(path, map_location=self.device, weights_only=True)
-                for key, module in modules.items():
-                    module.load_state_dict(state["modules"][key])
-                if optimizer is not None and state["optimizer"] is not None:
-                    optimizer.load_state_dict(state["optimizer"])
-                start, curve, seconds, cpu = state["step"], state["curve"], state["seconds"], state["cpu_seconds"]
-            if stage not in self.selected and start < steps:
-                raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} "
-                                        f"does not hold a completed run of it ({start}/{steps} steps): train it first")
-        crash = os.environ.get("SEED_TRAIN_CRASH", "")  # test hook "name:step": die after that step, as a kill would
-        crash_step = int(crash.split(":")[1]) if crash.split(":")[0] == name else -1
+        path = self.ckpt_path(name)
+        start, curve, seconds, cpu = self.resume_point(stage, name, path, modules, optimizer, steps)
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         t0, c0 = time.time() - seconds, time.process_time() - cpu  # the clocks continue across resumes
         for step in tqdm(range(start, steps), desc=f"stage {stage} {name}", initial=start, total=steps,
                          disable=not self.main, mininterval=2.0, dynamic_ncols=True):
             gen = self.generator(stage, step)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
+                group["lr"] = learning_rate(step, steps, lr)
             loss = step_fn(step, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.sync_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            self.update(optimizer, params, loss)
             if after_step is not None:
                 after_step(step, gen)
             curve.append(loss.item())
             if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
                 self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0,
                                      time.process_time() - c0)
-            if step + 1 == crash_step:
-                raise RuntimeError(f"SEED_TRAIN_CRASH: simulated crash after step {crash_step} of stage {name}")
         for module in modules.values():
             module.eval()
         self.curves[name] = curve
@@ -375,12 +357,40 @@ class Run:
         self.timings[name] = time.time() - t0 if start < steps else seconds
         self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
 
-    def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer, curve: list[float],
-                        seconds: float, cpu_seconds: float) -> None:
+    def update(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> None:
+        """One optimiser step: gradients of this rank's loss, averaged over the ranks, clipped to norm 1."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sync_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    def resume_point(self, stage: int, name: str, path: Path, modules: dict[str, nn.Module],
+                     optimizer: torch.optim.Optimizer, steps: int) -> tuple[int, list[float], float, float]:
+        """(first step, loss curve so far, wall and CPU seconds so far): zeros for a fresh start; under --resume, or
+        for a stage outside --stages (which must then be complete), what the stage's checkpoint holds, with
+        `modules` and `optimizer` loaded from it."""
+        if stage in self.selected and not self.cfg.resume:
+            return 0, [], 0.0, 0.0
+        start, curve, seconds, cpu = 0, [], 0.0, 0.0
+        if path.exists():
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            for key, module in modules.items():
+                module.load_state_dict(state["modules"][key])
+            optimizer.load_state_dict(state["optimizer"])
+            start, curve, seconds, cpu = state["step"], state["curve"], state["seconds"], state["cpu_seconds"]
+        if stage not in self.selected and start < steps:
+            raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} "
+                                    f"does not hold a completed run of it ({start}/{steps} steps): train it first")
+        return start, curve, seconds, cpu
+
+    def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                        curve: list[float], seconds: float, cpu_seconds: float) -> None:
+        """The whole training state of a stage at `step` (rank 0 writes, atomically; every rank waits for it)."""
         if self.main:
             state = {"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
-                     "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                     "curve": curve, "seconds": seconds, "cpu_seconds": cpu_seconds}
+                     "optimizer": optimizer.state_dict(), "curve": curve, "seconds": seconds,
+                     "cpu_seconds": cpu_seconds}
             weights.atomic_write(path, lambda tmp: torch.save(state, tmp))
         self.barrier()
 

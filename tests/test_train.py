@@ -130,16 +130,26 @@ def test_smoke_runs_every_stage_and_writes_loadable_checkpoints(smoke_run):
         assert all(0.0 <= run.metrics[group][k] or k == "codebook_perplexity" for k in keys), group
 
 
+class Killed(Exception):
+    """What a test raises in place of a kill."""
+
+
 def test_a_run_killed_mid_stage_resumes_to_the_same_weights(smoke_run, tmp_path, monkeypatch):
     out, _ = smoke_run
     args = BASE + ["--stages", "0,1,2", "--out", str(tmp_path)]
-    monkeypatch.setenv("SEED_TRAIN_CRASH", "codebook:2")   # die after step 2 of stage 2 (its checkpoint: step 2)
-    with pytest.raises(RuntimeError, match="SEED_TRAIN_CRASH"):
+    save_checkpoint = train.Run.save_checkpoint
+
+    def save_then_die(run, path, step, *rest):  # a kill right after the checkpoint of step 2 of stage 2
+        save_checkpoint(run, path, step, *rest)
+        if path.stem == "codebook" and step == 2:
+            raise Killed
+    monkeypatch.setattr(train.Run, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
         train.main(args)
     state = torch.load(tmp_path / "ckpt" / "codebook.pt", weights_only=True)  # whole, and mid-stage
     assert state["step"] == 2 and len(state["curve"]) == 2
-    assert not list((tmp_path / "ckpt").glob("*.tmp"))
-    monkeypatch.delenv("SEED_TRAIN_CRASH")
+    assert not list((tmp_path / "ckpt").glob("*.tmp")) and not list((tmp_path / "ckpt").glob(".*.tmp"))
+    monkeypatch.undo()
     run = train.main(args + ["--resume"])
     assert len(run.curves["codebook"]) == train.SMOKE_STEPS
     # The resumed run equals the uninterrupted smoke run bit for bit (every step's randomness depends only on
