@@ -14,20 +14,21 @@ this script runs them in the paper's order, each with the *same classes* as the 
   4. SEED-LLaMA pretraining on caption -> image and image -> caption sequences.
   5. Instruction tuning in the official chat template (LoRA, then full fine-tuning).
 
-The data is the shapes world (docs: SHAPES_WORLD.md): 150 attribute combinations x 9 jitters = 1350 images of 32x32,
-generated on the fly and deterministically. Generated images are judged by a pixel-heuristic `judge` that is not a
-model under test. Every stage is a plain function `stage_x(run, prev) -> dict`; its training loop (`Run.train`)
-writes an atomic checkpoint with the optimiser state, so `--resume` continues mid-stage or after the last completed
-stage; each stage also caches its frozen features of all 1350 images once instead of re-running frozen encoders.
+The data is the shapes world (world.py): 150 attribute combinations x 9 jitters = 1350 images of 32x32, rendered
+deterministically. Generated images are judged by a pixel heuristic (world.judge) that is not a model under test.
+The file reads in the order it runs: the configs and the CLI made from them; `Run`, the training loop every stage
+shares (atomic checkpoints with the optimiser state, so `--resume` continues mid-stage; data parallelism); the
+stages, each a plain function `stage_x(run, prev) -> dict` below its helpers, each caching the frozen features of
+all 1350 images once instead of re-running frozen encoders; the LLM evaluation; the reports; `main`.
 
-Official training code this mirrors: AILab-CVC/SEED (SEED_Tokenizer/lavis/models/blip2_models/
-blip2_qformer_causual.py for stage 1, blip2_qformer_codebook_all_image.py for stage 2). Deliberate deviations:
-  * everything is tiny (seed.py's `tiny` preset: a 4-layer ViT of width 128, here on 8x8 patches of a 32x32 image, a
-    2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16; unet.py's `tiny` decoder, a 0.59M-parameter
-    pixel UNet) and the frozen "pretrained" towers are trained here first (stage 0);
+Official training code this mirrors: AILab-CVC/SEED @ 93b3cf4, SEED_Tokenizer/lavis/models/blip2_models/
+blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage 2). Deliberate deviations:
+  * everything is tiny (the `tiny` presets of seed.py, unet.py and llama.py: a 4-layer ViT of width 128 on 8x8
+    patches of a 32x32 image, a 2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16, a 0.59M-
+    parameter pixel UNet, a 1M-parameter LLaMA), and the frozen "pretrained" towers are trained here first (stage 0);
   * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model; its
-    resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it: with the additive form this
-    UNet never learned to draw shapes in a CPU budget;
+    resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it, because a condition that only
+    shifts the features did not make this small UNet draw shapes in a CPU budget;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
     most codes would never be chosen);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
@@ -71,9 +72,9 @@ from world import (ATTRIBUTES, CAPTION_REQUESTS, CAPTIONS, COMBOS, IMAGE_SIZE, J
 from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER, Tokenizer, chat_conversation,
                        train_tokenizer)
 
-# ======================================================================================================
-# Config dataclasses and the CLI generated from them.  (train-core helper; train-llm adds its own dataclass here)
-# ======================================================================================================
+# ====================================================================================================================
+# The configs, and the CLI generated from them: every field is a flag.
+# ====================================================================================================================
 
 @dataclass
 class ClipStageConfig:
@@ -236,9 +237,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-# ======================================================================================================
-# Orchestration: checkpoints, resume, DDP, main().  (train-core helper)
-# ======================================================================================================
+# ====================================================================================================================
+# Run: what the stages share, and the one training loop (checkpoints, resume, data parallelism).
+# ====================================================================================================================
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device; "auto" = cuda -> mps -> cpu
 
@@ -401,9 +402,9 @@ class Run:
         self.barrier()
 
 
-# ======================================================================================================
-# Stages 0-3: tiny CLIP, Causal Q-Former, codebook, decoder; their metrics.  (train-core helper)
-# ======================================================================================================
+# ====================================================================================================================
+# Stages 0-3: the SEED tokenizer (tiny CLIP, Causal Q-Former, codebook) and the unCLIP decoder.
+# ====================================================================================================================
 
 # --- Stage 0: the tiny CLIP -----------------------------------------------------------------------------------------
 
@@ -742,13 +743,53 @@ def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: 
     return images
 
 
+def high_noise_timesteps(batch: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch,) diffusion times in [0, T) with density proportional to 1/sqrt(T - t): about a third at t >= 0.9 T.
+    Only at high noise does the image embedding decide the layout (below that x_t already shows it); drawn
+    uniformly, too few steps train the condition for this tiny UNet to learn where the object goes."""
+    return T - 1 - (T * torch.rand(batch, generator=gen) ** 2).long()
+
+
+def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.Tensor, cfg: DecoderStageConfig,
+                 alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The v-prediction loss of one batch of images x0 (B, 3, 32, 32) with their image embeddings (B, E).
+
+    The condition is the unCLIP class label: the embedding noised at a level drawn in [0, --decoder.train-noise-level]
+    ++ the embedding of that level (2E), zeroed as a whole with probability --decoder.cond-drop, so that the same
+    UNet also predicts unconditionally (classifier-free guidance)."""
+    B, dev = len(x0), x0.device
+    t = high_noise_timesteps(B, len(alphas_cumprod), gen).to(dev)
+    noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
+    level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
+    label = decoder.noise_augmentation.noise_image_embeddings(
+        embeds, level, noise=torch.randn(B, embeds.shape[1], generator=gen).to(dev))     # (B, 2E)
+    keep = (torch.rand(B, 1, generator=gen) >= cfg.cond_drop).to(dev)
+    v = decoder.unet(unet.add_noise(x0, noise, t, alphas_cumprod), t, None, label * keep)
+    return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
+
+
+def evaluate_reconstructions(run: Run, prev: dict, decoder: "unet.UnCLIPDecoder") -> list:
+    """image -> 32 codes -> embedding -> UNet -> image on the test images (the first test jitter of each
+    combination), judged by world.judge; returns [(image index, reconstruction)]."""
+    cfg, world = run.cfg.decoder, run.world
+    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
+    with torch.no_grad():
+        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
+    t0 = time.time()
+    recon = decode_embeddings(decoder, rebuilt, cfg, seed=run.cfg.seed)
+    run.timings["decoder_eval"] = time.time() - t0
+    truth = [COMBOS[int(world.combo[i])] for i in test]
+    run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
+    run.metrics["decoder"]["n_images"] = len(test)
+    return list(zip(test, recon))
+
+
 def stage_decoder(run: Run, prev: dict) -> dict:
     """Stage 3: the unCLIP UNet in pixel space on tiny-CLIP image embeddings of real (train) images.
 
     As SD-2.1-unclip was trained: v-prediction on SD's scaled-linear schedule (the one the PNDM sampler of
-    unet.py assumes); the condition is the unCLIP class label = noise-augmented embedding ++ the embedding of the
-    noise level (levels drawn in [0, --decoder.train-noise-level]); the whole label is zeroed with probability
-    --decoder.cond-drop (classifier-free guidance); an EMA of the weights is what gets saved and sampled.
+    unet.py assumes), conditioned through the noise-augmented class label (`decoder_loss`); an EMA of the weights
+    is what gets saved and sampled.
     """
     cfg, world, dev = run.cfg.decoder, run.world, run.device
     embeds = prev["image_embeds"]
@@ -767,22 +808,8 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def step(i, gen):
-        idx = run.batch(world.train_idx, cfg.batch_size, gen)
-        B = len(idx)
-        # t with density proportional to 1/sqrt(T - t): about a third of each batch at t >= 0.9 T. Only at high
-        # noise does the image embedding decide the layout (below that x_t already shows it); with uniform t this
-        # tiny UNet never learns to place the object (judged position 0.29 -> 0.96 from the same embeddings).
-        T = len(alphas_cumprod)
-        t = (T - 1 - (T * torch.rand(B, generator=gen) ** 2).long()).to(dev)
-        noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
-        x0 = images[idx.to(dev)]
-        level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
-        label = decoder.noise_augmentation.noise_image_embeddings(
-            embeds[idx.to(dev)], level, noise=torch.randn(B, embeds.shape[1], generator=gen).to(dev))
-        keep = (torch.rand(B, 1, generator=gen) >= cfg.cond_drop).to(dev)
-        label = label * keep                                  # dropped: zeros over the whole 2E label
-        v = model(unet.add_noise(x0, noise, t, alphas_cumprod), t, None, label)
-        return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
+        idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
+        return decoder_loss(decoder, images[idx], embeds[idx], cfg, alphas_cumprod, gen)
 
     def after_step(i, gen):
         update_ema(ema, model, min(cfg.ema, (1 + i) / (10 + i)))  # EMA warm-up: average early weights less
@@ -791,25 +818,14 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     decoder.unet = ema  # sample and save the averaged weights
     decoder.requires_grad_(False).eval()
     run.save_pretrained(decoder, "decoder")
-    # Reconstruction: image -> 32 codes -> embedding -> UNet -> image, on the test images (first test jitter of
-    # each combination), judged by the pixel heuristic.
-    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
-    with torch.no_grad():
-        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
-    t0 = time.time()
-    recon = decode_embeddings(decoder, rebuilt, cfg, seed=run.cfg.seed)
-    run.timings["decoder_eval"] = time.time() - t0
-    truth = [COMBOS[int(world.combo[i])] for i in test]
-    run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
-    run.metrics["decoder"]["n_images"] = len(test)
-    return {"decoder": decoder, "reconstructions": list(zip(test, recon))}
+    return {"decoder": decoder, "reconstructions": evaluate_reconstructions(run, prev, decoder)}
 
 
-# ======================================================================================================
-# Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full); LLM metrics.  (train-llm helper)
-# ======================================================================================================
+# ====================================================================================================================
+# Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full fine-tuning).
+# ====================================================================================================================
 
-# --- Sequences: pretraining pairs and instruction chats, encoded with the real tokenizer ---------------------------
+# --- Stage 4: the LLM's sequences (pretraining pairs, instruction chats) and pretraining ----------------------------
 
 EOS = "</s>"  # every assistant turn ends with it (Vicuna v1.1's sep2); generation stops on it
 IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
@@ -986,8 +1002,6 @@ def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenize
     return train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
 
 
-# --- Stages 4 and 5 -------------------------------------------------------------------------------------------------
-
 def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, lr: float, batch_size: int,
               sample, pad_id: int, step_offset: int = 0) -> None:
     """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`,
@@ -1027,6 +1041,8 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
                           "vocab": len(tokenizer)}
     return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
 
+
+# --- Stage 5: instruction tuning, LoRA then full fine-tuning -------------------------------------------------------
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) * B A x (LoRA, Hu et al. 2021,
@@ -1096,7 +1112,9 @@ def stage_llm_instruct(run: Run, prev: dict) -> dict:
     return {"llm": model, "llm_eval": evaluation}
 
 
-# --- LLM metrics --------------------------------------------------------------------------------------------------
+# ====================================================================================================================
+# Evaluation of the LLM: captioning, VQA, text-to-image and edits, judged on the pixels of the decoded images.
+# ====================================================================================================================
 
 def generate_batched(model: llama.Llama, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
                      batch_size: int = 128) -> list[list[int]]:
@@ -1154,51 +1172,57 @@ def attribute_scores(records: list[dict], prefix: str) -> dict[str, float]:
     return scores
 
 
-def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
-    """The LLM metrics of SHAPES_WORLD.md on the test images and on all 150 prompts; generated images are drawn
-    by the trained pipeline (codes -> SeedTokenizer.embed -> UnCLIPDecoder) and judged by `judge`.
-    Returns the records of every generation (prompt, target, codes, image, verdict) for the reports."""
-    tok, data, world, dev = prev["llm_tokenizer"], prev["llm_data"], run.world, run.device
-    builder, limit = data.builder, 8 if run.cfg.smoke else None
-    test = world.test_idx.tolist()[:limit]
-    one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
+def ask(builder: SequenceBuilder, user: str, images=()) -> list[int]:
+    """The ids of a one-turn chat prompt (it ends in "ASSISTANT:"), the images spliced in."""
+    return builder.encode("<s>" + chat_conversation([user]), list(images))
 
-    def prompt(user: str, images=()) -> list[int]:
-        return builder.encode("<s>" + chat_conversation([user]), list(images))
 
-    metrics: dict = {}
-    # Captioning and VQA on the held-out test images (every combination, two jitters each).
-    out = generate_batched(model, tok, [prompt(IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
+def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[int]) -> tuple[dict, list[str]]:
+    """Captioning (exact, and per attribute as parse_caption reads it) and VQA on the test images; returns the
+    metrics and the generated captions."""
+    out = generate_batched(model, tok, [ask(data.builder, IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
                                         for i in test], 16)
     captions = [reply_text(tok, o) for o in out]
-    metrics["caption_exact"] = sum(c == data.combos[i].caption for c, i in zip(captions, test)) / len(test)
+    metrics = {"caption_exact": sum(c == data.combos[i].caption for c, i in zip(captions, test)) / len(test)}
     for a in ATTRIBUTES:
         metrics[f"caption_{a}"] = sum(parse_caption(c)[a] == getattr(data.combos[i], a)
                                       for c, i in zip(captions, test)) / len(test)
     questions = [(i, a) for i in test for a in ATTRIBUTES]
-    out = generate_batched(model, tok, [prompt(IMAGE_PLACEHOLDER + QUESTIONS[a], [data.codes[i]])
+    out = generate_batched(model, tok, [ask(data.builder, IMAGE_PLACEHOLDER + QUESTIONS[a], [data.codes[i]])
                                         for i, a in questions], 8)
     metrics["vqa_acc"] = sum(reply_text(tok, o) == data.combos[i].answer(a) for o, (i, a) in zip(out, questions)) \
         / len(questions)
-    # Text-to-image: one request per combination (held-out pairs included: never drawn in training).
+    return metrics, captions
+
+
+def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
+    """What the LLM is asked to draw: one text-to-image request per combination (held-out pairs included: never
+    drawn in training), then a random edit of test images of evenly spread combinations (the target may be held
+    out). Each a record {"task", "target", "prompt", "images" (input codes), "source" (edits)}."""
     records = [{"task": "t2i", "target": COMBOS[c], "images": [],
                 "prompt": T2I_REQUESTS[0].format(COMBOS[c].caption)} for c in range(len(COMBOS))][:limit]
-    # Edits: a random instruction on test images of evenly spread combinations; the target may be held out.
+    one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
     rng = random.Random(run.cfg.seed)
     n_edits = min(run.cfg.llm.eval_edits, len(one_per_combo))
     for i in one_per_combo[::len(one_per_combo) // n_edits][:n_edits]:
         instruction, target = data.combos[i].random_edit(rng)
         records.append({"task": "edit", "target": target, "prompt": instruction, "source": i,
                         "images": [data.codes[i]]})
-    out = generate_batched(model, tok, [prompt((IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
-                                               r["images"]) for r in records], CODES_PER_IMAGE + 8)
+    return records
+
+
+def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict]) -> None:
+    """Generate every request's reply and add to its record the codes of its image span ("codes": None unless
+    valid), the decoded image ("image"), the judge's verdict ("judged", "correct") and the combination of the real
+    image nearest to it ("nearest")."""
+    tok, data = prev["llm_tokenizer"], prev["llm_data"]
+    out = generate_batched(model, tok, [ask(data.builder, (IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
+                                            r["images"]) for r in records], CODES_PER_IMAGE + 8)
     for r, o in zip(records, out):
         r["codes"] = reply_image(tok, o)
     valid = [r for r in records if r["codes"] is not None]
-    metrics["valid_spans"] = f"{len(valid)}/{len(records)}"
-    metrics["valid_span_rate"] = len(valid) / len(records)
     if valid:
-        embeds = prev["tokenizer"].embed(torch.tensor([r["codes"] for r in valid], device=dev))
+        embeds = prev["tokenizer"].embed(torch.tensor([r["codes"] for r in valid], device=run.device))
         # A decoder-free diagnostic of the LLM alone: the combination of the real image whose embedding (from its
         # own codes) is nearest in cosine to the generated one. Not the metric (that is the judged image below).
         real = F.normalize(prev["tokenizer"].embed(prev["codes"]), dim=-1)                # (1350, E)
@@ -1210,21 +1234,41 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     for r in records:
         r["judged"] = judge(r["image"]) if "image" in r else None
         r["correct"] = r["judged"] is not None and all(r["judged"][a] == getattr(r["target"], a) for a in ATTRIBUTES)
+
+
+def image_scores(records: list[dict]) -> dict:
+    """The rate of valid image spans, and per task (t2i, edit) and part (held-in, held-out) the judged accuracy
+    and the decoder-free nearest-image accuracy."""
+    valid = sum(r["codes"] is not None for r in records)
+    metrics = {"valid_spans": f"{valid}/{len(records)}", "valid_span_rate": valid / len(records)}
     for task in ("t2i", "edit"):
         for part, held_out in (("heldin", False), ("heldout", True)):
             chosen = [r for r in records if r["task"] == task and r["target"].held_out == held_out]
             metrics.update(attribute_scores(chosen, f"{task}_{part}"))
             metrics[f"{task}_{part}_nearest_all"] = sum(r.get("nearest") == r["target"] for r in chosen) \
                 / max(len(chosen), 1)
+    return metrics
+
+
+def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
+    """The LLM metrics on the test images and on all 150 prompts; generated images are drawn by the trained
+    pipeline (codes -> SeedTokenizer.embed -> UnCLIPDecoder) and judged by world.judge. Returns the records of
+    every generation (prompt, target, codes, image, verdict) and the captions, for the reports."""
+    data, limit = prev["llm_data"], 8 if run.cfg.smoke else None
+    test = run.world.test_idx.tolist()[:limit]  # every combination, two jitters each
+    metrics, captions = evaluate_text(model, prev["llm_tokenizer"], data, test)
+    records = image_requests(run, data, limit)
+    draw_requests(run, prev, model, records)
+    metrics.update(image_scores(records))
     held_in_test = [i for i in test if not data.combos[i].held_out]
-    metrics["image_code_loss"] = image_code_loss(model, data, held_in_test, tok.pad_id, dev)
+    metrics["image_code_loss"] = image_code_loss(model, data, held_in_test, prev["llm_tokenizer"].pad_id, run.device)
     run.metrics.setdefault("llm", {}).update(metrics)
     return {"records": records, "captions": dict(zip(test, captions))}
 
 
-# ======================================================================================================
-# Reports: metrics.json, results table, samples.png, curves.png, codes.png, eval images.  (train-llm helper)
-# ======================================================================================================
+# ====================================================================================================================
+# Reports: metrics.json, the results table, samples.png, curves.png, codes.png, the evaluation images.
+# ====================================================================================================================
 
 # The targets of issue 6 / SHAPES_WORLD.md that the results table checks: (group, metric) -> minimum.
 TARGETS = {("clip", "caption_acc_test"): 0.95, ("tokenizer", "caption_acc_continuous"): 0.95,
