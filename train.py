@@ -81,7 +81,6 @@ class ClipStageConfig:
     steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
-    patch_size: int = 8    # ViT patch (seed.py's tiny preset: 4); 8 gives 16 patches, 4x cheaper on 2 cores
     text_width: int = 64   # the text tower
     text_depth: int = 2
 
@@ -464,16 +463,16 @@ class TinyCLIP(nn.Module):
     `image_embeds`), which is what the unCLIP decoder draws from; cosine similarity is only used in the loss.
     """
 
-    def __init__(self, cfg: TrainConfig, vocab_size: int):
+    def __init__(self, tower: "seed.SeedConfig", text: ClipStageConfig, vocab_size: int):
         super().__init__()
-        c, cfg = tiny_seed_config(cfg), cfg.clip
-        self.visual = seed.EVAViT(c.image_size, c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp)
+        self.visual = seed.EVAViT(tower.image_size, tower.patch_size, tower.vit_width, tower.vit_depth,
+                                  tower.vit_heads, tower.vit_mlp)
         self.text = unet.CLIPTextEncoder(unet.CLIPTextConfig(
-            vocab_size=vocab_size, context_length=TEXT_LEN, width=cfg.text_width, layers=cfg.text_depth,
-            heads=max(1, cfg.text_width // 32), mlp_width=4 * cfg.text_width))
-        self.visual_norm = nn.LayerNorm(c.vit_width)  # the EVA ViT has no final norm; OpenCLIP's ln_post
-        self.visual_proj = nn.Linear(c.vit_width, c.embed_dim, bias=False)
-        self.text_proj = nn.Linear(cfg.text_width, c.embed_dim, bias=False)
+            vocab_size=vocab_size, context_length=TEXT_LEN, width=text.text_width, layers=text.text_depth,
+            heads=max(1, text.text_width // 32), mlp_width=4 * text.text_width))
+        self.visual_norm = nn.LayerNorm(tower.vit_width)  # the EVA ViT has no final norm; OpenCLIP's ln_post
+        self.visual_proj = nn.Linear(tower.vit_width, tower.embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.text_width, tower.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's learnable temperature
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -486,10 +485,11 @@ class TinyCLIP(nn.Module):
 
 
 def tiny_seed_config(cfg: TrainConfig, vocab_size: int = 0) -> "seed.SeedConfig":
-    """seed.py's `tiny` preset (ViT, Q-Former, codebook and decoder sizes live there, once) with the ViT patch of
-    --clip.patch-size, --no-causal, and the Q-Former's text branch built for stage 1 when `vocab_size` > 0."""
+    """seed.py's `tiny` preset (ViT, Q-Former, codebook and decoder sizes live there, once) as trained: causal
+    unless --no-causal, and the Q-Former's text branch built for stage 1 when `vocab_size` > 0."""
     c = seed.SeedConfig.preset("tiny")
-    return dataclasses.replace(c, patch_size=cfg.clip.patch_size, causal=not cfg.no_causal,
+    # 8x8 ViT patches: 16 tokens per image, 4x cheaper than 4x4 on 2 cores
+    return dataclasses.replace(c, patch_size=8, causal=not cfg.no_causal,
                                qformer=dataclasses.replace(c.qformer, text_vocab_size=vocab_size))
 
 
@@ -534,7 +534,7 @@ def stage_clip(run: Run, prev: dict) -> dict:
     tokenizer = tokenizer or unet.CLIPTokenizer(run.out / "clip")
     ids, eos = (t.to(dev) for t in tokenize(tokenizer, CAPTIONS))
     run.seed_everything(0)
-    model = TinyCLIP(run.cfg, len(tokenizer.vocab)).to(dev).train()
+    model = TinyCLIP(tiny_seed_config(run.cfg), cfg, len(tokenizer.vocab)).to(dev).train()
     pixels, combo = to_vit_pixels(world.images).to(dev), world.combo.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
 
@@ -701,13 +701,6 @@ def stage_codebook(run: Run, prev: dict) -> dict:
 
 # --- Stage 3: the unCLIP decoder in pixel space -----------------------------------------------------------------------
 
-def tiny_decoder_config(embed_dim: int) -> "unet.DecoderConfig":
-    """unet.py's `tiny` decoder preset (pixel space, 3 x 32 x 32, no VAE, no text) for image embeddings of width E:
-    the UNet's class label is the noised embedding ++ the embedding of its noise level, 2E."""
-    c = unet.DecoderConfig.preset("tiny")
-    return dataclasses.replace(c, unet=dataclasses.replace(c.unet, class_embed_dim=2 * embed_dim))
-
-
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -777,7 +770,11 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     embeds = prev["image_embeds"]
     train_idx = world.train_idx.to(dev)
     run.seed_everything(3)
-    decoder = unet.UnCLIPDecoder(tiny_decoder_config(embeds.shape[1])).to(dev)
+    config = unet.DecoderConfig.preset("tiny")  # pixel space, 3 x 32 x 32, no VAE, no text
+    if config.embed_dim != embeds.shape[1]:
+        raise ValueError(f"unet.py's tiny decoder takes image embeddings of width {config.embed_dim} (its class label "
+                         f"is 2E), the tiny CLIP makes them {embeds.shape[1]} wide")
+    decoder = unet.UnCLIPDecoder(config).to(dev)
     # The unCLIP image normaliser (official image_normalizer: mean/std of the CLIP embeddings) from the train images.
     decoder.noise_augmentation.mean.data.copy_(embeds[train_idx].mean(0, keepdim=True))
     decoder.noise_augmentation.std.data.copy_(embeds[train_idx].std(0, keepdim=True))

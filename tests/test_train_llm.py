@@ -49,6 +49,11 @@ def spans(ids, iv):
     return out
 
 
+@pytest.mark.xfail(strict=True, reason="llama.py's tiny preset has vocab_size 770 (train.py's tokenizer: 730)")
+def test_train_trains_llamas_tiny_preset(tokenizer):
+    assert len(tokenizer) == llama.LlamaConfig.preset("tiny").vocab_size
+
+
 # --- sequences -------------------------------------------------------------------------------------------------------
 
 def test_fast_encoding_equals_the_tokenizer_on_full_prompts(tokenizer):
