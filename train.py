@@ -29,6 +29,8 @@ blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage
   * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model; its
     resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it, because a condition that only
     shifts the features did not make this small UNet draw shapes in a CPU budget;
+  * the tiny text towers (the CLIP text tower, the Q-Former's text branch) read one token per word of the world,
+    23 ids with bos, eos and pad, where the official ones use CLIP's BPE and BERT's WordPiece;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
     most codes would never be chosen);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -393,60 +394,21 @@ class Run:
 
 # --- Stage 0: the tiny CLIP -----------------------------------------------------------------------------------------
 
-TEXT_LEN = 10  # token positions of the tiny text towers: bos + a caption of <= 7 words + eos (every word is one token)
+# The tiny text towers read one token per word: the world's words, sorted, then bos, eos and pad. A caption is bos,
+# its 7 words, eos, then padding up to TEXT_LEN positions.
+TEXT_VOCAB = (*sorted({word for caption in CAPTIONS for word in caption.split()}), "<bos>", "<eos>", "<pad>")
+TEXT_IDS = {token: i for i, token in enumerate(TEXT_VOCAB)}
+TEXT_LEN = 10
 
 
-def build_clip_tokenizer(folder: Path, texts) -> "unet.CLIPTokenizer":
-    """Learn a CLIP-format BPE vocabulary on the world's words and write vocab.json / merges.txt /
-    special_tokens_map.json, so that the project's own `unet.CLIPTokenizer` reads it like the official one.
-
-    The layout is CLIP's: the 256 byte symbols, the same with the end-of-word marker `</w>`, then one token per
-    merge, then `<|startoftext|>` / `<|endoftext|>`. Merges are learned as BPE does (most frequent adjacent pair
-    first) until every word of the world is a single token, so encoding with the merges in rank order gives exactly
-    one id per word.
-    """
-    byte_symbols = list(unet._bytes_to_unicode().values())
-    counts: dict[tuple[str, ...], int] = {}
-    for text in texts:
-        for word in text.lower().split():
-            symbols = tuple(word[:-1]) + (word[-1] + "</w>",)
-            counts[symbols] = counts.get(symbols, 0) + 1
-    merges = []
-    while True:
-        pairs: dict[tuple[str, str], int] = {}
-        for symbols, n in counts.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] = pairs.get(pair, 0) + n
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken by the pair itself: deterministic
-        merges.append(best)
-        merged = {}
-        for symbols, n in counts.items():
-            out = tuple(unet.merge_pair(list(symbols), best))
-            merged[out] = merged.get(out, 0) + n
-        counts = merged
-    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
-                                       encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-                                       encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-         "pad_token": "<|endoftext|>"}), encoding="utf-8")
-    return unet.CLIPTokenizer(folder)
-
-
-def tokenize(tokenizer: "unet.CLIPTokenizer", texts) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(texts) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts -> ids (N, TEXT_LEN) = bos, words, eos, padding; and the position of eos (N,), whose feature is the
     text embedding of a causal CLIP text tower (OpenAI/OpenCLIP pool at the eos token)."""
-    rows = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id] for t in texts]
+    rows = [[TEXT_IDS["<bos>"], *(TEXT_IDS[word] for word in text.split()), TEXT_IDS["<eos>"]] for text in texts]
     if max(map(len, rows)) > TEXT_LEN:
         raise ValueError(f"a text is longer than the {TEXT_LEN} positions of the tiny text towers")
-    ids = torch.tensor([r + [tokenizer.pad_id] * (TEXT_LEN - len(r)) for r in rows])
-    return ids, torch.tensor([len(r) - 1 for r in rows])
+    ids = torch.tensor([row + [TEXT_IDS["<pad>"]] * (TEXT_LEN - len(row)) for row in rows])
+    return ids, torch.tensor([len(row) - 1 for row in rows])
 
 
 def to_vit_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -484,13 +446,13 @@ class TinyCLIP(nn.Module):
         return self.text_proj(states[torch.arange(len(ids)), eos])   # eos feature -> (B, E)
 
 
-def tiny_seed_config(cfg: TrainConfig, vocab_size: int = 0) -> "seed.SeedConfig":
+def tiny_seed_config(cfg: TrainConfig) -> "seed.SeedConfig":
     """seed.py's `tiny` preset (ViT, Q-Former, codebook and decoder sizes live there, once) as trained: causal
-    unless --no-causal, and the Q-Former's text branch built for stage 1 when `vocab_size` > 0."""
+    unless --no-causal, with 8x8 ViT patches (16 tokens per image, 4x cheaper than 4x4 on 2 cores) and the
+    Q-Former's text branch (stage 1) on the world's words."""
     c = seed.SeedConfig.preset("tiny")
-    # 8x8 ViT patches: 16 tokens per image, 4x cheaper than 4x4 on 2 cores
     return dataclasses.replace(c, patch_size=8, causal=not cfg.no_causal,
-                               qformer=dataclasses.replace(c.qformer, text_vocab_size=vocab_size))
+                               qformer=dataclasses.replace(c.qformer, text_vocab_size=len(TEXT_VOCAB)))
 
 
 def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor,
@@ -529,12 +491,9 @@ def stage_clip(run: Run, prev: dict) -> dict:
     """Stage 0: the tiny CLIP. Returns the model, the caption ids and the frozen features every later stage uses:
     the ViT tokens (input of the Q-Former) and the image embeddings E (target of stage 2, condition of stage 3)."""
     cfg, world, dev = run.cfg.clip, run.world, run.device
-    tokenizer = build_clip_tokenizer(run.out / "clip", CAPTIONS) if run.main else None
-    run.barrier()
-    tokenizer = tokenizer or unet.CLIPTokenizer(run.out / "clip")
-    ids, eos = (t.to(dev) for t in tokenize(tokenizer, CAPTIONS))
+    ids, eos = (t.to(dev) for t in tokenize(CAPTIONS))
     run.seed_everything(0)
-    model = TinyCLIP(tiny_seed_config(run.cfg), cfg, len(tokenizer.vocab)).to(dev).train()
+    model = TinyCLIP(tiny_seed_config(run.cfg), cfg, len(TEXT_VOCAB)).to(dev).train()
     pixels, combo = to_vit_pixels(world.images).to(dev), world.combo.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
 
@@ -551,8 +510,8 @@ def stage_clip(run: Run, prev: dict) -> dict:
     test = world.test_idx.to(dev)
     acc = caption_accuracy(image_embeds[test], model.encode_text(ids, eos), combo[test])
     run.metrics["clip"] = {"caption_acc_test": acc}
-    return {"clip": model, "clip_tokenizer": tokenizer, "caption_ids": ids, "caption_eos": eos,
-            "vit_tokens": vit_tokens, "image_embeds": image_embeds}
+    return {"clip": model, "caption_ids": ids, "caption_eos": eos, "vit_tokens": vit_tokens,
+            "image_embeds": image_embeds}
 
 
 # --- Stage 1: the Causal Q-Former ------------------------------------------------------------------------------------
@@ -576,7 +535,7 @@ def stage_qformer(run: Run, prev: dict) -> dict:
     cfg, world, dev = run.cfg.qformer, run.world, run.device
     ids, eos, vit_tokens, combo = prev["caption_ids"], prev["caption_eos"], prev["vit_tokens"], world.combo.to(dev)
     run.seed_everything(1)
-    tokenizer = seed.SeedTokenizer(tiny_seed_config(run.cfg, len(prev["clip_tokenizer"].vocab)))
+    tokenizer = seed.SeedTokenizer(tiny_seed_config(run.cfg))
     tokenizer.visual_encoder.load_state_dict(prev["clip"].visual.state_dict())  # the frozen "pretrained" ViT
     tokenizer = tokenizer.to(dev).requires_grad_(False)
     trained = nn.ModuleDict({"ln_vision": tokenizer.ln_vision, "qformer": tokenizer.qformer}).requires_grad_(True)
