@@ -16,10 +16,10 @@ this script runs them in the paper's order, each with the *same classes* as the 
 
 The data is the shapes world (world.py): 150 attribute combinations x 9 jitters = 1350 images of 32x32, rendered
 deterministically. Generated images are judged by a pixel heuristic (world.judge) that is not a model under test.
-The file reads in the order it runs: the configs and the CLI made from them; `Run`, the training loop every stage
-shares (atomic checkpoints with the optimiser state, so `--resume` continues mid-stage; data parallelism); the
-stages, each a plain function `stage_x(run, prev) -> dict` below its helpers, each caching the frozen features of
-all 1350 images once instead of re-running frozen encoders; the LLM evaluation; the reports; `main`.
+The file reads in the order it runs: the configs and the CLI made from them; `Run`, the training loop all stages
+share (atomic checkpoints with the optimiser state, so `--resume` continues mid-stage; data parallelism); the stages,
+each a function `stage_x(run, prev) -> dict` below what it uses, caching the frozen features of all 1350 images once
+instead of re-running frozen encoders; the LLM evaluation; the reports; `main`.
 
 Official training code this mirrors: AILab-CVC/SEED @ 93b3cf4, SEED_Tokenizer/lavis/models/blip2_models/
 blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage 2). Deliberate deviations:
@@ -1130,7 +1130,8 @@ def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict])
         nearest = (F.normalize(embeds, dim=-1) @ real.t()).argmax(1).tolist()
         for r, n in zip(valid, nearest):
             r["nearest"] = data.combos[n]
-        for r, image in zip(valid, decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, noise_seed=run.cfg.seed)):
+        images = decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, noise_seed=run.cfg.seed)
+        for r, image in zip(valid, images):
             r["image"] = image
     for r in records:
         r["judged"] = judge(r["image"]) if "image" in r else None
@@ -1173,7 +1174,7 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
 
 # === Reports: metrics.json, the results table, samples.png, curves.png, codes.png, the evaluation images. ===========
 
-# The targets of issue 6 / SHAPES_WORLD.md that the results table checks: (group, metric) -> minimum.
+# The level at which a stage has learned its task, checked by the results table: (group, metric) -> minimum.
 TARGETS = {("clip", "caption_acc_test"): 0.95, ("tokenizer", "caption_acc_continuous"): 0.95,
            ("tokenizer", "caption_acc_codes"): 0.90, ("tokenizer", "codebook_usage"): 0.50,
            ("decoder", "recon_all"): 0.85, ("llm", "caption_exact"): 0.90, ("llm", "vqa_acc"): 0.90,
@@ -1323,7 +1324,7 @@ def draw_codes(run: Run, codes: torch.Tensor, n_codes: int) -> Image.Image:
 
 
 def results_table(run: Run) -> str:
-    """The table printed at the end: every metric, with the issue's target where there is one."""
+    """The table printed at the end: every metric, with its target where there is one (TARGETS)."""
     lines = [f"{'metric':<34} {'value':>10}  target", "-" * 56]
     for group, values in run.metrics.items():
         for name, value in values.items():

@@ -52,7 +52,7 @@ POSITIONS = {"center": (16, 16), "left": (10, 16), "right": (22, 16), "top": (16
 PLACES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
           "center": "in the center"}
 JITTERS = tuple((dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # 9 offsets of the box centre
-HELD_OUT_PAIRS = (("triangle", "blue"), ("circle", "yellow"), ("square", "purple"))  # never drawn by the LLM in training
+HELD_OUT_PAIRS = (("triangle", "blue"), ("circle", "yellow"), ("square", "purple"))  # the LLM never learns to draw them
 QUESTIONS = {"colour": "what colour is the shape?", "shape": "what shape is it?", "size": "is it large or small?",
              "position": "where is the shape?"}
 IMAGE_SIZE, SUPERSAMPLE = 32, 4
