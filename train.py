@@ -14,20 +14,23 @@ this script runs them in the paper's order, each with the *same classes* as the 
   4. SEED-LLaMA pretraining on caption -> image and image -> caption sequences.
   5. Instruction tuning in the official chat template (LoRA, then full fine-tuning).
 
-The data is the shapes world (docs: SHAPES_WORLD.md): 150 attribute combinations x 9 jitters = 1350 images of 32x32,
-generated on the fly and deterministically. Generated images are judged by a pixel-heuristic `judge` that is not a
-model under test. Every stage is a plain function `stage_x(run, prev) -> dict`; its training loop (`Run.train`)
-writes an atomic checkpoint with the optimiser state, so `--resume` continues mid-stage or after the last completed
-stage; each stage also caches its frozen features of all 1350 images once instead of re-running frozen encoders.
+The data is the shapes world (world.py): 150 attribute combinations x 9 jitters = 1350 images of 32x32, rendered
+deterministically. Generated images are judged by a pixel heuristic (world.judge) that is not a model under test.
+The file reads in the order it runs: the configs and the CLI made from them; `Run`, the training loop all stages
+share (atomic checkpoints with the optimiser state, so `--resume` continues mid-stage; data parallelism); the stages,
+each a function `stage_x(run, prev) -> dict` below what it uses, caching the frozen features of all 1350 images once
+instead of re-running frozen encoders; the LLM evaluation; the reports; `main`.
 
-Official training code this mirrors: AILab-CVC/SEED (SEED_Tokenizer/lavis/models/blip2_models/
-blip2_qformer_causual.py for stage 1, blip2_qformer_codebook_all_image.py for stage 2). Deliberate deviations:
-  * everything is tiny (seed.py's `tiny` preset: a 4-layer ViT of width 128, here on 8x8 patches of a 32x32 image, a
-    2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16; unet.py's `tiny` decoder, a 0.59M-parameter
-    pixel UNet) and the frozen "pretrained" towers are trained here first (stage 0);
+Official training code this mirrors: AILab-CVC/SEED @ 93b3cf4, SEED_Tokenizer/lavis/models/blip2_models/
+blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage 2). Deliberate deviations:
+  * everything is tiny (the `tiny` presets of seed.py, unet.py and llama.py: a 4-layer ViT of width 128 on 8x8
+    patches of a 32x32 image, a 2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16, a 0.59M-
+    parameter pixel UNet, a 1M-parameter LLaMA), and the frozen "pretrained" towers are trained here first (stage 0);
   * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model; its
-    resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it: with the additive form this
-    UNet never learned to draw shapes in a CPU budget;
+    resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it, because a condition that only
+    shifts the features did not make this small UNet draw shapes in a CPU budget;
+  * the tiny text towers (the CLIP text tower, the Q-Former's text branch) read one token per word of the world,
+    23 ids with bos, eos and pad, where the official ones use CLIP's BPE and BERT's WordPiece;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
     most codes would never be chosen);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
@@ -44,20 +47,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
 import random
-import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -69,24 +67,23 @@ import llama
 import seed
 import unet
 import vq
-from world import (SHAPES, COLOURS, SIZES, POSITIONS, PLACES, JITTERS, HELD_OUT_PAIRS, QUESTIONS, IMAGE_SIZE, Combo,
-                   COMBOS, CAPTIONS, World, to_image, build_world, judge, judge_accuracy)
+import weights
+from world import (ATTRIBUTES, CAPTION_REQUESTS, CAPTIONS, COMBOS, IMAGE_SIZE, JITTERS, QUESTIONS, T2I_REQUESTS,
+                   VALUES, World, build_world, judge, judge_accuracy, parse_caption, to_image)
 from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER, Tokenizer, chat_conversation,
-                       chat_prompt, train_bpe, train_tokenizer)
+                       train_tokenizer)
 
-# ======================================================================================================
-# Config dataclasses and the CLI generated from them.  (train-core helper; train-llm adds its own dataclass here)
-# ======================================================================================================
+# === The configs, and the CLI generated from them: every field is a flag. ===========================================
 
 @dataclass
 class ClipStageConfig:
-    """Stage 0: the tiny CLIP (EVA ViT image tower + CLIP text tower), trained contrastively."""
+    """Stage 0: the tiny CLIP (EVA ViT image tower + CLIP text tower), trained contrastively. The image tower and
+    the shared width E (128, in the place of OpenCLIP ViT-H's 1024) are seed.py's tiny preset."""
     steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
-    patch_size: int = 8    # ViT patch (seed.py's tiny preset: 4); 8 gives 16 patches, 4x cheaper on 2 cores
-    text_width: int = 64   # the text tower (the image tower is seed.py's tiny EVA ViT: 4 layers, width 128;
-    text_depth: int = 2    # E = its tiny embed_dim, 128, plays OpenCLIP ViT-H's 1024)
+    text_width: int = 64   # the text tower
+    text_depth: int = 2
 
 
 @dataclass
@@ -130,9 +127,8 @@ class DecoderStageConfig:
 
 @dataclass
 class LLMConfig:
-    """Stages 4-5: SEED-LLaMA, llama.py's `tiny` LLaMA (dim 128, 4 layers, about 1M parameters) with its vocabulary
-    replaced by a BPE vocabulary of the world's text plus one token per code; pretrained on caption <-> image
-    sequences, then instruction-tuned in the official 8B chat template (LoRA, then full fine-tuning)."""
+    """Stages 4-5: SEED-LLaMA, llama.py's `tiny` LLaMA with a BPE vocabulary of the world's text plus one token per
+    code; pretrained on caption <-> image sequences, then instruction-tuned in the official 8B chat template."""
     text_vocab_size: int = 640   # at most this many SentencePiece pieces (3 special + 256 bytes + merges)
     batch_size: int = 32
     pretrain_steps: int = 800
@@ -143,7 +139,7 @@ class LLMConfig:
     lora_alpha: float = 16.0
     lora_lr: float = 5e-3
     lora_embeddings: bool = True  # also train embed_tokens and lm_head in the LoRA phase (PEFT's modules_to_save):
-                                  # the chat template's words were never seen in pretraining
+    #                               the chat template's words were never seen in pretraining
     sft_steps: int = 400
     sft_lr: float = 1e-3
     eval_edits: int = 75         # edit requests judged (text-to-image is judged on all 150 combinations)
@@ -158,9 +154,9 @@ class TrainConfig:
     resume: bool = False
     smoke: bool = False        # a handful of steps per stage: the whole run in well under a minute (tests)
     seed: int = 0
-    device: str = "auto"       # auto = cuda -> mps -> cpu
+    device: str = "auto"       # one of DEVICES
     threads: int = 0           # torch CPU threads per process (0: leave torch's default)
-    no_causal: bool = False    # bidirectional Q-Former, all else equal (the paper's ablation)
+    no_causal: bool = False    # bidirectional Q-Former, all else equal (the paper's ablation; SeedConfig.causal)
     ckpt_every: int = 50       # steps between mid-stage checkpoints
     clip: ClipStageConfig = field(default_factory=ClipStageConfig)
     qformer: QFormerStageConfig = field(default_factory=QFormerStageConfig)
@@ -169,6 +165,7 @@ class TrainConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device; "auto" = cuda -> mps -> cpu
 SMOKE_STEPS = 3  # steps of every stage under --smoke
 
 
@@ -208,13 +205,11 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -
         if dataclasses.is_dataclass(value):
             _add_dataclass_args(parser, value, name + ".")
             continue
-        flags = sorted({"--" + name, "--" + name.replace("_", "-")})
-        comment = f"(default: {value!r})"
+        flags, shown = sorted({"--" + name, "--" + name.replace("_", "-")}), f"(default: {value!r})"
         if isinstance(value, bool):
-            parser.add_argument(*flags, dest=name, type=_parse_bool, nargs="?", const=True, default=value,
-                                help=comment)
+            parser.add_argument(*flags, dest=name, type=_parse_bool, nargs="?", const=True, default=value, help=shown)
         elif isinstance(value, (int, float, str)):
-            parser.add_argument(*flags, dest=name, type=type(value), default=value, help=comment)
+            parser.add_argument(*flags, dest=name, type=type(value), default=value, help=shown)
         else:
             raise TypeError(f"config field {name} has a type the CLI cannot parse: {type(value).__name__}")
 
@@ -239,73 +234,187 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-# ======================================================================================================
-# Stages 0-3: tiny CLIP, Causal Q-Former, codebook, decoder; their metrics.  (train-core helper)
-# ======================================================================================================
+# === Run: what the stages share, and the one training loop (checkpoints, resume, data parallelism). =================
+
+def learning_rate(step: int, steps: int, base: float) -> float:
+    """Linear warm-up over the first 5 % of the steps, then cosine decay to 10 % of the base rate."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Run:
+    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves.
+
+    The stage protocol: a stage is `stage_x(run, prev) -> dict`; `prev` holds what earlier stages returned (trained
+    modules, cached features) and the returned dict is merged into it. A stage builds its modules, then calls
+    `run.train(...)`, which either trains them (resuming from the stage's checkpoint under --resume), or, when the
+    stage is not in --stages, loads its completed checkpoint. Afterwards the stage records its metrics in
+    `run.metrics[stage]`. Only rank 0 writes files.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.rank, self.world_size = 0, 1
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # launched by torchrun
+            dist.init_process_group("nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if cfg.device not in DEVICES:
+            raise ValueError(f"unknown --device {cfg.device!r}: choose {', '.join(DEVICES)}")
+        # under torchrun each process takes the GPU of its local rank
+        self.device = weights.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.selected = {int(s) for s in cfg.stages.split(",") if s.strip()}
+        if not self.selected <= set(range(6)):
+            raise ValueError(f"--stages takes stage numbers 0-5, got {cfg.stages!r}")
+        self.world = build_world()
+        self.metrics: dict[str, dict] = {}
+        self.curves: dict[str, list[float]] = {}
+        self.timings: dict[str, float] = {}
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def seed_everything(self, stage: int) -> None:
+        """Same initial weights for a stage whatever ran before it, on every rank."""
+        torch.manual_seed(self.cfg.seed * 1000 + stage)
+
+    def generator(self, stage: int, step: int) -> torch.Generator:
+        """The randomness of one training step (batch, noise, dropout masks) depends only on (seed, stage, step),
+        identically on every rank. This is what makes a resumed run bit-identical to an uninterrupted one."""
+        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + stage) * 1_000_003 + step)
+
+    def batch(self, pool: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        """This rank's share of a global batch drawn (with replacement) from the index pool."""
+        idx = pool[torch.randint(len(pool), (batch_size,), generator=gen)]
+        return idx[self.rank::self.world_size]
+
+    def sync_grads(self, params: list[nn.Parameter]) -> None:
+        """Data parallelism: average gradients over the ranks (what DDP's bucketed all-reduce computes)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+              steps: int, lr: float, step_fn, after_step=None) -> None:
+        """The training loop of every stage, with checkpoints and resume.
+
+        `step_fn(step, gen) -> loss` computes this rank's loss of one step; `after_step(step, gen)` runs after the
+        optimiser step (EMA, dead-code restarts). The checkpoint `OUT/ckpt/<name>.pt` holds every module in
+        `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
+        the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
+        """
+        path = self.out / "ckpt" / f"{name}.pt"
+        start, curve, seconds, cpu = self.resume_point(stage, name, path, modules, optimizer, steps)
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        t0, c0 = time.time() - seconds, time.process_time() - cpu  # the clocks continue across resumes
+        for step in tqdm(range(start, steps), desc=f"stage {stage} {name}", initial=start, total=steps,
+                         disable=not self.main, mininterval=2.0, dynamic_ncols=True):
+            gen = self.generator(stage, step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps, lr)
+            loss = step_fn(step, gen)
+            self.update(optimizer, params, loss)
+            if after_step is not None:
+                after_step(step, gen)
+            curve.append(loss.item())
+            if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
+                self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0,
+                                     time.process_time() - c0)
+        for module in modules.values():
+            module.eval()
+        self.curves[name] = curve
+        # Wall time of the training loop, and its CPU time (all threads): on a shared machine the CPU time is
+        # close to what the loop takes alone with one thread, the wall time is what it took.
+        self.timings[name] = time.time() - t0 if start < steps else seconds
+        self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
+
+    def update(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> None:
+        """One optimiser step: gradients of this rank's loss, averaged over the ranks, clipped to norm 1."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sync_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    def resume_point(self, stage: int, name: str, path: Path, modules: dict[str, nn.Module],
+                     optimizer: torch.optim.Optimizer, steps: int) -> tuple[int, list[float], float, float]:
+        """(first step, loss curve, wall and CPU seconds so far): a fresh start, or under --resume and for a stage
+        outside --stages (which must then be complete) what its checkpoint holds, `modules` and `optimizer` loaded."""
+        if stage in self.selected and not self.cfg.resume or not path.exists():
+            if stage not in self.selected and steps > 0:
+                raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} "
+                                        f"does not exist: train it first")
+            return 0, [], 0.0, 0.0
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        for key, module in modules.items():
+            module.load_state_dict(state["modules"][key])
+        optimizer.load_state_dict(state["optimizer"])
+        if stage not in self.selected and state["step"] < steps:
+            raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} holds "
+                                    f"{state['step']}/{steps} of its steps: complete it first")
+        return state["step"], state["curve"], state["seconds"], state["cpu_seconds"]
+
+    def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                        curve: list[float], seconds: float, cpu_seconds: float) -> None:
+        """The whole training state of a stage at `step` (rank 0 writes, atomically; every rank waits for it)."""
+        if self.main:
+            state = {"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
+                     "optimizer": optimizer.state_dict(), "curve": curve, "seconds": seconds,
+                     "cpu_seconds": cpu_seconds}
+            weights.atomic_write(path, lambda tmp: torch.save(state, tmp))
+        self.barrier()
+
+    def save_pretrained(self, model: nn.Module, name: str, *extra) -> None:
+        """A component in the native checkpoint format (config.json + model.safetensors, and for the LLM its
+        tokenizer files) under OUT/<name>/."""
+        if self.main:
+            model.save_pretrained(self.out / name, *extra)
+        self.barrier()
+
+
+# === Stages 0-3: the SEED tokenizer (tiny CLIP, Causal Q-Former, codebook) and the unCLIP decoder. ==================
 
 # --- Stage 0: the tiny CLIP -----------------------------------------------------------------------------------------
 
-TEXT_LEN = 10  # token positions of the tiny text towers: bos + a caption of <= 7 words + eos (every word is one token)
+# The tiny text towers read one token per word: the world's words, sorted, then bos, eos and pad. A caption is bos,
+# its 7 words, eos, then padding up to TEXT_LEN positions.
+TEXT_VOCAB = (*sorted({word for caption in CAPTIONS for word in caption.split()}), "<bos>", "<eos>", "<pad>")
+TEXT_IDS = {token: i for i, token in enumerate(TEXT_VOCAB)}
+TEXT_LEN = 10
 
 
-def build_clip_tokenizer(folder: Path, texts) -> "unet.CLIPTokenizer":
-    """Learn a CLIP-format BPE vocabulary on the world's words and write vocab.json / merges.txt /
-    special_tokens_map.json, so that the project's own `unet.CLIPTokenizer` reads it like the official one.
-
-    The layout is CLIP's: the 256 byte symbols, the same with the end-of-word marker `</w>`, then one token per
-    merge, then `<|startoftext|>` / `<|endoftext|>`. Merges are learned as BPE does (most frequent adjacent pair
-    first) until every word of the world is a single token, so encoding with the merges in rank order gives exactly
-    one id per word.
-    """
-    byte_symbols = list(unet._bytes_to_unicode().values())
-    counts: dict[tuple[str, ...], int] = {}
-    for text in texts:
-        for word in text.lower().split():
-            symbols = tuple(word[:-1]) + (word[-1] + "</w>",)
-            counts[symbols] = counts.get(symbols, 0) + 1
-    merges = []
-    while True:
-        pairs: dict[tuple[str, str], int] = {}
-        for symbols, n in counts.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] = pairs.get(pair, 0) + n
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken by the pair itself: deterministic
-        merges.append(best)
-        merged = {}
-        for symbols, n in counts.items():
-            out = tuple(unet.merge_pair(list(symbols), best))
-            merged[out] = merged.get(out, 0) + n
-        counts = merged
-    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
-                                       encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-                                       encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-         "pad_token": "<|endoftext|>"}), encoding="utf-8")
-    return unet.CLIPTokenizer(folder)
-
-
-def tokenize(tokenizer: "unet.CLIPTokenizer", texts) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(texts) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts -> ids (N, TEXT_LEN) = bos, words, eos, padding; and the position of eos (N,), whose feature is the
     text embedding of a causal CLIP text tower (OpenAI/OpenCLIP pool at the eos token)."""
-    rows = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id] for t in texts]
+    rows = [[TEXT_IDS["<bos>"], *(TEXT_IDS[word] for word in text.split()), TEXT_IDS["<eos>"]] for text in texts]
     if max(map(len, rows)) > TEXT_LEN:
         raise ValueError(f"a text is longer than the {TEXT_LEN} positions of the tiny text towers")
-    ids = torch.tensor([r + [tokenizer.pad_id] * (TEXT_LEN - len(r)) for r in rows])
-    return ids, torch.tensor([len(r) - 1 for r in rows])
+    ids = torch.tensor([row + [TEXT_IDS["<pad>"]] * (TEXT_LEN - len(row)) for row in rows])
+    return ids, torch.tensor([len(row) - 1 for row in rows])
 
 
 def to_vit_pixels(images: torch.Tensor) -> torch.Tensor:
-    """World tensors in [-1, 1] -> the ViT input: [0, 1] then CLIP mean/std, as `seed.SeedTokenizer.preprocess`
-    normalises an image (so sample.py can feed the trained tokenizer any PNG)."""
-    mean = torch.tensor(seed.CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(seed.CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    """World tensors in [-1, 1] -> the ViT input: [0, 1], then CLIP's mean/std as `seed.SeedTokenizer.preprocess`
+    normalises an image (so that sample.py can feed the trained tokenizer any PNG)."""
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (seed.CLIP_MEAN, seed.CLIP_STD))
     return ((images + 1) / 2 - mean) / std
 
 
@@ -316,16 +425,16 @@ class TinyCLIP(nn.Module):
     `image_embeds`), which is what the unCLIP decoder draws from; cosine similarity is only used in the loss.
     """
 
-    def __init__(self, cfg: TrainConfig, vocab_size: int):
+    def __init__(self, tower: "seed.SeedConfig", text: ClipStageConfig, vocab_size: int):
         super().__init__()
-        c, cfg = tiny_seed_config(cfg), cfg.clip
-        self.visual = seed.EVAViT(c.image_size, c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp)
+        self.visual = seed.EVAViT(tower.image_size, tower.patch_size, tower.vit_width, tower.vit_depth,
+                                  tower.vit_heads, tower.vit_mlp)
         self.text = unet.CLIPTextEncoder(unet.CLIPTextConfig(
-            vocab_size=vocab_size, context_length=TEXT_LEN, width=cfg.text_width, layers=cfg.text_depth,
-            heads=max(1, cfg.text_width // 32), mlp_width=4 * cfg.text_width))
-        self.visual_norm = nn.LayerNorm(c.vit_width)  # the EVA ViT has no final norm; OpenCLIP's ln_post
-        self.visual_proj = nn.Linear(c.vit_width, c.embed_dim, bias=False)
-        self.text_proj = nn.Linear(cfg.text_width, c.embed_dim, bias=False)
+            vocab_size=vocab_size, context_length=TEXT_LEN, width=text.text_width, layers=text.text_depth,
+            heads=max(1, text.text_width // 32), mlp_width=4 * text.text_width))
+        self.visual_norm = nn.LayerNorm(tower.vit_width)  # the EVA ViT has no final norm; OpenCLIP's ln_post
+        self.visual_proj = nn.Linear(tower.vit_width, tower.embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.text_width, tower.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's learnable temperature
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -337,12 +446,13 @@ class TinyCLIP(nn.Module):
         return self.text_proj(states[torch.arange(len(ids)), eos])   # eos feature -> (B, E)
 
 
-def tiny_seed_config(cfg: TrainConfig, vocab_size: int = 0) -> "seed.SeedConfig":
-    """seed.py's `tiny` preset (ViT, Q-Former, codebook and decoder sizes live there, once) with the ViT patch of
-    --clip.patch-size, --no-causal, and the Q-Former's text branch built for stage 1 when `vocab_size` > 0."""
+def tiny_seed_config(cfg: TrainConfig) -> "seed.SeedConfig":
+    """seed.py's `tiny` preset (ViT, Q-Former, codebook and decoder sizes live there, once) as trained: causal
+    unless --no-causal, with 8x8 ViT patches (16 tokens per image, 4x cheaper than 4x4 on 2 cores) and the
+    Q-Former's text branch (stage 1) on the world's words."""
     c = seed.SeedConfig.preset("tiny")
-    return dataclasses.replace(c, patch_size=cfg.clip.patch_size, causal=not cfg.no_causal,
-                               qformer=dataclasses.replace(c.qformer, text_vocab_size=vocab_size))
+    return dataclasses.replace(c, patch_size=8, causal=not cfg.no_causal,
+                               qformer=dataclasses.replace(c.qformer, text_vocab_size=len(TEXT_VOCAB)))
 
 
 def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor,
@@ -381,13 +491,9 @@ def stage_clip(run: Run, prev: dict) -> dict:
     """Stage 0: the tiny CLIP. Returns the model, the caption ids and the frozen features every later stage uses:
     the ViT tokens (input of the Q-Former) and the image embeddings E (target of stage 2, condition of stage 3)."""
     cfg, world, dev = run.cfg.clip, run.world, run.device
-    tokenizer = build_clip_tokenizer(run.out / "clip", CAPTIONS) if run.main else None
-    run.barrier()
-    tokenizer = tokenizer or unet.CLIPTokenizer(run.out / "clip")
-    ids, eos = tokenize(tokenizer, CAPTIONS)
-    ids, eos = ids.to(dev), eos.to(dev)
+    ids, eos = (t.to(dev) for t in tokenize(CAPTIONS))
     run.seed_everything(0)
-    model = TinyCLIP(run.cfg, len(tokenizer.vocab)).to(dev).train()
+    model = TinyCLIP(tiny_seed_config(run.cfg), cfg, len(TEXT_VOCAB)).to(dev).train()
     pixels, combo = to_vit_pixels(world.images).to(dev), world.combo.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
 
@@ -401,37 +507,25 @@ def stage_clip(run: Run, prev: dict) -> dict:
     model.requires_grad_(False)
     vit_tokens = batched(model.visual, pixels)                # (1350, 1 + N, W): frozen input of the Q-Former
     image_embeds = batched(model.encode_image, pixels)        # (1350, E): the unCLIP image-embedding space
-    caption_emb = model.encode_text(ids, eos)
     test = world.test_idx.to(dev)
-    run.metrics["clip"] = {"caption_acc_test": caption_accuracy(image_embeds[test], caption_emb, combo[test])}
-    return {"clip": model, "clip_tokenizer": tokenizer, "caption_ids": ids, "caption_eos": eos,
-            "vit_tokens": vit_tokens, "image_embeds": image_embeds}
+    acc = caption_accuracy(image_embeds[test], model.encode_text(ids, eos), combo[test])
+    run.metrics["clip"] = {"caption_acc_test": acc}
+    return {"clip": model, "caption_ids": ids, "caption_eos": eos, "vit_tokens": vit_tokens,
+            "image_embeds": image_embeds}
 
 
 # --- Stage 1: the Causal Q-Former ------------------------------------------------------------------------------------
 
-class Temperature(nn.Module):
-    """BLIP-2's learnable ITC temperature (`self.temp`, from 0.07, clamped to [0.001, 0.5] before use)."""
-
-    def __init__(self, value: float):
-        super().__init__()
-        self.temp = nn.Parameter(torch.tensor(value))
-
-    def forward(self) -> torch.Tensor:
-        return self.temp.clamp(0.001, 0.5)
-
-
 def qformer_text_features(tokenizer: "seed.SeedTokenizer", ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """Caption ids -> (N, proj_dim): the projected [CLS] feature of the Q-Former's text branch. [CLS] is the first
-    token (here CLIP's bos id); padding after eos is masked out of the self-attention."""
+    token (here the bos id); padding after eos is masked out of the self-attention."""
     mask = torch.arange(ids.shape[1], device=ids.device)[None, :] <= eos[:, None]   # (N, T): 1 = a real token
-    qf = tokenizer.qformer
-    return qf.text_proj(qf.encode_text(ids, mask)[:, 0])
+    return tokenizer.qformer.text_proj(tokenizer.qformer.encode_text(ids, mask)[:, 0])
 
 
 def last_query_features(tokenizer: "seed.SeedTokenizer", queries: torch.Tensor) -> torch.Tensor:
     """(B, 32, D) query embeddings -> (B, proj_dim): SEED's ITC uses only the last causal query, the one that has
-    seen all the others (official: `image_feats[:, -1, :]` in blip2_qformer_causual.py)."""
+    seen all the others (official: `image_feats[:, -1, :]` in blip2_qformer_casual.py)."""
     return tokenizer.qformer.vision_proj(queries[:, -1])
 
 
@@ -439,14 +533,14 @@ def stage_qformer(run: Run, prev: dict) -> dict:
     """Stage 1: train ln_vision + the Causal Q-Former (and its text branch) with last-query ITC, the ViT frozen.
     Returns the SeedTokenizer (ViT from stage 0) and the causal embeddings of all 1350 images."""
     cfg, world, dev = run.cfg.qformer, run.world, run.device
-    ids, eos = prev["caption_ids"], prev["caption_eos"]
+    ids, eos, vit_tokens, combo = prev["caption_ids"], prev["caption_eos"], prev["vit_tokens"], world.combo.to(dev)
     run.seed_everything(1)
-    tokenizer = seed.SeedTokenizer(tiny_seed_config(run.cfg, len(prev["clip_tokenizer"].vocab)))
+    tokenizer = seed.SeedTokenizer(tiny_seed_config(run.cfg))
     tokenizer.visual_encoder.load_state_dict(prev["clip"].visual.state_dict())  # the frozen "pretrained" ViT
     tokenizer = tokenizer.to(dev).requires_grad_(False)
     trained = nn.ModuleDict({"ln_vision": tokenizer.ln_vision, "qformer": tokenizer.qformer}).requires_grad_(True)
-    temperature = Temperature(cfg.temperature).to(dev)
-    vit_tokens, combo = prev["vit_tokens"], world.combo.to(dev)
+    # BLIP-2's learnable ITC temperature `temp`, from 0.07, clamped to [0.001, 0.5] where it is used
+    temperature = nn.ParameterDict({"temp": nn.Parameter(torch.tensor(cfg.temperature))}).to(dev)
     optimizer = torch.optim.AdamW([*trained.parameters(), *temperature.parameters()], lr=cfg.lr, weight_decay=0.05)
 
     def step(i, gen):
@@ -454,7 +548,8 @@ def stage_qformer(run: Run, prev: dict) -> dict:
         queries = tokenizer.query_embeddings(tokenizer.ln_vision(vit_tokens[idx]))  # (B, 1+N, W) -> (B, 32, D)
         image = last_query_features(tokenizer, queries)
         text = qformer_text_features(tokenizer, ids, eos)                            # all 150 captions
-        return multi_positive_infonce(image, text, combo[idx], 1 / temperature(), cfg.label_smoothing)
+        scale = 1 / temperature["temp"].clamp(0.001, 0.5)
+        return multi_positive_infonce(image, text, combo[idx], scale, cfg.label_smoothing)
 
     run.train(1, "qformer", {"trained": trained, "temperature": temperature}, optimizer, cfg.steps, cfg.lr, step)
     tokenizer.requires_grad_(False)
@@ -503,6 +598,26 @@ def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: tor
     return len(dead)
 
 
+def codebook_metrics(run: Run, prev: dict, recon: nn.Module) -> dict:
+    """Every image's 32 codes, and how good they are (recorded in run.metrics): the caption accuracy of the
+    embeddings rebuilt from the codes, codebook usage and perplexity, and the cosine of the image embedding from
+    the codes to the tiny-CLIP one, on the test images."""
+    tokenizer, queries, targets, dev = prev["tokenizer"], prev["queries"], prev["image_embeds"], run.device
+    test = run.world.test_idx.to(dev)
+    with torch.no_grad():
+        codes = tokenizer.quantize.nearest(tokenizer.to_code_space(queries))            # (1350, 32)
+        rebuilt = tokenizer.from_code_space(tokenizer.quantize.lookup(codes))
+        embeds = tokenizer.image_embedding(rebuilt)                                      # (1350, E)
+        used, perplexity = tokenizer.quantize.usage(codes[run.world.train_idx.to(dev)])
+        code_acc = caption_accuracy(last_query_features(tokenizer, recon(rebuilt[test])), prev["qformer_text"],
+                                    run.world.combo.to(dev)[test])
+        cosine = F.cosine_similarity(embeds[test], targets[test], dim=-1).mean().item()
+    run.metrics["tokenizer"].update({"caption_acc_codes": code_acc, "codebook_usage": used,
+                                     "codebook_perplexity": perplexity, "embedding_cosine": cosine,
+                                     "n_codes": tokenizer.quantize.n_codes})
+    return codes
+
+
 def stage_codebook(run: Run, prev: dict) -> dict:
     """Stage 2: encode_task_layer + VQ + decode_task_layer, the query reconstructor and the image-embedding head,
     Q-Former frozen. Loss (official weights) 5 * VQ + 2 * (1 - cos(rebuilt queries, queries)) + 0.5 * MSE(image
@@ -531,37 +646,19 @@ def stage_codebook(run: Run, prev: dict) -> dict:
 
     def after_step(i, gen):
         # Restarts stop in the last fifth, so that the heads settle on the final codebook.
-        if cfg.restart_every and (i + 1) % cfg.restart_every == 0 and i < 0.8 * run.cfg.codebook.steps:
+        if cfg.restart_every and (i + 1) % cfg.restart_every == 0 and i < 0.8 * cfg.steps:
             with torch.no_grad():
                 restart_dead_codes(tokenizer.quantize, tokenizer.to_code_space(queries[train_idx]).flatten(0, 1), gen)
 
     run.train(2, "codebook", modules, optimizer, cfg.steps, cfg.lr, step, after_step)
     tokenizer.requires_grad_(False)
     recon.requires_grad_(False)
-    with torch.no_grad():
-        codes = tokenizer.quantize.nearest(tokenizer.to_code_space(queries))            # (1350, 32)
-        rebuilt = tokenizer.from_code_space(tokenizer.quantize.lookup(codes))
-        embeds = tokenizer.image_embedding(rebuilt)                                      # (1350, E)
-        test = world.test_idx.to(dev)
-        used, perplexity = tokenizer.quantize.usage(codes[train_idx])
-        code_acc = caption_accuracy(last_query_features(tokenizer, recon(rebuilt[test])), prev["qformer_text"],
-                                    world.combo.to(dev)[test])
-        cosine = F.cosine_similarity(embeds[test], targets[test], dim=-1).mean().item()
-    run.metrics["tokenizer"].update({"caption_acc_codes": code_acc, "codebook_usage": used,
-                                     "codebook_perplexity": perplexity, "embedding_cosine": cosine,
-                                     "n_codes": tokenizer.quantize.n_codes})
+    codes = codebook_metrics(run, prev, recon)
     run.save_pretrained(tokenizer, "seed")
     return {"codes": codes, "recon": recon}
 
 
 # --- Stage 3: the unCLIP decoder in pixel space -----------------------------------------------------------------------
-
-def tiny_decoder_config(embed_dim: int) -> "unet.DecoderConfig":
-    """unet.py's `tiny` decoder preset (pixel space, 3 x 32 x 32, no VAE, no text) for image embeddings of width E:
-    the UNet's class label is the noised embedding ++ the embedding of its noise level, 2E."""
-    c = unet.DecoderConfig.preset("tiny")
-    return dataclasses.replace(c, unet=dataclasses.replace(c.unet, class_embed_dim=2 * embed_dim))
-
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -569,30 +666,74 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p, 1 - decay)
 
 
-def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: DecoderStageConfig, seed: int,
-                      batch_size: int = 50) -> list[Image.Image]:
+def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: DecoderStageConfig,
+                      noise_seed: int, batch_size: int = 50) -> list[Image.Image]:
     """Image embeddings (N, E) -> N images with the project's unCLIP pipeline (PNDM, CFG), in chunks, each chunk
-    seeded from `seed` so that the result does not depend on the chunking of an earlier run."""
+    seeded from `noise_seed` so that the result does not depend on the chunking of an earlier run."""
     images = []
     for i in range(0, len(embeds), batch_size):
         images += decoder(embeds[i:i + batch_size].cpu(), steps=cfg.sample_steps, guidance_scale=cfg.guidance,
-                          noise_level=cfg.noise_level, seed=seed + i)
+                          noise_level=cfg.noise_level, seed=noise_seed + i)
     return images
+
+
+def high_noise_timesteps(batch: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch,) diffusion times in [0, T) with density proportional to 1/sqrt(T - t): about a third at t >= 0.9 T.
+    Only at high noise does the image embedding decide the layout (below that x_t already shows it); drawn
+    uniformly, too few steps train the condition for this tiny UNet to learn where the object goes."""
+    return T - 1 - (T * torch.rand(batch, generator=gen) ** 2).long()
+
+
+def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.Tensor, cfg: DecoderStageConfig,
+                 alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The v-prediction loss of one batch of images x0 (B, 3, 32, 32) with their image embeddings (B, E).
+
+    The condition is the unCLIP class label: the embedding noised at a level drawn in [0, --decoder.train-noise-level]
+    ++ the embedding of that level (2E), zeroed as a whole with probability --decoder.cond-drop, so that the same
+    UNet also predicts unconditionally (classifier-free guidance)."""
+    B, dev = len(x0), x0.device
+    t = high_noise_timesteps(B, len(alphas_cumprod), gen).to(dev)
+    noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
+    level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
+    label = decoder.noise_augmentation.noise_image_embeddings(
+        embeds, level, noise=torch.randn(B, embeds.shape[1], generator=gen).to(dev))     # (B, 2E)
+    keep = (torch.rand(B, 1, generator=gen) >= cfg.cond_drop).to(dev)
+    v = decoder.unet(unet.add_noise(x0, noise, t, alphas_cumprod), t, None, label * keep)
+    return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
+
+
+def evaluate_reconstructions(run: Run, prev: dict, decoder: "unet.UnCLIPDecoder") -> list:
+    """image -> 32 codes -> embedding -> UNet -> image on the test images (the first test jitter of each
+    combination), judged by world.judge; returns [(image index, reconstruction)]."""
+    cfg, world = run.cfg.decoder, run.world
+    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
+    with torch.no_grad():
+        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
+    t0 = time.time()
+    recon = decode_embeddings(decoder, rebuilt, cfg, noise_seed=run.cfg.seed)
+    run.timings["decoder_eval"] = time.time() - t0
+    truth = [COMBOS[int(world.combo[i])] for i in test]
+    run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
+    run.metrics["decoder"]["n_images"] = len(test)
+    return list(zip(test, recon))
 
 
 def stage_decoder(run: Run, prev: dict) -> dict:
     """Stage 3: the unCLIP UNet in pixel space on tiny-CLIP image embeddings of real (train) images.
 
     As SD-2.1-unclip was trained: v-prediction on SD's scaled-linear schedule (the one the PNDM sampler of
-    unet.py assumes); the condition is the unCLIP class label = noise-augmented embedding ++ the embedding of the
-    noise level (levels drawn in [0, --decoder.train-noise-level]); the whole label is zeroed with probability
-    --decoder.cond-drop (classifier-free guidance); an EMA of the weights is what gets saved and sampled.
+    unet.py assumes), conditioned through the noise-augmented class label (`decoder_loss`); an EMA of the weights
+    is what gets saved and sampled.
     """
     cfg, world, dev = run.cfg.decoder, run.world, run.device
     embeds = prev["image_embeds"]
     train_idx = world.train_idx.to(dev)
     run.seed_everything(3)
-    decoder = unet.UnCLIPDecoder(tiny_decoder_config(embeds.shape[1])).to(dev)
+    config = unet.DecoderConfig.preset("tiny")  # pixel space, 3 x 32 x 32, no VAE, no text
+    if config.embed_dim != embeds.shape[1]:
+        raise ValueError(f"unet.py's tiny decoder takes image embeddings of width {config.embed_dim} (its class label "
+                         f"is 2E), the tiny CLIP makes them {embeds.shape[1]} wide")
+    decoder = unet.UnCLIPDecoder(config).to(dev)
     # The unCLIP image normaliser (official image_normalizer: mean/std of the CLIP embeddings) from the train images.
     decoder.noise_augmentation.mean.data.copy_(embeds[train_idx].mean(0, keepdim=True))
     decoder.noise_augmentation.std.data.copy_(embeds[train_idx].std(0, keepdim=True))
@@ -605,22 +746,8 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def step(i, gen):
-        idx = run.batch(world.train_idx, cfg.batch_size, gen)
-        B = len(idx)
-        # t with density proportional to 1/sqrt(T - t): about a third of each batch at t >= 0.9 T. Only at high
-        # noise does the image embedding decide the layout (below that x_t already shows it); with uniform t this
-        # tiny UNet never learns to place the object (judged position 0.29 -> 0.96 from the same embeddings).
-        T = len(alphas_cumprod)
-        t = (T - 1 - (T * torch.rand(B, generator=gen) ** 2).long()).to(dev)
-        noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
-        x0 = images[idx.to(dev)]
-        level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
-        label = decoder.noise_augmentation.noise_image_embeddings(
-            embeds[idx.to(dev)], level, noise=torch.randn(B, embeds.shape[1], generator=gen).to(dev))
-        keep = (torch.rand(B, 1, generator=gen) >= cfg.cond_drop).to(dev)
-        label = label * keep                                  # dropped: zeros over the whole 2E label
-        v = model(unet.add_noise(x0, noise, t, alphas_cumprod), t, None, label)
-        return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
+        idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
+        return decoder_loss(decoder, images[idx], embeds[idx], cfg, alphas_cumprod, gen)
 
     def after_step(i, gen):
         update_ema(ema, model, min(cfg.ema, (1 + i) / (10 + i)))  # EMA warm-up: average early weights less
@@ -629,33 +756,13 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     decoder.unet = ema  # sample and save the averaged weights
     decoder.requires_grad_(False).eval()
     run.save_pretrained(decoder, "decoder")
-    # Reconstruction: image -> 32 codes -> embedding -> UNet -> image, on the test images (first test jitter of
-    # each combination), judged by the pixel heuristic.
-    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
-    with torch.no_grad():
-        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
-    t0 = time.time()
-    recon = decode_embeddings(decoder, rebuilt, cfg, seed=run.cfg.seed)
-    run.timings["decoder_eval"] = time.time() - t0
-    truth = [COMBOS[int(world.combo[i])] for i in test]
-    run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
-    run.metrics["decoder"]["n_images"] = len(test)
-    return {"decoder": decoder, "reconstructions": list(zip(test, recon))}
+    return {"decoder": decoder, "reconstructions": evaluate_reconstructions(run, prev, decoder)}
 
 
-# ======================================================================================================
-# Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full); LLM metrics.  (train-llm helper)
-# ======================================================================================================
+# === Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full fine-tuning). =======================
 
-# --- Sequences: pretraining pairs and instruction chats, encoded with the real tokenizer ---------------------------
+# --- Stage 4: the LLM's sequences (pretraining pairs, instruction chats) and pretraining ----------------------------
 
-# The instruction data. The four VQA questions and the edit instructions are SHAPES_WORLD.md's (QUESTIONS,
-# Combo.edit); the request templates are paraphrases, so the model learns the task and not one sentence. The first
-# template of each list is the one the evaluation asks with.
-CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "write a short caption for this image.")
-T2I_REQUESTS = ("draw {}.", "can you generate an image of {}?", "please make a picture of {}.", "show me {}.")
-ATTRIBUTES = ("shape", "colour", "size", "position")
-VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
 EOS = "</s>"  # every assistant turn ends with it (Vicuna v1.1's sep2); generation stops on it
 IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
 
@@ -663,30 +770,27 @@ IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
 class SequenceBuilder:
     """Token ids and loss labels of the LLM's sequences, encoded by the project's `Tokenizer`.
 
-    Text is written with `<image>` placeholders (chat_conversation's), and `images` gives the 32 codes of
-    each. Encoding goes through `Tokenizer.encode` on the text with every placeholder replaced by an empty span
-    `<img></img>`, then the codes are spliced in after each `<img>`: this equals encoding the full text (the
-    4.30.2 split strips the same whitespace around `<img>`/`</img>` with or without codes between them; a test
-    checks it), and the text part is cached, so building a batch costs almost nothing.
+    Text is written with `<image>` placeholders, and `images` gives the 32 codes of each. The text is encoded with
+    every placeholder as an empty span `<img></img>`, then the codes are spliced in after each `<img>`: this equals
+    encoding the full text (the split strips the same whitespace around `<img>`/`</img>` with or without codes
+    between them; a test checks it), and the text part is cached, so building a batch costs almost nothing.
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tok, self.iv = tokenizer, tokenizer.image_vocab
+        self.tok, self.image_vocab = tokenizer, tokenizer.image_vocab
         self._cache: dict[str, list[int]] = {}
 
     def encode(self, text: str, images) -> list[int]:
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = self._cache[text] = self.tok.encode(text.replace(IMAGE_PLACEHOLDER,
-                                                                   BOI_TOKEN + EOI_TOKEN))
-        if ids.count(self.iv.boi_id) != len(images):
-            raise ValueError(f"{text!r} holds {ids.count(self.iv.boi_id)} images but {len(images)} were given")
-        out, k = [], 0
+        if text not in self._cache:
+            self._cache[text] = self.tok.encode(text.replace(IMAGE_PLACEHOLDER, BOI_TOKEN + EOI_TOKEN))
+        ids, boi = self._cache[text], self.image_vocab.boi_id
+        if ids.count(boi) != len(images):
+            raise ValueError(f"{text!r} holds {ids.count(boi)} images but {len(images)} were given")
+        out, codes = [], iter(images)
         for i in ids:
             out.append(i)
-            if i == self.iv.boi_id:
-                out += [self.iv.code_offset + int(c) for c in images[k]]
-                k += 1
+            if i == boi:
+                out += [self.image_vocab.code_offset + int(c) for c in next(codes)]
         return out
 
     def plain(self, text: str, images) -> tuple[list[int], list[int]]:
@@ -698,7 +802,7 @@ class SequenceBuilder:
         """A conversation [(user, assistant), ...] in the official 8B template; the loss sees only the assistant
         turns (each reply and its `</s>`), every prompt token is labelled IGNORE.
 
-        Turn k's prompt is `chat_prompt` of the messages so far (it ends in "ASSISTANT:"); the reply follows
+        Turn k's prompt is `chat_conversation` of the messages so far (it ends in "ASSISTANT:"); the reply follows
         after one space, and the next turn's prompt continues that text. The ids of each prefix must be a prefix
         of the ids of the whole, which holds for this tokenizer (pieces never cross a space; an added token splits
         the text) and is checked, so a mask can never be off by a token.
@@ -735,9 +839,9 @@ def lm_loss(model: llama.Llama, ids: torch.Tensor, labels: torch.Tensor) -> torc
 class LLMData:
     """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2).
 
-    Held-out compositions (HELD_OUT_PAIRS) are never the image the model is asked to draw: not in a caption ->
-    image sequence, not as a text-to-image reply, not as an edit target (also inside multi-turn chats). They do
-    appear as inputs: image -> caption, captioning, VQA, and as the source image of an edit.
+    A held-out composition (world.HELD_OUT_PAIRS) is never an image the model learns to draw: not in a caption ->
+    image sequence, a text-to-image reply or an edit target (multi-turn chats included). It is read as an input:
+    image -> caption, captioning, VQA, and the source image of an edit.
     """
 
     def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder):
@@ -772,50 +876,33 @@ class LLMData:
     def t2i_turn(self, rng, i):
         return rng.choice(T2I_REQUESTS).format(self.combos[i].caption), IMAGE_PLACEHOLDER, [self.codes[i]]
 
-    def edit_target(self, rng, i) -> tuple[str, int] | None:
-        """A random edit of image i whose target is drawable (not held out): (instruction, target image), keeping
-        the jitter when the target with that jitter is a train image, else a random train jitter of it."""
-        attribute = rng.choice(ATTRIBUTES)
-        value = rng.choice([v for v in VALUES[attribute] if v != getattr(self.combos[i], attribute)])
-        instruction, target = self.combos[i].edit(attribute, value)
-        if target.held_out:
-            return None
-        c = COMBOS.index(target)
-        j = self.world.jitter[i].item()
+    def edit_turn(self, rng, i, with_image=True):
+        """A random edit of image i whose target is drawable (not held out), keeping the jitter when the target
+        with that jitter is a train image, else a random train jitter of it."""
+        while (target := self.combos[i].random_edit(rng))[1].held_out:
+            pass
+        instruction, c, j = target[0], COMBOS.index(target[1]), self.world.jitter[i].item()
         t = self.image_of[c, j]
         if t not in self.is_train:
             t = self.image_of[c, rng.choice([j for j in range(len(JITTERS)) if self.image_of[c, j] in self.is_train])]
-        return instruction, t
-
-    def edit_turn(self, rng, i, with_image=True):
-        while (edit := self.edit_target(rng, i)) is None:
-            pass
-        instruction, t = edit
         user = (IMAGE_PLACEHOLDER if with_image else "") + instruction
-        return user, IMAGE_PLACEHOLDER, ([self.codes[i]] if with_image else []) + [self.codes[t]], t
+        return user, IMAGE_PLACEHOLDER, ([self.codes[i]] if with_image else []) + [self.codes[t]]
 
     def instruct(self, rng: random.Random) -> tuple[list[int], list[int]]:
-        """One instruction-tuning chat: captioning, VQA, text-to-image, an edit, or a two-turn conversation."""
+        """One instruction-tuning chat: captioning, VQA, text-to-image, an edit, or a two-turn conversation about
+        one image (draw it, then edit what was drawn; or describe it, then answer a question about it)."""
         task = rng.choice(("caption", "vqa", "t2i", "edit", "chat"))
-        if task in ("caption", "vqa"):
-            user, reply, images = getattr(self, task + "_turn")(rng, rng.choice(self.train))
+        if task != "chat":
+            pool = self.train_drawable if task == "t2i" else self.train
+            user, reply, images = getattr(self, task + "_turn")(rng, rng.choice(pool))
             return self.builder.chat([(user, reply)], images)
-        if task == "t2i":
-            user, reply, images = self.t2i_turn(rng, rng.choice(self.train_drawable))
-            return self.builder.chat([(user, reply)], images)
-        if task == "edit":
-            user, reply, images, _ = self.edit_turn(rng, rng.choice(self.train))
-            return self.builder.chat([(user, reply)], images)
-        # two turns about the same image: draw it then edit what was drawn; or describe it then answer about it
         if rng.random() < 0.5:
             i = rng.choice(self.train_drawable)
-            user1, reply1, images1 = self.t2i_turn(rng, i)
-            user2, reply2, images2, _ = self.edit_turn(rng, i, with_image=False)
+            first, second = self.t2i_turn(rng, i), self.edit_turn(rng, i, with_image=False)
         else:
             i = rng.choice(self.train)
-            user1, reply1, images1 = self.caption_turn(rng, i)
-            user2, reply2, images2 = self.vqa_turn(rng, i, with_image=False)
-        return self.builder.chat([(user1, reply1), (user2, reply2)], images1 + images2)
+            first, second = self.caption_turn(rng, i), self.vqa_turn(rng, i, with_image=False)
+        return self.builder.chat([first[:2], second[:2]], first[2] + second[2])
 
 
 def llm_corpus() -> list[str]:
@@ -833,8 +920,6 @@ def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenize
     return train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
 
 
-# --- Stages 4 and 5 -------------------------------------------------------------------------------------------------
-
 def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, lr: float, batch_size: int,
               sample, pad_id: int, step_offset: int = 0) -> None:
     """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`,
@@ -851,6 +936,29 @@ def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, l
     model.train()
     run.train(stage, name, {"llm": model}, optimizer, steps, lr, step)
 
+
+def stage_llm_pretrain(run: Run, prev: dict) -> dict:
+    """Stage 4: the tokenizer (BPE on the world's text + the image tokens), then SEED-LLaMA pretraining: a tiny
+    llama.Llama from scratch on caption -> image and image -> caption sequences, with the codes of stages 0-2."""
+    cfg, folder = run.cfg.llm, run.out / "llama"
+    tokenizer = build_llm_tokenizer(folder, prev["tokenizer"].quantize.n_codes, cfg.text_vocab_size) \
+        if run.main else None
+    run.barrier()
+    tokenizer = tokenizer or Tokenizer(folder)
+    data = LLMData(run.world, prev["codes"], SequenceBuilder(tokenizer))
+    run.seed_everything(4)
+    # llama.py's `tiny` preset, with this tokenizer's vocabulary
+    model = llama.Llama(dataclasses.replace(llama.LlamaConfig.preset("tiny"), vocab_size=len(tokenizer)))
+    model = model.to(run.device)
+    train_llm(run, 4, "llm_pretrain", model, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size,
+              lambda rng: data.pretrain(rng, cfg.reverse_ratio), tokenizer.pad_id)
+    model.eval()
+    run.metrics["llm"] = {"params": sum(p.numel() for p in model.parameters()), "vocab_text": len(tokenizer.sp),
+                          "vocab": len(tokenizer)}
+    return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
+
+
+# --- Stage 5: instruction tuning, LoRA then full fine-tuning -------------------------------------------------------
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) * B A x (LoRA, Hu et al. 2021,
@@ -894,29 +1002,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def stage_llm_pretrain(run: Run, prev: dict) -> dict:
-    """Stage 4: the tokenizer (BPE on the world's text + the image tokens), then SEED-LLaMA pretraining: a tiny
-    llama.Llama from scratch on caption -> image and image -> caption sequences, with the codes of stages 0-2."""
-    cfg, dev = run.cfg.llm, run.device
-    n_codes = prev["tokenizer"].quantize.n_codes
-    folder = run.out / "llama"
-    tokenizer = build_llm_tokenizer(folder, n_codes, cfg.text_vocab_size) if run.main else None
-    run.barrier()
-    tokenizer = tokenizer or Tokenizer(folder)
-    builder = SequenceBuilder(tokenizer)
-    data = LLMData(run.world, prev["codes"], builder)
-    run.seed_everything(4)
-    # llama.py's `tiny` preset (its sizes live there, once), with this tokenizer's vocabulary
-    config = dataclasses.replace(llama.LlamaConfig.preset("tiny"), vocab_size=len(tokenizer))
-    model = llama.Llama(config).to(dev)
-    train_llm(run, 4, "llm_pretrain", model, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size,
-              lambda rng: data.pretrain(rng, cfg.reverse_ratio), tokenizer.pad_id)
-    model.eval()
-    run.metrics["llm"] = {"params": sum(p.numel() for p in model.parameters()), "vocab_text": len(tokenizer.sp),
-                          "vocab": len(tokenizer)}
-    return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
-
-
 def stage_llm_instruct(run: Run, prev: dict) -> dict:
     """Stage 5: instruction tuning in the official 8B chat template, prompt masked: LoRA on the pretrained model
     (merged at the end), then full fine-tuning; then the LLM metrics, and the model saved to OUT/llama."""
@@ -932,9 +1017,7 @@ def stage_llm_instruct(run: Run, prev: dict) -> dict:
     train_llm(run, 5, "llm_sft", model, cfg.sft_steps, cfg.sft_lr, cfg.batch_size, data.instruct, pad_id,
               step_offset=cfg.lora_steps)
     model.eval().requires_grad_(False)
-    if run.main:
-        model.save_pretrained(run.out / "llama", prev["llm_tokenizer"])
-    run.barrier()
+    run.save_pretrained(model, "llama", prev["llm_tokenizer"])
     if not run.main:  # the evaluation is deterministic: one process runs it and writes the reports
         return {"llm": model}
     t0 = time.time()
@@ -943,7 +1026,7 @@ def stage_llm_instruct(run: Run, prev: dict) -> dict:
     return {"llm": model, "llm_eval": evaluation}
 
 
-# --- LLM metrics --------------------------------------------------------------------------------------------------
+# === Evaluation of the LLM: captioning, VQA, text-to-image and edits, judged on the pixels of the decoded images. ===
 
 def generate_batched(model: llama.Llama, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
                      batch_size: int = 128) -> list[list[int]]:
@@ -970,123 +1053,128 @@ def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
     return images[0] if images else None
 
 
-def parse_caption(text: str) -> dict[str, str | None]:
-    """Attributes named in a generated caption (None where the caption does not follow the world's grammar)."""
-    words = {a: "|".join(re.escape(v) for v in VALUES[a]) for a in ("shape", "colour", "size")}
-    places = "|".join(re.escape(p) for p in PLACES.values())
-    m = re.fullmatch(f"a ({words['size']}) ({words['colour']}) ({words['shape']}) ({places})", text)
-    if m is None:
-        return dict.fromkeys(ATTRIBUTES)
-    place = {p: k for k, p in PLACES.items()}[m.group(4)]
-    return {"size": m.group(1), "colour": m.group(2), "shape": m.group(3), "position": place}
-
-
 @torch.no_grad()
 def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id: int, device) -> float:
     """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies: how well
     the LLM models the codes of real images given their caption, the quantity behind the paper's causal vs
     bidirectional comparison."""
-    iv, total, count = data.builder.iv, 0.0, 0
+    vocab, total, count = data.builder.image_vocab, 0.0, 0
     for k in range(0, len(images), 64):
         rows = [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), IMAGE_PLACEHOLDER)],
                                   [data.codes[i]]) for i in images[k:k + 64]]
         ids, labels = collate(rows, pad_id, device)
         target = labels[:, 1:]
-        image_tok = ((target >= iv.code_offset) & (target < iv.code_offset + iv.n_codes)) | (target == iv.eoi_id)
-        logits = model(ids[:, :-1]).float()
-        losses = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
-        total += losses[image_tok].sum().item()
-        count += int(image_tok.sum())
+        is_image = ((target >= vocab.code_offset) & (target < vocab.code_offset + vocab.n_codes)) \
+            | (target == vocab.eoi_id)
+        losses = F.cross_entropy(model(ids[:, :-1]).float().transpose(1, 2), target.clamp(min=0),
+                                 reduction="none")                                        # (B, T-1)
+        total += losses[is_image].sum().item()
+        count += int(is_image.sum())
     return total / max(count, 1)
 
 
-def attribute_scores(records: list[dict], prefix: str) -> dict[str, float]:
-    """Per-attribute and all-attributes accuracy of judged records ({"target": Combo, "judged": dict|None})."""
-    n = max(len(records), 1)
-    scores = {}
-    for a in ATTRIBUTES:
-        scores[f"{prefix}_{a}"] = sum(r["judged"] is not None and r["judged"][a] == getattr(r["target"], a)
-                                      for r in records) / n
-    scores[f"{prefix}_all"] = sum(r["correct"] for r in records) / n
-    scores[f"{prefix}_n"] = len(records)
-    return scores
+def ask(builder: SequenceBuilder, user: str, images=()) -> list[int]:
+    """The ids of a one-turn chat prompt (it ends in "ASSISTANT:"), the images spliced in."""
+    return builder.encode("<s>" + chat_conversation([user]), list(images))
 
 
-def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
-    """The LLM metrics of SHAPES_WORLD.md on the test images and on all 150 prompts; generated images are drawn
-    by the trained pipeline (codes -> SeedTokenizer.embed -> UnCLIPDecoder) and judged by `judge`.
-    Returns the records of every generation (prompt, target, codes, image, verdict) for the reports."""
-    tok, data, world, dev = prev["llm_tokenizer"], prev["llm_data"], run.world, run.device
-    builder, limit = data.builder, 8 if run.cfg.smoke else None
-    test = world.test_idx.tolist()[:limit]
-    one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
-
-    def prompt(user: str, images=()) -> list[int]:
-        return builder.encode("<s>" + chat_conversation([user]), list(images))
-
-    metrics: dict = {}
-    # Captioning and VQA on the held-out test images (every combination, two jitters each).
-    out = generate_batched(model, tok, [prompt(IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
+def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[int]) -> tuple[dict, list[str]]:
+    """Captioning (exact, and per attribute as parse_caption reads it) and VQA on the test images; returns the
+    metrics and the generated captions."""
+    out = generate_batched(model, tok, [ask(data.builder, IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
                                         for i in test], 16)
     captions = [reply_text(tok, o) for o in out]
-    metrics["caption_exact"] = sum(c == data.combos[i].caption for c, i in zip(captions, test)) / len(test)
+    metrics = {"caption_exact": sum(c == data.combos[i].caption for c, i in zip(captions, test)) / len(test)}
     for a in ATTRIBUTES:
         metrics[f"caption_{a}"] = sum(parse_caption(c)[a] == getattr(data.combos[i], a)
                                       for c, i in zip(captions, test)) / len(test)
     questions = [(i, a) for i in test for a in ATTRIBUTES]
-    out = generate_batched(model, tok, [prompt(IMAGE_PLACEHOLDER + QUESTIONS[a], [data.codes[i]])
+    out = generate_batched(model, tok, [ask(data.builder, IMAGE_PLACEHOLDER + QUESTIONS[a], [data.codes[i]])
                                         for i, a in questions], 8)
     metrics["vqa_acc"] = sum(reply_text(tok, o) == data.combos[i].answer(a) for o, (i, a) in zip(out, questions)) \
         / len(questions)
-    # Text-to-image: one request per combination (held-out pairs included: never drawn in training).
+    return metrics, captions
+
+
+def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
+    """What the LLM is asked to draw: one text-to-image request per combination (held-out pairs included: never
+    drawn in training), then a random edit of test images of evenly spread combinations (the target may be held
+    out). Each a record {"task", "target", "prompt", "images" (input codes), "source" (edits)}."""
     records = [{"task": "t2i", "target": COMBOS[c], "images": [],
                 "prompt": T2I_REQUESTS[0].format(COMBOS[c].caption)} for c in range(len(COMBOS))][:limit]
-    # Edits: a random instruction on test images of evenly spread combinations; the target may be held out.
+    one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
     rng = random.Random(run.cfg.seed)
     n_edits = min(run.cfg.llm.eval_edits, len(one_per_combo))
     for i in one_per_combo[::len(one_per_combo) // n_edits][:n_edits]:
-        attribute = rng.choice(ATTRIBUTES)
-        value = rng.choice([v for v in VALUES[attribute] if v != getattr(data.combos[i], attribute)])
-        instruction, target = data.combos[i].edit(attribute, value)
+        instruction, target = data.combos[i].random_edit(rng)
         records.append({"task": "edit", "target": target, "prompt": instruction, "source": i,
                         "images": [data.codes[i]]})
-    out = generate_batched(model, tok, [prompt((IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
-                                               r["images"]) for r in records], CODES_PER_IMAGE + 8)
+    return records
+
+
+def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict]) -> None:
+    """Generate every request's reply and add to its record the codes of its image span ("codes": None unless
+    valid), the decoded image ("image"), the judge's verdict ("judged", "correct") and the combination of the real
+    image nearest to it ("nearest")."""
+    tok, data = prev["llm_tokenizer"], prev["llm_data"]
+    out = generate_batched(model, tok, [ask(data.builder, (IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
+                                            r["images"]) for r in records], CODES_PER_IMAGE + 8)
     for r, o in zip(records, out):
         r["codes"] = reply_image(tok, o)
     valid = [r for r in records if r["codes"] is not None]
-    metrics["valid_spans"] = f"{len(valid)}/{len(records)}"
-    metrics["valid_span_rate"] = len(valid) / len(records)
     if valid:
-        embeds = prev["tokenizer"].embed(torch.tensor([r["codes"] for r in valid], device=dev))
+        embeds = prev["tokenizer"].embed(torch.tensor([r["codes"] for r in valid], device=run.device))
         # A decoder-free diagnostic of the LLM alone: the combination of the real image whose embedding (from its
         # own codes) is nearest in cosine to the generated one. Not the metric (that is the judged image below).
         real = F.normalize(prev["tokenizer"].embed(prev["codes"]), dim=-1)                # (1350, E)
         nearest = (F.normalize(embeds, dim=-1) @ real.t()).argmax(1).tolist()
         for r, n in zip(valid, nearest):
             r["nearest"] = data.combos[n]
-        for r, image in zip(valid, decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, seed=run.cfg.seed)):
+        images = decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, noise_seed=run.cfg.seed)
+        for r, image in zip(valid, images):
             r["image"] = image
     for r in records:
         r["judged"] = judge(r["image"]) if "image" in r else None
         r["correct"] = r["judged"] is not None and all(r["judged"][a] == getattr(r["target"], a) for a in ATTRIBUTES)
+
+
+def image_scores(records: list[dict]) -> dict:
+    """The rate of valid image spans, and per task (t2i, edit) and part (held-in, held-out) the judged accuracy,
+    per attribute and of all four, and the decoder-free accuracy of the nearest real image."""
+    valid = sum(r["codes"] is not None for r in records)
+    metrics = {"valid_spans": f"{valid}/{len(records)}", "valid_span_rate": valid / len(records)}
     for task in ("t2i", "edit"):
         for part, held_out in (("heldin", False), ("heldout", True)):
             chosen = [r for r in records if r["task"] == task and r["target"].held_out == held_out]
-            metrics.update(attribute_scores(chosen, f"{task}_{part}"))
-            metrics[f"{task}_{part}_nearest_all"] = sum(r.get("nearest") == r["target"] for r in chosen) \
-                / max(len(chosen), 1)
+            n, prefix = max(len(chosen), 1), f"{task}_{part}"
+            for a in ATTRIBUTES:
+                metrics[f"{prefix}_{a}"] = sum(r["judged"] is not None and r["judged"][a] == getattr(r["target"], a)
+                                               for r in chosen) / n
+            metrics[f"{prefix}_all"] = sum(r["correct"] for r in chosen) / n
+            metrics[f"{prefix}_n"] = len(chosen)
+            metrics[f"{prefix}_nearest_all"] = sum(r.get("nearest") == r["target"] for r in chosen) / n
+    return metrics
+
+
+def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
+    """The LLM metrics on the test images and on all 150 prompts; generated images are drawn by the trained
+    pipeline (codes -> SeedTokenizer.embed -> UnCLIPDecoder) and judged by world.judge. Returns the records of
+    every generation (prompt, target, codes, image, verdict) and the captions, for the reports."""
+    data, limit = prev["llm_data"], 8 if run.cfg.smoke else None
+    test = run.world.test_idx.tolist()[:limit]  # every combination, two jitters each
+    metrics, captions = evaluate_text(model, prev["llm_tokenizer"], data, test)
+    records = image_requests(run, data, limit)
+    draw_requests(run, prev, model, records)
+    metrics.update(image_scores(records))
     held_in_test = [i for i in test if not data.combos[i].held_out]
-    metrics["image_code_loss"] = image_code_loss(model, data, held_in_test, tok.pad_id, dev)
+    metrics["image_code_loss"] = image_code_loss(model, data, held_in_test, prev["llm_tokenizer"].pad_id, run.device)
     run.metrics.setdefault("llm", {}).update(metrics)
     return {"records": records, "captions": dict(zip(test, captions))}
 
 
-# ======================================================================================================
-# Reports: metrics.json, results table, samples.png, curves.png, codes.png, eval images.  (train-llm helper)
-# ======================================================================================================
+# === Reports: metrics.json, the results table, samples.png, curves.png, codes.png, the evaluation images. ===========
 
-# The targets of issue 6 / SHAPES_WORLD.md that the results table checks: (group, metric) -> minimum.
+# The level at which a stage has learned its task, checked by the results table: (group, metric) -> minimum.
 TARGETS = {("clip", "caption_acc_test"): 0.95, ("tokenizer", "caption_acc_continuous"): 0.95,
            ("tokenizer", "caption_acc_codes"): 0.90, ("tokenizer", "codebook_usage"): 0.50,
            ("decoder", "recon_all"): 0.85, ("llm", "caption_exact"): 0.90, ("llm", "vqa_acc"): 0.90,
@@ -1140,7 +1228,7 @@ def save_eval_images(run: Run, records: list[dict]) -> None:
                       "target": dataclasses.asdict(r["target"]), "held_out": r["target"].held_out,
                       "codes": r["codes"], "judged": r["judged"], "correct": r["correct"],
                       "nearest_real": dataclasses.asdict(r["nearest"]) if "nearest" in r else None})
-    (folder / "index.json").write_text(json.dumps(index, indent=1))
+    weights.write_json(folder / "index.json", index)
 
 
 def draw_samples(run: Run, outputs: dict) -> Image.Image:
@@ -1236,7 +1324,7 @@ def draw_codes(run: Run, codes: torch.Tensor, n_codes: int) -> Image.Image:
 
 
 def results_table(run: Run) -> str:
-    """The table printed at the end: every metric, with the issue's target where there is one."""
+    """The table printed at the end: every metric, with its target where there is one (TARGETS)."""
     lines = [f"{'metric':<34} {'value':>10}  target", "-" * 56]
     for group, values in run.metrics.items():
         for name, value in values.items():
@@ -1269,180 +1357,8 @@ def write_reports(run: Run, outputs: dict) -> None:
         draw_curves(run.curves).save(run.out / "curves.png")
     report = {"metrics": run.metrics, "timings_s": run.timings, "machine": machine_info(run),
               "config": dataclasses.asdict(run.cfg)}
-    tmp = run.out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, run.out / "metrics.json")
+    weights.write_json(run.out / "metrics.json", report)
     print(results_table(run))
-
-
-# ======================================================================================================
-# Orchestration: checkpoints, resume, DDP, main().  (train-core helper)
-# ======================================================================================================
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" = cuda -> mps -> cpu; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    if name not in ("cpu", "mps"):
-        raise ValueError(f"unknown --device {name!r}: choose auto, cuda, mps or cpu")
-    return torch.device(name)
-
-
-def lr_at(step: int, steps: int, base: float) -> float:
-    """Linear warm-up over the first 5 % of the steps, then cosine decay to 10 % of the base rate."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then os.replace: a checkpoint on disk is always whole, even after a kill."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class Run:
-    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves.
-
-    The stage protocol: a stage is `stage_x(run, prev) -> dict`; `prev` holds what earlier stages returned (trained
-    modules, cached features) and the returned dict is merged into it. A stage builds its modules, then calls
-    `run.train(...)`, which either trains them (resuming from the stage's checkpoint under --resume), or, when the
-    stage is not in --stages, loads its completed checkpoint. Afterwards the stage records its metrics in
-    `run.metrics[stage]`. Only rank 0 writes files.
-    """
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.rank, self.world_size = 0, 1
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # launched by torchrun
-            backend = "nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = pick_device(cfg.device, local_rank)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.selected = {int(s) for s in cfg.stages.split(",") if s.strip()}
-        if not self.selected <= set(range(6)):
-            raise ValueError(f"--stages takes stage numbers 0-5, got {cfg.stages!r}")
-        self.world = build_world()
-        self.metrics: dict[str, dict] = {}
-        self.curves: dict[str, list[float]] = {}
-        self.timings: dict[str, float] = {}
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def seed_everything(self, stage: int) -> None:
-        """Same initial weights for a stage whatever ran before it, on every rank."""
-        torch.manual_seed(self.cfg.seed * 1000 + stage)
-
-    def generator(self, stage: int, step: int) -> torch.Generator:
-        """The randomness of one training step (batch, noise, dropout masks) depends only on (seed, stage, step),
-        identically on every rank. This is what makes a resumed run bit-identical to an uninterrupted one."""
-        return torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + stage) * 1_000_003 + step)
-
-    def batch(self, pool: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-        """This rank's share of a global batch drawn (with replacement) from the index pool."""
-        idx = pool[torch.randint(len(pool), (batch_size,), generator=gen)]
-        return idx[self.rank::self.world_size]
-
-    def sync_grads(self, params: list[nn.Parameter]) -> None:
-        """Data parallelism: average gradients over the ranks (what DDP's bucketed all-reduce computes)."""
-        if self.world_size == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def ckpt_path(self, name: str) -> Path:
-        return self.out / "ckpt" / f"{name}.pt"
-
-    def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None,
-              steps: int, lr: float, step_fn, after_step=None) -> None:
-        """The training loop of every stage, with checkpoints and resume.
-
-        `step_fn(step, gen) -> loss` computes this rank's loss of one step; `after_step(step, gen)` runs after the
-        optimiser step (EMA, dead-code restarts). The checkpoint `OUT/ckpt/<name>.pt` holds every module in
-        `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
-        the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
-        """
-        path, start, curve, seconds, cpu = self.ckpt_path(name), 0, [], 0.0, 0.0
-        if stage not in self.selected or self.cfg.resume:
-            if path.exists():
-                state = torch.load(path, map_location=self.device, weights_only=True)
-                for key, module in modules.items():
-                    module.load_state_dict(state["modules"][key])
-                if optimizer is not None and state["optimizer"] is not None:
-                    optimizer.load_state_dict(state["optimizer"])
-                start, curve, seconds, cpu = state["step"], state["curve"], state["seconds"], state["cpu_seconds"]
-            if stage not in self.selected and start < steps:
-                raise FileNotFoundError(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} "
-                                        f"does not hold a completed run of it ({start}/{steps} steps): train it first")
-        crash = os.environ.get("SEED_TRAIN_CRASH", "")  # test hook "name:step": die after that step, as a kill would
-        crash_step = int(crash.split(":")[1]) if crash.split(":")[0] == name else -1
-        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-        t0, c0 = time.time() - seconds, time.process_time() - cpu  # the clocks continue across resumes
-        for step in tqdm(range(start, steps), desc=f"stage {stage} {name}", initial=start, total=steps,
-                         disable=not self.main, mininterval=2.0, dynamic_ncols=True):
-            gen = self.generator(stage, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
-            loss = step_fn(step, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.sync_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if after_step is not None:
-                after_step(step, gen)
-            curve.append(loss.item())
-            if (step + 1) % self.cfg.ckpt_every == 0 or step + 1 == steps:
-                self.save_checkpoint(path, step + 1, modules, optimizer, curve, time.time() - t0,
-                                     time.process_time() - c0)
-            if step + 1 == crash_step:
-                raise RuntimeError(f"SEED_TRAIN_CRASH: simulated crash after step {crash_step} of stage {name}")
-        for module in modules.values():
-            module.eval()
-        self.curves[name] = curve
-        # Wall time of the training loop, and its CPU time (all threads): on a shared machine the CPU time is
-        # close to what the loop takes alone with one thread, the wall time is what it took.
-        self.timings[name] = time.time() - t0 if start < steps else seconds
-        self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
-
-    def save_checkpoint(self, path: Path, step: int, modules: dict[str, nn.Module], optimizer, curve: list[float],
-                        seconds: float, cpu_seconds: float) -> None:
-        if self.main:
-            atomic_torch_save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
-                               "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                               "curve": curve, "seconds": seconds, "cpu_seconds": cpu_seconds}, path)
-        self.barrier()
-
-    def save_pretrained(self, model: nn.Module, name: str) -> None:
-        """A component in the native checkpoint format (config.json + model.safetensors) under OUT/<name>/."""
-        if self.main:
-            model.save_pretrained(self.out / name)
-        self.barrier()
 
 
 # The stages in the paper's order: each a plain function `stage_x(run, prev) -> dict` (see `Run`).

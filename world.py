@@ -1,11 +1,42 @@
-"""The shapes world: the synthetic data every stage of `train.py --tiny` learns from, and the judge of its images.
+"""The shapes world: the synthetic image-text world every stage of `train.py --tiny` learns from, and the judge of
+its images. This docstring is the world's specification; keep it exactly, so that results stay comparable.
 
-One coloured shape on a white 32x32 image: 3 shapes x 5 colours x 2 sizes x 5 positions = 150 combinations, each
-rendered at 9 jitters of its centre (1350 images, deterministic). `judge` reads the attributes back from pixels.
+Images. A 32x32 RGB canvas, white (255, 255, 255), holding exactly one shape:
+  shape     circle (the ellipse inscribed in its box), square (the box filled) or triangle (pointing up: apex at the
+            top middle of the box, base on its bottom edge);
+  colour    red (220, 40, 40), green (40, 170, 60), blue (40, 80, 220), yellow (230, 200, 40), purple (150, 60, 190);
+  size      small (an 8x8 box) or large (14x14);
+  position  the box centre: center (16, 16), left (10, 16), right (22, 16), top (16, 10), bottom (16, 22), moved by
+            a jitter of -1, 0 or +1 px on each axis (9 jitters).
+The box spans [c - s/2, c + s/2) in continuous pixel coordinates (pixel i covers [i, i + 1)); anti-aliasing draws at
+4x (SUPERSAMPLE) and area-downsamples (PIL's Image.BOX). 3 x 5 x 2 x 5 = 150 combinations x 9 jitters = 1350
+images, rendered without any randomness. For combination i the jitters i % 9 and (i + 4) % 9 are test images.
+
+Language. A caption is "a {size} {colour} {shape} {place}", place one of "at the top", "at the bottom", "on the
+left", "on the right", "in the center": always 7 words. The four VQA questions (QUESTIONS) are answered with one word
+or the place phrase. An edit instruction changes exactly one attribute: "make it {colour}", "turn it into a
+{shape}", "make it {large|small}", "move it {place}". Requests for a caption or a picture are paraphrased
+(CAPTION_REQUESTS, T2I_REQUESTS), so that a model learns the task and not one sentence; the first of each is the one
+the evaluation asks with.
+
+Held-out compositions. The (shape, colour) pairs (triangle, blue), (circle, yellow) and (square, purple) are never an
+image the LLM learns to draw: no caption -> image sequence, text-to-image reply or edit target shows them. They are
+tokenizer and decoder training images and captioning inputs, because SEED's claim is that the LLM composes what it
+has read into what it draws; every generation metric is reported for held-in and held-out pairs apart.
+
+The judge. `judge` reads the four attributes back from the pixels by a heuristic, so that generated images are
+scored by something that is not a model under test. It is right on every clean render, and on at least 99 % of
+them under Gaussian pixel noise of 8 grey levels (tests/test_train.py).
+
+Worked example: COMBOS[0] is Combo("circle", "red", "small", "center"), caption "a small red circle in the
+center"; Combo("square", "red", "large", "center").edit("position", "left") is ("move it on the left",
+Combo("square", "red", "large", "left")), and parse_caption("a large blue triangle on the left") gives
+{"size": "large", "colour": "blue", "shape": "triangle", "position": "left"}.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +52,14 @@ POSITIONS = {"center": (16, 16), "left": (10, 16), "right": (22, 16), "top": (16
 PLACES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
           "center": "in the center"}
 JITTERS = tuple((dx, dy) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # 9 offsets of the box centre
-HELD_OUT_PAIRS = (("triangle", "blue"), ("circle", "yellow"), ("square", "purple"))  # never drawn by the LLM in training
+HELD_OUT_PAIRS = (("triangle", "blue"), ("circle", "yellow"), ("square", "purple"))  # the LLM never learns to draw them
 QUESTIONS = {"colour": "what colour is the shape?", "shape": "what shape is it?", "size": "is it large or small?",
              "position": "where is the shape?"}
 IMAGE_SIZE, SUPERSAMPLE = 32, 4
+ATTRIBUTES = ("shape", "colour", "size", "position")
+VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
+CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "write a short caption for this image.")
+T2I_REQUESTS = ("draw {}.", "can you generate an image of {}?", "please make a picture of {}.", "show me {}.")
 
 
 @dataclass(frozen=True)
@@ -53,14 +88,30 @@ class Combo:
                        "position": f"move it {PLACES.get(value, '')}"}[attribute]
         return instruction, dataclasses.replace(self, **{attribute: value})
 
+    def random_edit(self, rng) -> tuple[str, "Combo"]:
+        """An edit of one attribute, drawn with `rng` (a random.Random), to a value it does not have yet."""
+        attribute = rng.choice(ATTRIBUTES)
+        return self.edit(attribute, rng.choice([v for v in VALUES[attribute] if v != getattr(self, attribute)]))
+
 
 # Fixed enumeration order (shape, colour, size, position): the index of a combination is stable across versions.
 COMBOS = tuple(Combo(s, c, z, p) for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS)
 CAPTIONS = tuple(c.caption for c in COMBOS)
 
 
+def parse_caption(text: str) -> dict[str, str | None]:
+    """The attributes a caption names (all None where the text does not follow the caption grammar)."""
+    words = {a: "|".join(re.escape(v) for v in VALUES[a]) for a in ("shape", "colour", "size")}
+    places = "|".join(re.escape(p) for p in PLACES.values())
+    m = re.fullmatch(f"a ({words['size']}) ({words['colour']}) ({words['shape']}) ({places})", text)
+    if m is None:
+        return dict.fromkeys(ATTRIBUTES)
+    place = {p: k for k, p in PLACES.items()}[m.group(4)]
+    return {"size": m.group(1), "colour": m.group(2), "shape": m.group(3), "position": place}
+
+
 def render(combo: Combo, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
-    """Draw one 32x32 image exactly as SHAPES_WORLD.md specifies (4x supersampling, then a box filter)."""
+    """Draw one 32x32 image as the header specifies (4x supersampling, then a box filter)."""
     k, s = SUPERSAMPLE, SIZES[combo.size]
     cx, cy = POSITIONS[combo.position][0] + jitter[0], POSITIONS[combo.position][1] + jitter[1]
     big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), (255, 255, 255))
@@ -166,11 +217,11 @@ def judge(image: Image.Image | torch.Tensor) -> dict[str, str | None]:
 
 def judge_accuracy(images, combos) -> dict[str, float]:
     """Per-attribute and all-attributes accuracy of `judge` on images against their intended combinations."""
-    hits = {a: 0 for a in ("shape", "colour", "size", "position", "all")}
+    hits = {a: 0 for a in (*ATTRIBUTES, "all")}
     for image, combo in zip(images, combos):
         verdict = judge(image)
-        right = [verdict[a] == getattr(combo, a) for a in ("shape", "colour", "size", "position")]
-        for a, ok in zip(("shape", "colour", "size", "position"), right):
+        right = [verdict[a] == getattr(combo, a) for a in ATTRIBUTES]
+        for a, ok in zip(ATTRIBUTES, right):
             hits[a] += ok
         hits["all"] += all(right)
     return {a: h / max(len(combos), 1) for a, h in hits.items()}

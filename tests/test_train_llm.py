@@ -13,7 +13,7 @@ from PIL import Image
 import llama
 from tokenizer import chat_conversation, chat_prompt, Tokenizer
 import train
-from world import HELD_OUT_PAIRS, build_world
+from world import ATTRIBUTES, HELD_OUT_PAIRS, build_world, parse_caption
 
 N_CODES = 256
 
@@ -47,6 +47,11 @@ def spans(ids, iv):
         elif i == iv.eoi_id:
             out.append((start, p))
     return out
+
+
+@pytest.mark.xfail(strict=True, reason="llama.py's tiny preset has vocab_size 770 (train.py's tokenizer: 730)")
+def test_train_trains_llamas_tiny_preset(tokenizer):
+    assert len(tokenizer) == llama.LlamaConfig.preset("tiny").vocab_size
 
 
 # --- sequences -------------------------------------------------------------------------------------------------------
@@ -131,9 +136,9 @@ def test_lora_starts_as_the_base_model_and_merges_exactly():
 
 
 def test_caption_parser():
-    assert train.parse_caption("a large blue triangle on the left") == {
+    assert parse_caption("a large blue triangle on the left") == {
         "size": "large", "colour": "blue", "shape": "triangle", "position": "left"}
-    assert train.parse_caption("a large blue") == dict.fromkeys(train.ATTRIBUTES)
+    assert parse_caption("a large blue") == dict.fromkeys(ATTRIBUTES)
 
 
 # --- the stages and the reports in --smoke ------------------------------------------------------------------------
