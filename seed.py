@@ -231,57 +231,6 @@ class EVAViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------------
-
-def load_image(image) -> Image.Image:
-    """A path, bytes, PIL image or array (H, W[, C], uint8 or uint16) as an RGB PIL image; ValueError if unreadable."""
-    if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    elif isinstance(image, (bytes, bytearray)):
-        if not image:
-            raise ValueError("empty image bytes")
-        image = _open(io.BytesIO(image), "image bytes")
-    elif isinstance(image, (str, os.PathLike)):
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image file not found: {image}")
-        image = _open(image, str(image))
-    elif not isinstance(image, Image.Image):
-        raise ValueError(f"expected a path, bytes, PIL image or numpy array, got {type(image).__name__}")
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"empty image ({image.width}x{image.height})")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        # 16-bit grey (PNG): PIL's convert("RGB") would clip to 255, so rescale 0..65535 to 0..255 first.
-        image = _array_to_pil(np.asarray(image).astype(np.uint16))
-    # Like the official `Image.open(p).convert('RGB')`: alpha is dropped, palette / grey / CMYK are converted.
-    return image.convert("RGB")
-
-
-def _open(source, name: str) -> Image.Image:
-    try:
-        image = Image.open(source)
-        image.load()  # decode now, so a truncated file fails here with a clear error
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read {name} as an image: {e}") from e
-    return image
-
-
-def _array_to_pil(a: np.ndarray) -> Image.Image:
-    if a.size == 0:
-        raise ValueError(f"empty image array of shape {a.shape}")
-    if a.dtype == np.uint16:
-        a = (a.astype(np.uint32) * 255 + 32767) // 65535  # 16-bit -> 8-bit, rounded
-    elif a.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8 or uint16, got {a.dtype}")
-    a = a.astype(np.uint8)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
-        raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
-    return Image.fromarray(a)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -460,6 +409,57 @@ class SeedTokenizer(nn.Module):
         for k in unexpected:
             del state[k]
         return _assign(model, state, device, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_image(image) -> Image.Image:
+    """A path, bytes, PIL image or array (H, W[, C], uint8 or uint16) as an RGB PIL image; ValueError if unreadable."""
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif isinstance(image, (bytes, bytearray)):
+        if not image:
+            raise ValueError("empty image bytes")
+        image = _open(io.BytesIO(image), "image bytes")
+    elif isinstance(image, (str, os.PathLike)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image file not found: {image}")
+        image = _open(image, str(image))
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected a path, bytes, PIL image or numpy array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"empty image ({image.width}x{image.height})")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit grey (PNG): PIL's convert("RGB") would clip to 255, so rescale 0..65535 to 0..255 first.
+        image = _array_to_pil(np.asarray(image).astype(np.uint16))
+    # Like the official `Image.open(p).convert('RGB')`: alpha is dropped, palette / grey / CMYK are converted.
+    return image.convert("RGB")
+
+
+def _open(source, name: str) -> Image.Image:
+    try:
+        image = Image.open(source)
+        image.load()  # decode now, so a truncated file fails here with a clear error
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read {name} as an image: {e}") from e
+    return image
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    if a.size == 0:
+        raise ValueError(f"empty image array of shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = (a.astype(np.uint32) * 255 + 32767) // 65535  # 16-bit -> 8-bit, rounded
+    elif a.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 or uint16, got {a.dtype}")
+    a = a.astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    return Image.fromarray(a)
 
 
 # ----------------------------------------------------------------------------------------------------------------
