@@ -51,278 +51,6 @@ from seed import SeedTokenizer, load_image
 from unet import UnCLIPDecoder
 
 # ======================================================================================================
-# The official files, laid out as on the hub (OFFICIAL_FORMATS.md §g)
-# ======================================================================================================
-
-TOKENIZER_REPO = "AILab-CVC/seed-tokenizer-2"
-TOKENIZER_FILES = ["seed_quantizer.pt", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",
-                   "tokenizer_config.json"]
-# LAVIS hosts the EVA ViT-g that SEED's quantizer reads its `visual_encoder` from; it is not on the hub, so it gets a
-# fixed place in the cache (`BLIP2/eva_vit_g.pth`, the team's layout) and its own URL override.
-EVA_VIT_PATH = "BLIP2/eva_vit_g.pth"
-EVA_VIT_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
-LLM_REPOS = {"8b": "AILab-CVC/seed-llama-8b-sft", "14b": "AILab-CVC/seed-llama-14b-sft"}
-LLM_FILES = ["config.json", "generation_config.json"]
-# The SEED-LLaMA repos ship sharded pickles; the safetensors index is accepted too (mirrors, converted copies).
-LLM_INDEX_FILES = ["pytorch_model.bin.index.json", "model.safetensors.index.json"]
-UNCLIP_REPO = "stabilityai/stable-diffusion-2-1-unclip"
-# SEED passes image embeddings straight to the pipeline, so `image_encoder/` and `feature_extractor/` (2.5 GB of
-# OpenCLIP ViT-H) are never run and never downloaded.
-UNCLIP_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
-                "tokenizer/tokenizer_config.json", "image_normalizer/config.json", "scheduler/scheduler_config.json",
-                "image_noising_scheduler/scheduler_config.json"]
-UNCLIP_WEIGHTS = ["unet/diffusion_pytorch_model{}.safetensors", "vae/diffusion_pytorch_model{}.safetensors",
-                  "text_encoder/model{}.safetensors", "image_normalizer/diffusion_pytorch_model{}.safetensors"]
-
-# Hashes published for two files (OFFICIAL_FORMATS.md §a.1, §c.2): (size in bytes, sha256). A hash is only checked when
-# the downloaded file has exactly the official size: a file of another size is not the official file at all (a
-# mirror serving a reduced copy, as the tests do), and the server's size and its own sha256 ETag still guard it. So
-# the tests exercise this table by serving a file of the official size with other contents.
-KNOWN_FILES = {
-    f"{TOKENIZER_REPO}/seed_quantizer.pt":
-        (1_228_836_570, "322a9fba55cb0e97e1a633981fbbdff20577af69146a0f23fa7b14201459a13f"),
-    f"{TOKENIZER_REPO}/tokenizer.model":
-        (499_723, "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"),
-}
-
-
-class DownloadError(RuntimeError):
-    """A weight file could not be fetched or verified; the message says why and what to do."""
-
-
-def weights_root(weights: str | None = None) -> Path:
-    """Where the official files live: `--weights DIR`, else $SEED_CACHE, else the XDG cache folder."""
-    if weights:
-        return Path(weights).expanduser()
-    if os.environ.get("SEED_CACHE"):
-        return Path(os.environ["SEED_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "seed-from-scratch"
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_url(rel: str) -> str:
-    """The URL of a file given by its path in the layout (`owner/repo/file`); EVA has its own."""
-    if rel == EVA_VIT_PATH:
-        return os.environ.get("SEED_EVA_VIT_URL") or EVA_VIT_URL
-    owner, name, file = rel.split("/", 2)
-    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{owner}/{name}/resolve/main/{file}"
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} B"
-
-
-class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
-    """The hub answers a large (LFS) file with a redirect to its CDN; the redirect, not the final answer, carries the
-    file's sha256 (`X-Linked-Etag`) and size (`X-Linked-Size`). urllib drops redirect headers, so keep them."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _request)
-        if new is not None and linked is not None:
-            linked.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")})
-            new.linked = linked
-        return new
-
-
-_OPENER = urllib.request.build_opener(_KeepLinkedHeaders())
-
-
-def _sha256_header(headers: dict) -> str | None:
-    """The sha256 the server vouches for, if any: the hub sends it as the (quoted) ETag of LFS files. A 40-hex ETag is
-    a git blob id and a CDN ETag is an md5, so only a 64-hex value counts."""
-    for key in ("x-linked-etag", "etag"):
-        value = (headers.get(key) or "").strip().removeprefix("W/").strip('"').lower()
-        if re.fullmatch(r"[0-9a-f]{64}", value):
-            return value
-    return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _request(url: str, offset: int):
-    """Open `url` from byte `offset` on; returns (response, total size or None, offset the body starts at)."""
-    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
-    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
-    if offset:
-        req.add_header("Range", f"bytes={offset}-")
-    resp = _OPENER.open(req, timeout=60)
-    headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
-    if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
-        m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
-        if not m or int(m.group(1)) != offset:
-            resp.close()
-            raise DownloadError(f"{url}: the server answered the range request with a bad Content-Range "
-                                f"{headers.get('content-range')!r}")
-        total = int(m.group(2)) if m.group(2) != "*" else None
-    else:  # 200: the server ignored the range, the body is the whole file
-        offset = 0
-        total = int(headers["content-length"]) if "content-length" in headers else None
-    if total is None and "x-linked-size" in headers:
-        total = int(headers["x-linked-size"])
-    return resp, total, offset, headers
-
-
-def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3) -> Path:
-    """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic.
-
-    A dropped connection is retried `retries` times, each resuming where the last one stopped; an interrupted run
-    also resumes from the `.incomplete` file. A file whose hash does not match is moved to `dest.corrupt`, never
-    used, and the next run downloads it afresh.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".incomplete")
-    for attempt in range(retries + 1):
-        offset = part.stat().st_size if part.exists() else 0
-        try:
-            resp, total, offset, headers = _request(url, offset)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and offset:  # the partial file is already whole (or longer): start over
-                part.unlink()
-                continue
-            if e.code == 404:
-                raise DownloadError(f"{url} does not exist (HTTP 404). Check the name, the mirror in HF_ENDPOINT or "
-                                    f"SEED_EVA_VIT_URL, or put the file at {dest} yourself.") from None
-            hint = " (a gated repository? log in on the hub and accept its terms)" if e.code in (401, 403) else ""
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
-        except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
-            if attempt < retries:
-                time.sleep(min(2 ** attempt, 10))
-                continue
-            reason = getattr(e, "reason", e)
-            raise DownloadError(f"cannot reach {url}: {reason}. Check the network, set HF_ENDPOINT to a mirror, or "
-                                f"copy the files into {dest.parent} and set HF_HUB_OFFLINE=1.") from None
-        with resp:
-            if total is not None:
-                need = total - offset
-                free = shutil.disk_usage(dest.parent).free
-                if need > free:
-                    raise DownloadError(f"not enough disk space for {dest.name}: it needs {_gb(need)} more, "
-                                        f"{dest.parent} has {_gb(free)} free. Free some space, or choose another "
-                                        f"folder with --weights or SEED_CACHE.")
-            bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                       leave=False, file=sys.stderr, mininterval=0.5, disable=None)  # None: only on a terminal
-            try:
-                with open(part, "ab" if offset else "wb") as f, bar:
-                    while chunk := resp.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise DownloadError(f"the disk is full while writing {part}. Free some space and run again: "
-                                        f"the download resumes where it stopped.") from None
-                if isinstance(e, (ConnectionError, socket.timeout)) and attempt < retries:
-                    continue
-                raise
-            except http.client.IncompleteRead:
-                if attempt < retries:
-                    continue
-                raise
-        size = part.stat().st_size
-        if total is not None and size < total:  # the connection ended early without an error: resume
-            if attempt < retries:
-                continue
-            raise DownloadError(f"{url}: the transfer stopped at {size} of {total} bytes {retries + 1} times; run "
-                                f"again to resume from {part}.")
-        expected = _sha256_header(headers)
-        if known is not None and size == known[0]:
-            expected = known[1]
-        if (total is not None and size != total) or (expected and _sha256(part) != expected):
-            corrupt = dest.with_name(dest.name + ".corrupt")
-            os.replace(part, corrupt)
-            what = f"size {size} instead of {total}" if total is not None and size != total else \
-                f"SHA-256 differs from the expected {expected}"
-            raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
-                                f"run again to download it afresh.")
-        os.replace(part, dest)
-        return dest
-    raise DownloadError(f"{url}: gave up after {retries + 1} attempts; run again to resume from {part}.")
-
-
-def fetch_files(root: Path, rels: list[str]) -> None:
-    """Make sure every file of `rels` (paths in the hub layout) is under `root`: download only the missing ones."""
-    missing = [rel for rel in rels if not (root / rel).is_file()]
-    if missing and offline():
-        raise DownloadError("HF_HUB_OFFLINE=1 and these files are missing under " + str(root) + ":\n  " +
-                            "\n  ".join(missing))
-    for rel in missing:
-        print(f"downloading {rel}", file=sys.stderr)
-        download(hub_url(rel), root / rel, known=KNOWN_FILES.get(rel))
-
-
-@dataclass
-class OfficialFiles:
-    """Where each part of the official release is, once `resolve_official` has made sure it is there."""
-    quantizer: Path   # seed_quantizer.pt
-    vit: Path         # eva_vit_g.pth
-    tokenizer: Path   # the folder with tokenizer.model and the added-token files
-    llm: Path         # the SEED-LLaMA folder (config.json, index, shards)
-    unclip: Path      # the stable-diffusion-2-1-unclip folder
-    variant: str | None
-
-
-def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
-    """Make sure the official files for `model` are under `root` (downloading what is missing) and say where.
-
-    `variant="fp16"` picks the half-size unCLIP weights (what a fp16/bf16 run on a GPU loads)."""
-    if model not in LLM_REPOS:
-        raise ValueError(f"unknown model {model!r}; choose one of {sorted(LLM_REPOS)}")
-    llm = LLM_REPOS[model]
-    suffix = f".{variant}" if variant else ""
-    fixed = ([f"{TOKENIZER_REPO}/{f}" for f in TOKENIZER_FILES] + [EVA_VIT_PATH] +
-             [f"{llm}/{f}" for f in LLM_FILES] + [f"{UNCLIP_REPO}/{f}" for f in UNCLIP_FILES] +
-             [f"{UNCLIP_REPO}/{w.format(suffix)}" for w in UNCLIP_WEIGHTS])
-    # The shard list is in the index; find an index that is already here, else fetch the official one.
-    index = next((f"{llm}/{f}" for f in LLM_INDEX_FILES if (root / llm / f).is_file()), f"{llm}/{LLM_INDEX_FILES[0]}")
-    if offline():
-        shards = []
-        if (root / index).is_file():
-            shards = [f"{llm}/{s}" for s in sorted(set(json.loads((root / index).read_text())["weight_map"].values()))]
-        fetch_files(root, fixed + [index] + shards)
-    else:
-        fetch_files(root, [index])
-        weight_map = json.loads((root / index).read_text())["weight_map"]
-        fetch_files(root, fixed + [f"{llm}/{s}" for s in sorted(set(weight_map.values()))])
-    return OfficialFiles(quantizer=root / TOKENIZER_REPO / "seed_quantizer.pt", vit=root / EVA_VIT_PATH,
-                         tokenizer=root / TOKENIZER_REPO, llm=root / llm, unclip=root / UNCLIP_REPO, variant=variant)
-
-
-# ======================================================================================================
-# The built-in test picture
-# ======================================================================================================
-
-def test_picture(size: int = 448) -> Image.Image:
-    """A house on a meadow under a blue sky with a sun, drawn with PIL: something every task can talk about when no
-    `--image` is given (deterministic, no file needed)."""
-    img = Image.new("RGB", (size, size))
-    d = ImageDraw.Draw(img)
-    s = size / 448  # every coordinate below is for 448 px
-    for y in range(int(300 * s)):  # sky: lighter towards the horizon
-        t = y / (300 * s)
-        d.line([(0, y), (size, y)], fill=(int(70 + 110 * t), int(130 + 90 * t), 235))
-    d.rectangle([0, 300 * s, size, size], fill=(70, 160, 60))               # meadow
-    d.ellipse([330 * s, 40 * s, 400 * s, 110 * s], fill=(255, 215, 40))    # sun
-    d.rectangle([120 * s, 200 * s, 280 * s, 330 * s], fill=(235, 225, 200))  # walls
-    d.polygon([(100 * s, 205 * s), (200 * s, 120 * s), (300 * s, 205 * s)], fill=(190, 50, 40))  # roof
-    d.rectangle([180 * s, 260 * s, 220 * s, 330 * s], fill=(110, 70, 40))   # door
-    d.rectangle([135 * s, 225 * s, 170 * s, 255 * s], fill=(120, 180, 230))  # windows
-    d.rectangle([230 * s, 225 * s, 265 * s, 255 * s], fill=(120, 180, 230))
-    return img
-
-
-# ======================================================================================================
 # The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls
 # ======================================================================================================
 
@@ -459,6 +187,29 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         decoder = UnCLIPDecoder.from_pretrained(parts["decoder"], device=home, dtype=dtype)
         template = "8B"  # train.py instruction-tunes in the official 8B chat template
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
+
+
+# ======================================================================================================
+# The built-in test picture
+# ======================================================================================================
+
+def test_picture(size: int = 448) -> Image.Image:
+    """A house on a meadow under a blue sky with a sun, drawn with PIL: something every task can talk about when no
+    `--image` is given (deterministic, no file needed)."""
+    img = Image.new("RGB", (size, size))
+    d = ImageDraw.Draw(img)
+    s = size / 448  # every coordinate below is for 448 px
+    for y in range(int(300 * s)):  # sky: lighter towards the horizon
+        t = y / (300 * s)
+        d.line([(0, y), (size, y)], fill=(int(70 + 110 * t), int(130 + 90 * t), 235))
+    d.rectangle([0, 300 * s, size, size], fill=(70, 160, 60))               # meadow
+    d.ellipse([330 * s, 40 * s, 400 * s, 110 * s], fill=(255, 215, 40))    # sun
+    d.rectangle([120 * s, 200 * s, 280 * s, 330 * s], fill=(235, 225, 200))  # walls
+    d.polygon([(100 * s, 205 * s), (200 * s, 120 * s), (300 * s, 205 * s)], fill=(190, 50, 40))  # roof
+    d.rectangle([180 * s, 260 * s, 220 * s, 330 * s], fill=(110, 70, 40))   # door
+    d.rectangle([135 * s, 225 * s, 170 * s, 255 * s], fill=(120, 180, 230))  # windows
+    d.rectangle([230 * s, 225 * s, 265 * s, 255 * s], fill=(120, 180, 230))
+    return img
 
 
 # ======================================================================================================
@@ -786,6 +537,255 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ======================================================================================================
+# The official files, laid out as on the hub (OFFICIAL_FORMATS.md §g)
+# ======================================================================================================
+
+TOKENIZER_REPO = "AILab-CVC/seed-tokenizer-2"
+TOKENIZER_FILES = ["seed_quantizer.pt", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",
+                   "tokenizer_config.json"]
+# LAVIS hosts the EVA ViT-g that SEED's quantizer reads its `visual_encoder` from; it is not on the hub, so it gets a
+# fixed place in the cache (`BLIP2/eva_vit_g.pth`, the team's layout) and its own URL override.
+EVA_VIT_PATH = "BLIP2/eva_vit_g.pth"
+EVA_VIT_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
+LLM_REPOS = {"8b": "AILab-CVC/seed-llama-8b-sft", "14b": "AILab-CVC/seed-llama-14b-sft"}
+LLM_FILES = ["config.json", "generation_config.json"]
+# The SEED-LLaMA repos ship sharded pickles; the safetensors index is accepted too (mirrors, converted copies).
+LLM_INDEX_FILES = ["pytorch_model.bin.index.json", "model.safetensors.index.json"]
+UNCLIP_REPO = "stabilityai/stable-diffusion-2-1-unclip"
+# SEED passes image embeddings straight to the pipeline, so `image_encoder/` and `feature_extractor/` (2.5 GB of
+# OpenCLIP ViT-H) are never run and never downloaded.
+UNCLIP_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+                "tokenizer/tokenizer_config.json", "image_normalizer/config.json", "scheduler/scheduler_config.json",
+                "image_noising_scheduler/scheduler_config.json"]
+UNCLIP_WEIGHTS = ["unet/diffusion_pytorch_model{}.safetensors", "vae/diffusion_pytorch_model{}.safetensors",
+                  "text_encoder/model{}.safetensors", "image_normalizer/diffusion_pytorch_model{}.safetensors"]
+
+# Hashes published for two files (OFFICIAL_FORMATS.md §a.1, §c.2): (size in bytes, sha256). A hash is only checked when
+# the downloaded file has exactly the official size: a file of another size is not the official file at all (a
+# mirror serving a reduced copy, as the tests do), and the server's size and its own sha256 ETag still guard it. So
+# the tests exercise this table by serving a file of the official size with other contents.
+KNOWN_FILES = {
+    f"{TOKENIZER_REPO}/seed_quantizer.pt":
+        (1_228_836_570, "322a9fba55cb0e97e1a633981fbbdff20577af69146a0f23fa7b14201459a13f"),
+    f"{TOKENIZER_REPO}/tokenizer.model":
+        (499_723, "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"),
+}
+
+
+class DownloadError(RuntimeError):
+    """A weight file could not be fetched or verified; the message says why and what to do."""
+
+
+def weights_root(weights: str | None = None) -> Path:
+    """Where the official files live: `--weights DIR`, else $SEED_CACHE, else the XDG cache folder."""
+    if weights:
+        return Path(weights).expanduser()
+    if os.environ.get("SEED_CACHE"):
+        return Path(os.environ["SEED_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "seed-from-scratch"
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_url(rel: str) -> str:
+    """The URL of a file given by its path in the layout (`owner/repo/file`); EVA has its own."""
+    if rel == EVA_VIT_PATH:
+        return os.environ.get("SEED_EVA_VIT_URL") or EVA_VIT_URL
+    owner, name, file = rel.split("/", 2)
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{owner}/{name}/resolve/main/{file}"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} B"
+
+
+class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
+    """The hub answers a large (LFS) file with a redirect to its CDN; the redirect, not the final answer, carries the
+    file's sha256 (`X-Linked-Etag`) and size (`X-Linked-Size`). urllib drops redirect headers, so keep them."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _request)
+        if new is not None and linked is not None:
+            linked.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")})
+            new.linked = linked
+        return new
+
+
+_OPENER = urllib.request.build_opener(_KeepLinkedHeaders())
+
+
+def _sha256_header(headers: dict) -> str | None:
+    """The sha256 the server vouches for, if any: the hub sends it as the (quoted) ETag of LFS files. A 40-hex ETag is
+    a git blob id and a CDN ETag is an md5, so only a 64-hex value counts."""
+    for key in ("x-linked-etag", "etag"):
+        value = (headers.get(key) or "").strip().removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", value):
+            return value
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _request(url: str, offset: int):
+    """Open `url` from byte `offset` on; returns (response, total size or None, offset the body starts at)."""
+    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
+    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    resp = _OPENER.open(req, timeout=60)
+    headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
+    if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
+        m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
+        if not m or int(m.group(1)) != offset:
+            resp.close()
+            raise DownloadError(f"{url}: the server answered the range request with a bad Content-Range "
+                                f"{headers.get('content-range')!r}")
+        total = int(m.group(2)) if m.group(2) != "*" else None
+    else:  # 200: the server ignored the range, the body is the whole file
+        offset = 0
+        total = int(headers["content-length"]) if "content-length" in headers else None
+    if total is None and "x-linked-size" in headers:
+        total = int(headers["x-linked-size"])
+    return resp, total, offset, headers
+
+
+def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3) -> Path:
+    """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic.
+
+    A dropped connection is retried `retries` times, each resuming where the last one stopped; an interrupted run
+    also resumes from the `.incomplete` file. A file whose hash does not match is moved to `dest.corrupt`, never
+    used, and the next run downloads it afresh.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".incomplete")
+    for attempt in range(retries + 1):
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            resp, total, offset, headers = _request(url, offset)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and offset:  # the partial file is already whole (or longer): start over
+                part.unlink()
+                continue
+            if e.code == 404:
+                raise DownloadError(f"{url} does not exist (HTTP 404). Check the name, the mirror in HF_ENDPOINT or "
+                                    f"SEED_EVA_VIT_URL, or put the file at {dest} yourself.") from None
+            hint = " (a gated repository? log in on the hub and accept its terms)" if e.code in (401, 403) else ""
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
+            if attempt < retries:
+                time.sleep(min(2 ** attempt, 10))
+                continue
+            reason = getattr(e, "reason", e)
+            raise DownloadError(f"cannot reach {url}: {reason}. Check the network, set HF_ENDPOINT to a mirror, or "
+                                f"copy the files into {dest.parent} and set HF_HUB_OFFLINE=1.") from None
+        with resp:
+            if total is not None:
+                need = total - offset
+                free = shutil.disk_usage(dest.parent).free
+                if need > free:
+                    raise DownloadError(f"not enough disk space for {dest.name}: it needs {_gb(need)} more, "
+                                        f"{dest.parent} has {_gb(free)} free. Free some space, or choose another "
+                                        f"folder with --weights or SEED_CACHE.")
+            bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                       leave=False, file=sys.stderr, mininterval=0.5, disable=None)  # None: only on a terminal
+            try:
+                with open(part, "ab" if offset else "wb") as f, bar:
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise DownloadError(f"the disk is full while writing {part}. Free some space and run again: "
+                                        f"the download resumes where it stopped.") from None
+                if isinstance(e, (ConnectionError, socket.timeout)) and attempt < retries:
+                    continue
+                raise
+            except http.client.IncompleteRead:
+                if attempt < retries:
+                    continue
+                raise
+        size = part.stat().st_size
+        if total is not None and size < total:  # the connection ended early without an error: resume
+            if attempt < retries:
+                continue
+            raise DownloadError(f"{url}: the transfer stopped at {size} of {total} bytes {retries + 1} times; run "
+                                f"again to resume from {part}.")
+        expected = _sha256_header(headers)
+        if known is not None and size == known[0]:
+            expected = known[1]
+        if (total is not None and size != total) or (expected and _sha256(part) != expected):
+            corrupt = dest.with_name(dest.name + ".corrupt")
+            os.replace(part, corrupt)
+            what = f"size {size} instead of {total}" if total is not None and size != total else \
+                f"SHA-256 differs from the expected {expected}"
+            raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
+                                f"run again to download it afresh.")
+        os.replace(part, dest)
+        return dest
+    raise DownloadError(f"{url}: gave up after {retries + 1} attempts; run again to resume from {part}.")
+
+
+def fetch_files(root: Path, rels: list[str]) -> None:
+    """Make sure every file of `rels` (paths in the hub layout) is under `root`: download only the missing ones."""
+    missing = [rel for rel in rels if not (root / rel).is_file()]
+    if missing and offline():
+        raise DownloadError("HF_HUB_OFFLINE=1 and these files are missing under " + str(root) + ":\n  " +
+                            "\n  ".join(missing))
+    for rel in missing:
+        print(f"downloading {rel}", file=sys.stderr)
+        download(hub_url(rel), root / rel, known=KNOWN_FILES.get(rel))
+
+
+@dataclass
+class OfficialFiles:
+    """Where each part of the official release is, once `resolve_official` has made sure it is there."""
+    quantizer: Path   # seed_quantizer.pt
+    vit: Path         # eva_vit_g.pth
+    tokenizer: Path   # the folder with tokenizer.model and the added-token files
+    llm: Path         # the SEED-LLaMA folder (config.json, index, shards)
+    unclip: Path      # the stable-diffusion-2-1-unclip folder
+    variant: str | None
+
+
+def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
+    """Make sure the official files for `model` are under `root` (downloading what is missing) and say where.
+
+    `variant="fp16"` picks the half-size unCLIP weights (what a fp16/bf16 run on a GPU loads)."""
+    if model not in LLM_REPOS:
+        raise ValueError(f"unknown model {model!r}; choose one of {sorted(LLM_REPOS)}")
+    llm = LLM_REPOS[model]
+    suffix = f".{variant}" if variant else ""
+    fixed = ([f"{TOKENIZER_REPO}/{f}" for f in TOKENIZER_FILES] + [EVA_VIT_PATH] +
+             [f"{llm}/{f}" for f in LLM_FILES] + [f"{UNCLIP_REPO}/{f}" for f in UNCLIP_FILES] +
+             [f"{UNCLIP_REPO}/{w.format(suffix)}" for w in UNCLIP_WEIGHTS])
+    # The shard list is in the index; find an index that is already here, else fetch the official one.
+    index = next((f"{llm}/{f}" for f in LLM_INDEX_FILES if (root / llm / f).is_file()), f"{llm}/{LLM_INDEX_FILES[0]}")
+    if offline():
+        shards = []
+        if (root / index).is_file():
+            shards = [f"{llm}/{s}" for s in sorted(set(json.loads((root / index).read_text())["weight_map"].values()))]
+        fetch_files(root, fixed + [index] + shards)
+    else:
+        fetch_files(root, [index])
+        weight_map = json.loads((root / index).read_text())["weight_map"]
+        fetch_files(root, fixed + [f"{llm}/{s}" for s in sorted(set(weight_map.values()))])
+    return OfficialFiles(quantizer=root / TOKENIZER_REPO / "seed_quantizer.pt", vit=root / EVA_VIT_PATH,
+                         tokenizer=root / TOKENIZER_REPO, llm=root / llm, unclip=root / UNCLIP_REPO, variant=variant)
 
 
 if __name__ == "__main__":
