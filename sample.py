@@ -674,70 +674,96 @@ def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".incomplete")
     for attempt in range(retries + 1):
-        offset = part.stat().st_size if part.exists() else 0
-        try:
-            resp, total, offset, headers = _request(url, offset)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and offset:  # the partial file is already whole (or longer): start over
-                part.unlink()
-                continue
-            if e.code == 404:
-                raise DownloadError(f"{url} does not exist (HTTP 404). Check the name, the mirror in HF_ENDPOINT or "
-                                    f"SEED_EVA_VIT_URL, or put the file at {dest} yourself.") from None
-            hint = " (a gated repository? log in on the hub and accept its terms)" if e.code in (401, 403) else ""
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
-        except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
-            if attempt < retries:
-                time.sleep(min(2 ** attempt, 10))
-                continue
-            reason = getattr(e, "reason", e)
-            raise DownloadError(f"cannot reach {url}: {reason}. Check the network, set HF_ENDPOINT to a mirror, or "
-                                f"copy the files into {dest.parent} and set HF_HUB_OFFLINE=1.") from None
-        with resp:
-            if total is not None:
-                need = total - offset
-                free = shutil.disk_usage(dest.parent).free
-                if need > free:
-                    raise DownloadError(f"not enough disk space for {dest.name}: it needs {_gb(need)} more, "
-                                        f"{dest.parent} has {_gb(free)} free. Free some space, or choose another "
-                                        f"folder with --weights or SEED_CACHE.")
-            bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                       leave=False, file=sys.stderr, mininterval=0.5, disable=None)  # None: only on a terminal
-            try:
-                with open(part, "ab" if offset else "wb") as f, bar:
-                    while chunk := resp.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise DownloadError(f"the disk is full while writing {part}. Free some space and run again: "
-                                        f"the download resumes where it stopped.") from None
-                if isinstance(e, (ConnectionError, socket.timeout)) and attempt < retries:
-                    continue
-                raise
-            except http.client.IncompleteRead:
-                if attempt < retries:
-                    continue
-                raise
+        retry = attempt < retries
+        opened = _open_resuming(url, dest, part, attempt, retry)
+        if opened is None or not _receive(opened, dest, part, retry):
+            continue
+        resp, total, offset, headers = opened
         size = part.stat().st_size
         if total is not None and size < total:  # the connection ended early without an error: resume
-            if attempt < retries:
+            if retry:
                 continue
             raise DownloadError(f"{url}: the transfer stopped at {size} of {total} bytes {retries + 1} times; run "
                                 f"again to resume from {part}.")
-        expected = _sha256_header(headers)
-        if known is not None and size == known[0]:
-            expected = known[1]
-        if (total is not None and size != total) or (expected and _sha256(part) != expected):
-            corrupt = dest.with_name(dest.name + ".corrupt")
-            os.replace(part, corrupt)
-            what = f"size {size} instead of {total}" if total is not None and size != total else \
-                f"SHA-256 differs from the expected {expected}"
-            raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
-                                f"run again to download it afresh.")
+        _verify(url, dest, part, size, total, _expected_sha256(headers, known, size))
         os.replace(part, dest)
         return dest
     raise DownloadError(f"{url}: gave up after {retries + 1} attempts; run again to resume from {part}.")
+
+
+def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
+    """`_request` from the end of `part`; None when the attempt should be made again (a whole or longer partial
+    file is deleted first; an unreachable server gets a growing pause), a DownloadError when it is hopeless."""
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        return _request(url, offset)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # the partial file is already whole (or longer): start over
+            part.unlink()
+            return None
+        if e.code == 404:
+            raise DownloadError(f"{url} does not exist (HTTP 404). Check the name, the mirror in HF_ENDPOINT or "
+                                f"SEED_EVA_VIT_URL, or put the file at {dest} yourself.") from None
+        hint = " (a gated repository? log in on the hub and accept its terms)" if e.code in (401, 403) else ""
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
+    except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
+        if retry:
+            time.sleep(min(2 ** attempt, 10))
+            return None
+        reason = getattr(e, "reason", e)
+        raise DownloadError(f"cannot reach {url}: {reason}. Check the network, set HF_ENDPOINT to a mirror, or "
+                            f"copy the files into {dest.parent} and set HF_HUB_OFFLINE=1.") from None
+
+
+def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
+    """Append the body of an open response to `part` (after checking the disk can hold the rest); False when the
+    connection broke and the attempt should be made again."""
+    resp, total, offset, _ = opened
+    with resp:
+        if total is not None:
+            need = total - offset
+            free = shutil.disk_usage(dest.parent).free
+            if need > free:
+                raise DownloadError(f"not enough disk space for {dest.name}: it needs {_gb(need)} more, "
+                                    f"{dest.parent} has {_gb(free)} free. Free some space, or choose another "
+                                    f"folder with --weights or SEED_CACHE.")
+        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                   leave=False, file=sys.stderr, mininterval=0.5, disable=None)  # None: only on a terminal
+        try:
+            with open(part, "ab" if offset else "wb") as f, bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DownloadError(f"the disk is full while writing {part}. Free some space and run again: "
+                                    f"the download resumes where it stopped.") from None
+            if isinstance(e, (ConnectionError, socket.timeout)) and retry:
+                return False
+            raise
+        except http.client.IncompleteRead:
+            if retry:
+                return False
+            raise
+    return True
+
+
+def _expected_sha256(headers: dict, known: tuple[int, str] | None, size: int) -> str | None:
+    """The published hash when the file has the official size (see KNOWN_FILES), else the server's."""
+    if known is not None and size == known[0]:
+        return known[1]
+    return _sha256_header(headers)
+
+
+def _verify(url: str, dest: Path, part: Path, size: int, total: int | None, expected: str | None) -> None:
+    """A finished `part` of the wrong size or hash is moved to `dest.corrupt` (never used) and reported."""
+    if (total is not None and size != total) or (expected and _sha256(part) != expected):
+        corrupt = dest.with_name(dest.name + ".corrupt")
+        os.replace(part, corrupt)
+        what = f"size {size} instead of {total}" if total is not None and size != total else \
+            f"SHA-256 differs from the expected {expected}"
+        raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
+                            f"run again to download it afresh.")
 
 
 def fetch_files(root: Path, rels: list[str]) -> None:
