@@ -18,7 +18,8 @@ Mirrors (AILab-CVC/SEED @ 93b3cf4) `models/seed_qformer/qformer_quantizer.py` (`
 Official files: `AILab-CVC/seed-tokenizer-2/seed_quantizer.pt` and BLIP-2's `eva_vit_g.pth`.
 
 Public API (other modules rely on these names):
-  * `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")`: 32x32 images, patch 4);
+  * `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")` = what train.py trains: 32x32
+    images, 8x8 patches);
   * `EVAViT(image_size, patch_size, width, depth, n_heads, mlp_hidden)`: `forward(pixels) -> (B, 1+N, width)`, all
     tokens, no final norm; usable on its own (train.py's tiny CLIP uses it as its image tower);
   * `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6, attention=Attention)`: the timm pre-LN block of `blocks_image`
@@ -127,10 +128,10 @@ class SeedConfig:
 
 
 def _tiny() -> SeedConfig:
-    # The shapes world (SHAPES_WORLD.md): 32x32 images, 4x4 patches (64 tokens + CLS), width 128.
-    # Still 32 queries, so an image is 32 tokens for the LLM, as in the official model.
+    # What `train.py --tiny` trains on its 32x32 shapes world: 8x8 patches (16 tokens + CLS; four times cheaper
+    # than 4x4 on two CPU cores), width 128. Still 32 queries, so an image is 32 tokens for the LLM, as officially.
     return SeedConfig(
-        image_size=32, patch_size=4, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=512,
+        image_size=32, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=512,
         qformer=QFormerConfig(width=128, n_layers=2, n_heads=4, intermediate=512, vision_width=128,
                               max_text_len=32, proj_dim=64),
         n_codes=256, code_dim=16,
