@@ -24,7 +24,7 @@ Public API (other modules rely on these names):
     tokens, no final norm; usable on its own (train.py's tiny CLIP uses it as its image tower);
   * `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6, attention=Attention)`: the timm pre-LN block of `blocks_image`
     (EVA's blocks are the same with `attention=EVAAttention`);
-  * `SeedTokenizer(config=None, causal=None)`:
+  * `SeedTokenizer(config=None)` (`config.causal=False` builds the bidirectional Q-Former of the paper's ablation):
       - `encode(pixels) -> (B, 32) long`, `embed(codes) -> (B, E)`, `preprocess(image) -> (3, S, S)`;
       - the chain as small differentiable steps, which `encode`/`embed` compose and train.py trains:
         `image_features(pixels)` (ViT + ln_vision) -> `query_embeddings(feats)` (B, 32, Dq) -> `to_code_space(q)` z
@@ -54,7 +54,7 @@ import logging
 import os
 import re
 import zipfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ class SeedConfig:
     vit_mlp: int = 6144
     # Causal Q-Former (bert-base-uncased geometry, cross-attention to the ViT in every 2nd layer, 32 queries).
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    causal: bool = True
+    causal: bool = True  # False: the bidirectional Q-Former of the paper's ablation (train.py --no-causal)
     # Codebook: 8192 codes of 32 dims.
     n_codes: int = 8192
     code_dim: int = 32
@@ -236,12 +236,9 @@ class EVAViT(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 class SeedTokenizer(nn.Module):
-    def __init__(self, config: SeedConfig | None = None, causal: bool | None = None):
+    def __init__(self, config: SeedConfig | None = None):
         super().__init__()
-        config = config or SeedConfig()
-        if causal is not None:
-            config = replace(config, causal=causal)  # kept in the config, so save/load round-trips it
-        self.config = c = config
+        self.config = c = config or SeedConfig()
         D, Q = c.qformer.width, c.qformer.n_queries
         self.visual_encoder = EVAViT(c.image_size, c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp)
         self.ln_vision = nn.LayerNorm(c.vit_width, eps=1e-5)  # torch default eps, unlike the ViT's 1e-6

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +271,7 @@ def test_presets_and_causal_flag():
     assert SeedConfig.preset("seed-tokenizer-2") == SeedConfig()
     with pytest.raises(ValueError, match="tiny"):
         SeedConfig.preset("huge")
-    model = SeedTokenizer(SeedConfig.preset("tiny"), causal=False)
+    model = SeedTokenizer(replace(SeedConfig.preset("tiny"), causal=False))
     assert model.config.causal is False and model.qformer.causal is False
     assert SeedTokenizer(SeedConfig.preset("tiny")).qformer.causal is True
     tiny = SeedConfig.preset("tiny")
