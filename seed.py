@@ -464,18 +464,21 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
 # Official checkpoint format: names, ignore list, size inference
 # ----------------------------------------------------------------------------------------------------------------
 
-# Official key -> our key, applied in order. Only the Q-Former differs: our attention and feed-forward are one module
-# each (BERT splits them into self/output and intermediate/output modules), and query_tokens lives in the Q-Former.
+# Official name -> our name, as fragments of a key: one that starts with "." is a run of whole segments inside the
+# key, any other a prefix. Only the Q-Former differs: our attention and feed-forward are one module each (BERT splits
+# them into self/output and intermediate/output modules), and query_tokens lives in the Q-Former. Every fragment on
+# either side is unique in its model's keys, so the table read backwards (`ours_to_official`) is its exact inverse,
+# which names a missing key as the file should hold it (tests/test_seed.py checks the round trip on every key).
 OFFICIAL_RENAMES = [
-    (r"^query_tokens$", "qformer.query_tokens"),
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.input_norm."),
-    (r"^Qformer\.bert\.encoder\.layer\.", "qformer.layers."),
-    (r"\.(attention|crossattention)\.self\.", r".\1."),
-    (r"\.(attention|crossattention)\.output\.dense\.", r".\1.out."),
-    (r"\.(attention|crossattention)\.output\.LayerNorm\.", r".\1.norm."),
-    (r"\.intermediate_query\.dense\.", ".ffn_query.up."),
-    (r"\.output_query\.dense\.", ".ffn_query.down."),
-    (r"\.output_query\.LayerNorm\.", ".ffn_query.norm."),
+    ("query_tokens", "qformer.query_tokens"),
+    ("Qformer.bert.embeddings.LayerNorm.", "qformer.input_norm."),
+    ("Qformer.bert.encoder.layer.", "qformer.layers."),
+    *((f".{a}.self.{p}.", f".{a}.{p}.") for a in ("attention", "crossattention") for p in ("query", "key", "value")),
+    *((f".{a}.output.dense.", f".{a}.out.") for a in ("attention", "crossattention")),
+    *((f".{a}.output.LayerNorm.", f".{a}.norm.") for a in ("attention", "crossattention")),
+    (".intermediate_query.dense.", ".ffn_query.up."),
+    (".output_query.dense.", ".ffn_query.down."),
+    (".output_query.LayerNorm.", ".ffn_query.norm."),
 ]
 
 # Official keys that are dropped on purpose (the official inference never reads them either).
@@ -493,23 +496,12 @@ OFFICIAL_IGNORED = [
 ]
 
 
-# The inverse of OFFICIAL_RENAMES, to name missing keys as the file should have them (a test checks both directions).
-OURS_TO_OFFICIAL = [
-    (r"^qformer\.query_tokens$", "query_tokens"),
-    (r"^qformer\.input_norm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"^qformer\.layers\.", "Qformer.bert.encoder.layer."),
-    (r"\.(attention|crossattention)\.(query|key|value)\.", r".\1.self.\2."),
-    (r"\.(attention|crossattention)\.out\.", r".\1.output.dense."),
-    (r"\.(attention|crossattention)\.norm\.", r".\1.output.LayerNorm."),
-    (r"\.ffn_query\.up\.", ".intermediate_query.dense."),
-    (r"\.ffn_query\.down\.", ".output_query.dense."),
-    (r"\.ffn_query\.norm\.", ".output_query.LayerNorm."),
-]
-
-
-def _rename(key: str, table) -> str:
-    for pattern, repl in table:
-        key = re.sub(pattern, repl, key)
+def _rename(key: str, pairs) -> str:
+    for old, new in pairs:
+        if old.startswith("."):
+            key = key.replace(old, new)
+        elif key.startswith(old):
+            key = new + key[len(old):]
     return key
 
 
@@ -518,7 +510,7 @@ def official_to_ours(key: str) -> str:
 
 
 def ours_to_official(key: str) -> str:
-    return _rename(key, OURS_TO_OFFICIAL)
+    return _rename(key, [(ours, official) for official, ours in reversed(OFFICIAL_RENAMES)])
 
 
 def _is_ignored(key: str, vit_depth: int) -> bool:
