@@ -49,11 +49,9 @@ scores: equal up to rounding); the tokenizer does not build the training-only re
 LayerNorm kernels accumulate in fp32 anyway.
 """
 import io
-import json
 import logging
 import os
 import re
-import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -65,6 +63,8 @@ from PIL import Image, UnidentifiedImageError
 
 from qformer import CausalQFormer, QFormerConfig
 from vq import VectorQuantizer
+from weights import (assign, atomic_write, check_keys, pick_device, pick_dtype, read_header, read_json, read_weights,
+                     shapes, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -311,14 +311,13 @@ class SeedTokenizer(nn.Module):
     # --- native checkpoints ----------------------------------------------------------------------------------------
 
     def save_pretrained(self, folder) -> None:
-        """Write config.json + model.safetensors into `folder`, each atomically (temp file + os.replace)."""
+        """Write config.json + model.safetensors into `folder`, each atomically."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(self.config.to_dict(), indent=1)))
+        write_json(folder / "config.json", self.config.to_dict())
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(folder / "model.safetensors", lambda path: save_file(tensors, str(path)))
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None) -> "SeedTokenizer":
@@ -328,16 +327,16 @@ class SeedTokenizer(nn.Module):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} not found (expected a folder written by save_pretrained)")
         try:
-            config = SeedConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
+            config = SeedConfig.from_dict(read_json(folder / "config.json"))
+        except TypeError as e:
             raise ValueError(f"{folder / 'config.json'} is not a SeedConfig: {e}") from e
-        state = read_state_dict(folder / "model.safetensors")
+        path = folder / "model.safetensors"
+        header = read_header(path)
         with torch.device("meta"):
             model = cls(config)
-        missing, misshaped, unexpected = _compare(model, state)
-        if missing or misshaped or unexpected:
-            raise ValueError(_mismatch_report(str(folder / "model.safetensors"), missing, misshaped, unexpected))
-        return _assign(model, state, device, dtype)
+        check_keys(shapes(model), {k: shape for k, (shape, _) in header.items()}, str(path), "the SEED tokenizer")
+        device, dtype = _placement(device, dtype, header.values())
+        return assign(model, read_weights(path, device=device, dtype=dtype), device, dtype)
 
     # --- official checkpoints --------------------------------------------------------------------------------------
 
@@ -353,60 +352,58 @@ class SeedTokenizer(nn.Module):
 
         Sizes come from the tensor shapes. The keyword arguments are what shapes cannot tell: head counts, and
         how many ViT blocks to use (BLIP-2 uses the first 39 of the file's 40; a file with fewer uses all).
+        Names and shapes are checked before any tensor is read; then each tensor is read and cast on its own.
         """
-        quantizer = read_state_dict(quantizer_path)
-        has_vit = any(k.startswith("visual_encoder.") for k in quantizer)
-        if has_vit:
-            vit, vit_source = None, str(quantizer_path)
-        elif vit_path is None:
-            raise ValueError(f"{quantizer_path} holds no visual_encoder.* weights: pass vit_path (eva_vit_g.pth)")
-        else:
-            vit, vit_source = read_state_dict(vit_path), str(vit_path)
-        return cls.from_official_state_dict(
-            quantizer, vit, device, dtype, vit_depth=vit_depth, vit_heads=vit_heads,
-            qformer_heads=qformer_heads, decoder_heads=decoder_heads,
-            source=f"{quantizer_path}" + ("" if has_vit else f" + {vit_source}"),
-        )
+        parts = [(Path(quantizer_path), "", read_header(quantizer_path))]
+        if not any(k.startswith("visual_encoder.") for k in parts[0][2]):
+            if vit_path is None:
+                raise ValueError(f"{quantizer_path} holds no visual_encoder.* weights: pass vit_path (eva_vit_g.pth)")
+            parts.append((Path(vit_path), "visual_encoder.", read_header(vit_path)))  # its keys carry no prefix
+        found = {prefix + k: spec for _, prefix, header in parts for k, spec in header.items()}
+        model, renames = cls._check_official(
+            {k: shape for k, (shape, _) in found.items()}, " + ".join(str(path) for path, _, _ in parts),
+            vit_depth=vit_depth, vit_heads=vit_heads, qformer_heads=qformer_heads, decoder_heads=decoder_heads)
+        device, dtype = _placement(device, dtype, found.values())
+        state = {}
+        for path, prefix, header in parts:
+            tensors = read_weights(path, [k for k in header if prefix + k in renames], device, dtype)
+            state.update({renames[prefix + k]: t for k, t in tensors.items()})
+        return assign(model, state, device, dtype)
 
     @classmethod
     def from_official_state_dict(cls, quantizer: dict, vit: dict | None = None, device=None, dtype=None, *,
                                  vit_depth: int = 39, vit_heads: int = 16, qformer_heads: int = 12,
                                  decoder_heads: int = 12, source: str = "official state dict") -> "SeedTokenizer":
-        """`from_official` on state dicts already in memory (tensors may live on the meta device: then only keys
-        and shapes are checked, which the key-coverage test uses)."""
-        official = dict(quantizer)
-        if vit is not None:  # eva_vit_g.pth keys carry no prefix
-            official.update({f"visual_encoder.{k}": v for k, v in vit.items()})
-        config = infer_config(official, vit_depth, vit_heads, qformer_heads, decoder_heads, source)
-        state, ignored, to_official = {}, 0, {}
-        for key, tensor in official.items():
-            if _is_ignored(key, config.vit_depth):
-                ignored += 1
-                continue
-            ours = official_to_ours(key)
-            state[ours], to_official[ours] = tensor, key
+        """`from_official` on state dicts already in memory. With device="meta" (tensors on the meta device too)
+        only names and shapes are checked, which the key-coverage test uses."""
+        official = {**quantizer, **{f"visual_encoder.{k}": v for k, v in (vit or {}).items()}}
+        model, renames = cls._check_official({k: tuple(v.shape) for k, v in official.items()}, source,
+                                             vit_depth=vit_depth, vit_heads=vit_heads, qformer_heads=qformer_heads,
+                                             decoder_heads=decoder_heads)
+        device, dtype = _placement(device, dtype, [(None, v.dtype) for v in official.values()])
+        return assign(model, {ours: official[key] for key, ours in renames.items()}, device, dtype)
+
+    @classmethod
+    def _check_official(cls, found: dict, source: str, **heads) -> tuple["SeedTokenizer", dict[str, str]]:
+        """A meta-device model of the size the official shapes `found` describe, and official -> our name of every
+        tensor to load. Missing and mis-shaped keys are an error (in the file's names, with the unused keys, which
+        usually show a rename); unused keys alone are counted in one log line, as the official strict=False load
+        allows them."""
+        config = infer_config(found, source=source, **heads)
+        renames = {k: official_to_ours(k) for k in found if not _is_ignored(k, config.vit_depth)}
         with torch.device("meta"):
             model = cls(config)
-        missing, misshaped, unexpected = _compare(model, state)
-        if missing or misshaped:
-            # Report everything in the file's own (official) names.
-            raise ValueError(_mismatch_report(
-                source,
-                [ours_to_official(k) for k in missing],
-                [(to_official[k], a, b) for k, a, b in misshaped],
-                [to_official[k] for k in unexpected],
-                note=f"architecture inferred from the shapes: {config}",
-            ))
-        log.info(
-            "%s: loaded %d tensors, ignored %d on purpose (training-only recon branch, text branch, position_ids, "
-            "ViT blocks >= %d), skipped %d unknown tensors%s",
-            source, len(state) - len(unexpected), ignored, config.vit_depth, len(unexpected),
-            (": " + ", ".join(to_official[k] for k in unexpected[:5]) + (", ..." if len(unexpected) > 5 else ""))
-            if unexpected else "",
-        )
-        for k in unexpected:
-            del state[k]
-        return _assign(model, state, device, dtype)
+        expected = {ours_to_official(k): shape for k, shape in shapes(model).items()}
+        kept = {k: found[k] for k in renames}
+        unknown = [k for k in kept if k not in expected]
+        if any(k not in kept or tuple(kept[k]) != shape for k, shape in expected.items()):
+            check_keys(expected, kept, source, "the SEED tokenizer", note=f"architecture inferred from the shapes: "
+                                                                          f"{config}")
+        log.info("%s: loaded %d tensors, ignored %d on purpose (training-only recon branch, text branch, position_ids,"
+                 " ViT blocks >= %d), skipped %d unknown tensors%s", source, len(kept) - len(unknown),
+                 len(found) - len(kept), config.vit_depth, len(unknown),
+                 (": " + ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")) if unknown else "")
+        return model, {k: ours for k, ours in renames.items() if k in expected}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,23 +519,23 @@ def _is_ignored(key: str, vit_depth: int) -> bool:
 
 def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, decoder_heads=12,
                  source="official state dict") -> SeedConfig:
-    """Every size of the tokenizer from the shapes of official-format tensors (quantizer + visual_encoder.*)."""
+    """Every size of the tokenizer from official-format shapes {name: shape} (quantizer + visual_encoder.*)."""
     def shape(key):
         if key not in official:
             raise ValueError(f"{source}: missing key {key!r}, needed to infer the model size")
-        return tuple(official[key].shape)
+        return tuple(official[key])
 
     def indices(pattern):
         found = {int(m.group(1)) for k in official if (m := re.match(pattern, k))}
         return sorted(found)
 
+    width = shape("query_tokens")[2]  # first: a file without it (eva_vit_g.pth?) is no quantizer at all
     vit_blocks = indices(r"^visual_encoder\.blocks\.(\d+)\.")
     n_layers = len(indices(r"^Qformer\.bert\.encoder\.layer\.(\d+)\."))
     cross = indices(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.")
     freq = next((f for f in range(1, n_layers + 1) if cross == list(range(0, n_layers, f))), None)
     if freq is None:
         raise ValueError(f"{source}: cross-attention in Q-Former layers {cross} of {n_layers} is not periodic")
-    width = shape("query_tokens")[2]
     patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
     n_tokens = shape("visual_encoder.pos_embed")[1]
     grid = round((n_tokens - 1) ** 0.5)
@@ -565,85 +562,9 @@ def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, d
         raise ValueError(f"{source}: the tensor shapes do not describe a SEED tokenizer: {e}") from e
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading and checking state dicts
-# ----------------------------------------------------------------------------------------------------------------
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from .safetensors, or a torch.save file read with weights_only=True (mmap if zip)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    try:
-        # Pre-1.6 torch.save files are not zip archives and cannot be memory-mapped.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # torch raises several types for foreign files (UnpicklingError, RuntimeError, KeyError)
-        detail = str(e)
-        if "GLOBAL" in detail:  # weights_only's refusal: the pickle names a function or class to call on load
-            what = next((line for line in detail.splitlines() if "GLOBAL" in line), "").strip()
-            raise ValueError(
-                f"{path}: refused to load: the pickle would construct objects that are not plain tensors, which can "
-                f"execute code (torch.load weights_only=True). {what}"
-            ) from e
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {type(e).__name__}: {detail[:200]}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (a flat dict of tensors), got {type(state).__name__}")
-    return state
-
-
-def _compare(model: nn.Module, state: dict):
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [(k, tuple(state[k].shape), tuple(expected[k].shape))
-                 for k in state if k in expected and state[k].shape != expected[k].shape]
-    return missing, misshaped, unexpected
-
-
-def _mismatch_report(source, missing, misshaped, unexpected, note="") -> str:
-    def listing(items):
-        return "\n    ".join(str(x) for x in items)
-
-    lines = [f"{source} does not match the SEED tokenizer:"]
-    if missing:
-        lines.append(f"  missing ({len(missing)}):\n    {listing(missing)}")
-    if misshaped:
-        lines.append(f"  mis-shaped ({len(misshaped)}), file vs model:\n    "
-                     + listing(f"{k}: {a} vs {b}" for k, a, b in misshaped))
-    if unexpected:
-        lines.append(f"  unexpected ({len(unexpected)}):\n    {listing(unexpected)}")
-    if note:
-        lines.append(f"  ({note})")
-    return "\n".join(lines)
-
-
-def _assign(model: nn.Module, state: dict, device, dtype) -> nn.Module:
-    """Move the loaded tensors into a meta-device model without copies where possible (assign=True)."""
-    device = torch.device(device) if device is not None else _default_device()
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".incomplete")
-    write(tmp)
-    os.replace(tmp, path)
+def _placement(device, dtype, specs) -> tuple[torch.device, torch.dtype]:
+    """weights.pick_device and pick_dtype (from the first float dtype among the file's (shape, dtype) `specs`);
+    "meta" is kept as it is: a dry run that checks names and shapes only."""
+    device = torch.device("meta") if str(device) == "meta" else pick_device(device)
+    stored = next((d for _, d in specs if d is not None and d.is_floating_point), None)
+    return device, dtype or pick_dtype(device, stored)
