@@ -19,29 +19,24 @@ Official files: `AILab-CVC/seed-tokenizer-2/seed_quantizer.pt` and BLIP-2's `eva
 
 Public API (other modules rely on these names):
   * `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")` = what train.py trains: 32x32
-    images, 8x8 patches);
-  * `EVAViT(image_size, patch_size, width, depth, n_heads, mlp_hidden)`: `forward(pixels) -> (B, 1+N, width)`, all
-    tokens, no final norm; usable on its own (train.py's tiny CLIP uses it as its image tower);
-  * `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6, attention=Attention)`: the timm pre-LN block of `blocks_image`
-    (EVA's blocks are the same with `attention=EVAAttention`);
-  * `SeedTokenizer(config=None)` (`config.causal=False` builds the bidirectional Q-Former of the paper's ablation):
-      - `encode(pixels) -> (B, 32) long`, `embed(codes) -> (B, E)`, `preprocess(image) -> (3, S, S)`;
-      - the chain as small differentiable steps, which `encode`/`embed` compose and train.py trains:
-        `image_features(pixels)` (ViT + ln_vision) -> `query_embeddings(feats)` (B, 32, Dq) -> `to_code_space(q)` z
-        -> `quantize(z)` = (z_q straight-through, codes, loss) -> `from_code_space(z_q)` (B, 32, Dq)
-        -> `image_embedding(q_rec)` (B, E);
-      - `from_official(quantizer_path, vit_path=None, device=None, dtype=None, ...)`, `save_pretrained(folder)`,
-        `from_pretrained(folder, device=None, dtype=None)`;
+    images, 8x8 patches; `causal=False` = the bidirectional Q-Former of the paper's ablation);
+  * `EVAViT(image_size, patch_size, width, depth, n_heads, mlp_hidden)`: pixels -> (B, 1+N, width), no final norm
+    (also the image tower of train.py's tiny CLIP); `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6,
+    attention=Attention)`: timm's pre-LN block of `blocks_image` (EVA's blocks use `attention=EVAAttention`);
+  * `SeedTokenizer(config=None)`: `encode(pixels) -> (B, 32) long`, `embed(codes) -> (B, E)`,
+    `preprocess(image) -> (3, S, S)`; the chain as differentiable steps, which `encode`/`embed` compose and train.py
+    trains: `image_features` (ViT + ln_vision) -> `query_embeddings` (B, 32, Dq) -> `to_code_space` z -> `quantize`
+    = (z_q straight-through, codes, loss) -> `from_code_space` (B, 32, Dq) -> `image_embedding` (B, E);
+    `from_official(quantizer_path, vit_path=None, device=None, dtype=None, ...)`, `save_pretrained(folder)`,
+    `from_pretrained(folder, device=None, dtype=None)`;
   * `load_image(image) -> PIL RGB image` (path, bytes, PIL image or array), used by `preprocess`.
 
-Loading the official files (`from_official`): every size is read from tensor shapes (ViT width/depth/patch/MLP,
-Q-Former width/layers/intermediate/cross-attention period, codebook, decoder depth/MLP, image_down, output width), so
-reduced checkpoints in the official format load too. Head counts cannot be read from shapes: they are keyword
-arguments whose defaults are the official ones (ViT 16, Q-Former 12, decoder 12). Official key names map to ours by
-`OFFICIAL_RENAMES` (the Q-Former only; every other module is named as in the file) and `OFFICIAL_IGNORED` lists the
-keys dropped on purpose. Any missing or mis-shaped key is an error that names it (and lists the unused keys, which
-usually show a rename); unused keys alone are allowed, as the official `strict=False` load allows them (the released
-`seed_quantizer.pt` holds ~146 unknown tensors), and are counted in one log line.
+Loading the official files (`from_official`): every size is read from tensor shapes, so reduced checkpoints in the
+official format load too; head counts, which shapes cannot tell, are keyword arguments defaulting to the official
+ones (ViT 16, Q-Former 12, decoder 12). Official names map to ours by `OFFICIAL_RENAMES` (the Q-Former only);
+`OFFICIAL_IGNORED` lists the keys dropped on purpose. A missing or mis-shaped key is an error naming it (with the
+unused keys, which usually show a rename); unused keys alone are allowed, as the official `strict=False` load allows
+them (the released `seed_quantizer.pt` holds ~146 unknown tensors), and are counted in one log line.
 
 Deviations: attention runs through `F.scaled_dot_product_attention` (EVA scales q before q k^T; SDPA scales the
 scores: equal up to rounding); the tokenizer does not build the training-only reconstruction branch
@@ -60,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import save_file
 
 from qformer import CausalQFormer, QFormerConfig
 from vq import VectorQuantizer
@@ -97,13 +93,11 @@ class SeedConfig:
 
     def __post_init__(self):
         self.image_down = tuple(self.image_down)
-        checks = [
+        for ok, what in [
             (self.image_size % self.patch_size == 0, f"image_size {self.image_size} % patch_size {self.patch_size}"),
             (self.vit_width % self.vit_heads == 0, f"vit_width {self.vit_width} % vit_heads {self.vit_heads}"),
             (self.qformer.width % self.decoder_heads == 0,
-             f"decoder width {self.qformer.width} % decoder_heads {self.decoder_heads}"),
-        ]
-        for ok, what in checks:
+             f"decoder width {self.qformer.width} % decoder_heads {self.decoder_heads}")]:
             if not ok:
                 raise ValueError(f"SeedConfig: {what} must be 0")
         if self.qformer.vision_width != self.vit_width:
@@ -120,8 +114,7 @@ class SeedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SeedConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"SeedConfig: unknown fields {sorted(unknown)}")
         return cls(**{**d, "qformer": QFormerConfig(**d.get("qformer", {}))})
@@ -134,17 +127,14 @@ def _tiny() -> SeedConfig:
         image_size=32, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=512,
         qformer=QFormerConfig(width=128, n_layers=2, n_heads=4, intermediate=512, vision_width=128,
                               max_text_len=32, proj_dim=64),
-        n_codes=256, code_dim=16,
-        decoder_depth=2, decoder_heads=4, decoder_mlp=512, image_down=(64, 32, 8), embed_dim=128,
-    )
+        n_codes=256, code_dim=16, decoder_depth=2, decoder_heads=4, decoder_mlp=512, image_down=(64, 32, 8),
+        embed_dim=128)
 
 
 PRESETS = {"seed-tokenizer-2": SeedConfig, "tiny": _tiny}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# ViT building blocks (timm `vit.Block`; EVA's variant of its attention)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- ViT building blocks (timm `vit.Block`; EVA's variant of its attention) ----------------------------------------
 
 class Attention(nn.Module):
     """timm ViT self-attention: one fused qkv projection (rows q | k | v, heads contiguous), no mask."""
@@ -231,11 +221,11 @@ class EVAViT(nn.Module):
         return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The tokenizer
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The tokenizer -------------------------------------------------------------------------------------------------
 
 class SeedTokenizer(nn.Module):
+    """Image -> 32 codes (`encode`) and codes -> unCLIP image embedding (`embed`), module names as the official keys."""
+
     def __init__(self, config: SeedConfig | None = None):
         super().__init__()
         self.config = c = config or SeedConfig()
@@ -312,8 +302,6 @@ class SeedTokenizer(nn.Module):
 
     def save_pretrained(self, folder) -> None:
         """Write config.json + model.safetensors into `folder`, each atomically."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         write_json(folder / "config.json", self.config.to_dict())
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
@@ -344,16 +332,11 @@ class SeedTokenizer(nn.Module):
     def from_official(cls, quantizer_path, vit_path=None, device=None, dtype=None, *,
                       vit_depth: int = 39, vit_heads: int = 16, qformer_heads: int = 12,
                       decoder_heads: int = 12) -> "SeedTokenizer":
-        """Load the released `seed_quantizer.pt` (+ BLIP-2's `eva_vit_g.pth` when the quantizer has no
-        `visual_encoder.*` keys, as the released one). `.pt`/`.pth` files are read with
-        `torch.load(weights_only=True, mmap=True)`; `.safetensors` also work. When the quantizer holds the ViT,
-        `vit_path` is not read: in the official code the quantizer's state dict is loaded after eva_vit_g.pth
-        and would overwrite it.
-
-        Sizes come from the tensor shapes. The keyword arguments are what shapes cannot tell: head counts, and
-        how many ViT blocks to use (BLIP-2 uses the first 39 of the file's 40; a file with fewer uses all).
-        Names and shapes are checked before any tensor is read; then each tensor is read and cast on its own.
-        """
+        """Load the released `seed_quantizer.pt` + BLIP-2's `eva_vit_g.pth` (`.pt`/`.pth` or `.safetensors`).
+        A quantizer that holds `visual_encoder.*` keys (the released one does not) needs no `vit_path`, which is
+        then not read: the official code loads the quantizer after eva_vit_g.pth, overwriting it. The keywords are
+        what shapes cannot tell: head counts, and how many ViT blocks to use (BLIP-2 uses the first 39 of the
+        file's 40; a file with fewer uses all). Names and shapes are checked before any tensor is read."""
         parts = [(Path(quantizer_path), "", read_header(quantizer_path))]
         if not any(k.startswith("visual_encoder.") for k in parts[0][2]):
             if vit_path is None:
@@ -372,14 +355,11 @@ class SeedTokenizer(nn.Module):
 
     @classmethod
     def from_official_state_dict(cls, quantizer: dict, vit: dict | None = None, device=None, dtype=None, *,
-                                 vit_depth: int = 39, vit_heads: int = 16, qformer_heads: int = 12,
-                                 decoder_heads: int = 12, source: str = "official state dict") -> "SeedTokenizer":
-        """`from_official` on state dicts already in memory. With device="meta" (tensors on the meta device too)
-        only names and shapes are checked, which the key-coverage test uses."""
+                                 source: str = "official state dict", **heads) -> "SeedTokenizer":
+        """`from_official` (whose keywords `heads` takes) on state dicts already in memory. With device="meta"
+        (tensors on the meta device too) only names and shapes are checked, which the key-coverage test uses."""
         official = {**quantizer, **{f"visual_encoder.{k}": v for k, v in (vit or {}).items()}}
-        model, renames = cls._check_official({k: tuple(v.shape) for k, v in official.items()}, source,
-                                             vit_depth=vit_depth, vit_heads=vit_heads, qformer_heads=qformer_heads,
-                                             decoder_heads=decoder_heads)
+        model, renames = cls._check_official({k: tuple(v.shape) for k, v in official.items()}, source, **heads)
         device, dtype = _placement(device, dtype, [(None, v.dtype) for v in official.values()])
         return assign(model, {ours: official[key] for key, ours in renames.items()}, device, dtype)
 
@@ -406,9 +386,7 @@ class SeedTokenizer(nn.Module):
         return model, {k: ours for k, ours in renames.items() if k in expected}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Images --------------------------------------------------------------------------------------------------------
 
 def load_image(image) -> Image.Image:
     """A path, bytes, PIL image or array (H, W[, C], uint8 or uint16) as an RGB PIL image; ValueError if unreadable."""
@@ -457,15 +435,12 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
     return Image.fromarray(a)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Official checkpoint format: names, ignore list, size inference
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Official checkpoint format: names, ignore list, size inference ------------------------------------------------
 
-# Official name -> our name, as fragments of a key: one that starts with "." is a run of whole segments inside the
-# key, any other a prefix. Only the Q-Former differs: our attention and feed-forward are one module each (BERT splits
-# them into self/output and intermediate/output modules), and query_tokens lives in the Q-Former. Every fragment on
-# either side is unique in its model's keys, so the table read backwards (`ours_to_official`) is its exact inverse,
-# which names a missing key as the file should hold it (tests/test_seed.py checks the round trip on every key).
+# Official -> our name, as key fragments ("." first: whole segments inside the key, else a prefix). Only the Q-Former
+# differs: our attention and feed-forward are one module each (BERT splits them into self/output and intermediate/
+# output), and query_tokens lives in the Q-Former. Each fragment is unique in its model's keys, so the table read
+# backwards is the exact inverse, which names missing keys as the file holds them (tests/test_seed.py: round trip).
 OFFICIAL_RENAMES = [
     ("query_tokens", "qformer.query_tokens"),
     ("Qformer.bert.embeddings.LayerNorm.", "qformer.input_norm."),
@@ -494,6 +469,7 @@ OFFICIAL_IGNORED = [
 
 
 def _rename(key: str, pairs) -> str:
+    """`key` with each (old, new) fragment replaced in turn (see OFFICIAL_RENAMES)."""
     for old, new in pairs:
         if old.startswith("."):
             key = key.replace(old, new)
@@ -526,8 +502,7 @@ def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, d
         return tuple(official[key])
 
     def indices(pattern):
-        found = {int(m.group(1)) for k in official if (m := re.match(pattern, k))}
-        return sorted(found)
+        return sorted({int(m.group(1)) for k in official if (m := re.match(pattern, k))})
 
     width = shape("query_tokens")[2]  # first: a file without it (eva_vit_g.pth?) is no quantizer at all
     vit_blocks = indices(r"^visual_encoder\.blocks\.(\d+)\.")
@@ -537,27 +512,23 @@ def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, d
     if freq is None:
         raise ValueError(f"{source}: cross-attention in Q-Former layers {cross} of {n_layers} is not periodic")
     patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
-    n_tokens = shape("visual_encoder.pos_embed")[1]
-    grid = round((n_tokens - 1) ** 0.5)
-    vit_width = shape("visual_encoder.cls_token")[2]
+    grid = round((shape("visual_encoder.pos_embed")[1] - 1) ** 0.5)  # pos_embed covers CLS + grid x grid patches
     n_down = len(indices(r"^image_down\.(\d+)\.weight$"))
     try:
         return SeedConfig(
-            image_size=grid * patch, patch_size=patch, vit_width=vit_width,
+            image_size=grid * patch, patch_size=patch, vit_width=shape("visual_encoder.cls_token")[2],
             vit_depth=min(vit_depth, len(vit_blocks)), vit_heads=vit_heads,
             vit_mlp=shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],
             qformer=QFormerConfig(
                 width=width, n_layers=n_layers, n_heads=qformer_heads,
                 intermediate=shape("Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")[0],
                 vision_width=shape(f"Qformer.bert.encoder.layer.{cross[0]}.crossattention.self.key.weight")[1],
-                n_queries=shape("query_tokens")[1], cross_attention_freq=freq,
-            ),
+                n_queries=shape("query_tokens")[1], cross_attention_freq=freq),
             n_codes=shape("quantize.embedding.weight")[0], code_dim=shape("quantize.embedding.weight")[1],
             decoder_depth=len(indices(r"^blocks_image\.(\d+)\.")), decoder_heads=decoder_heads,
             decoder_mlp=shape("blocks_image.0.mlp.fc1.weight")[0],
             image_down=tuple(shape(f"image_down.{2 * i}.weight")[0] for i in range(n_down)),
-            embed_dim=shape("distill_image_proj.weight")[0],
-        )
+            embed_dim=shape("distill_image_proj.weight")[0])
     except (ValueError, IndexError) as e:
         raise ValueError(f"{source}: the tensor shapes do not describe a SEED tokenizer: {e}") from e
 
@@ -566,5 +537,4 @@ def _placement(device, dtype, specs) -> tuple[torch.device, torch.dtype]:
     """weights.pick_device and pick_dtype (from the first float dtype among the file's (shape, dtype) `specs`);
     "meta" is kept as it is: a dry run that checks names and shapes only."""
     device = torch.device("meta") if str(device) == "meta" else pick_device(device)
-    stored = next((d for _, d in specs if d is not None and d.is_floating_point), None)
-    return device, dtype or pick_dtype(device, stored)
+    return device, dtype or pick_dtype(device, next((d for _, d in specs if d and d.is_floating_point), None))
