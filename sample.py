@@ -45,25 +45,32 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from llama import Llama
+from llama import GenerationConfig, Llama
 from tokenizer import CODES_PER_IMAGE, Tokenizer
 from seed import SeedTokenizer, load_image
-from unet import UnCLIPDecoder
+from unet import SAMPLERS, UnCLIPDecoder
+from weights import pick_device, pick_dtype
 
 # ======================================================================================================
 # The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls
 # ======================================================================================================
 
+OFFICIAL_SAMPLING = GenerationConfig()  # the official decoding values live in llama.GenerationConfig, once
+
+
 @dataclass
 class Settings:
-    """How to generate: the LLM's decoding (official defaults: T 1.0, top-k 50, top-p 0.5) and the decoder's."""
-    temperature: float = 1.0       # 0 = greedy
-    top_p: float = 0.5
-    top_k: int = 50
-    max_new_tokens: int = 256
+    """How to generate: the LLM's decoding (the official values, from llama.GenerationConfig) and the decoder's.
+    The CLI's defaults are these fields."""
+    temperature: float = OFFICIAL_SAMPLING.temperature  # 0 = greedy
+    top_p: float = OFFICIAL_SAMPLING.top_p
+    top_k: int = OFFICIAL_SAMPLING.top_k                # 0 = all
+    max_new_tokens: int = OFFICIAL_SAMPLING.max_new_tokens
+    llm_guidance: float = OFFICIAL_SAMPLING.guidance_scale  # classifier-free guidance on image codes; 1 = off
     constrained: bool = False      # image spans always valid: only codes after <img>, then </img>
-    steps: int = 20                # PNDM steps of the unCLIP decoder
+    steps: int = 20                # denoising steps of the unCLIP decoder
     guidance: float = 10.0         # classifier-free guidance scale of the unCLIP decoder
+    sampler: str = "pndm"          # the decoder's sampler: "pndm" (official) or "ddim" (unet.SAMPLERS)
     negative: bool = True          # generated images: the LLM's unconditional codes as the negative image
     seed: int = 0
 
@@ -117,19 +124,23 @@ class SeedLlama:
 
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
                  max_new_tokens: int | None = None, on_token=None) -> list[int]:
-        """Sample the LLM's continuation of `prompt_ids` until `</s>` (or `<s>`, the 8B's legacy eos, §c.4).
-        `force_image` starts the answer with `<img>` and leaves room for the whole span (32 codes + `</img>`)."""
+        """Sample the LLM's continuation of `prompt_ids` until `</s>` (or `<s>`: the 8B model's generation_config.json
+        names id 1 as its eos). `force_image` starts the answer with `<img>` and leaves room for the whole
+        span (32 codes + `</img>`); its codes are then guided by `settings.llm_guidance` (classifier-free, against
+        the chat template around an empty request), when that is not 1."""
         max_new_tokens = max_new_tokens or settings.max_new_tokens
         if force_image:
             max_new_tokens = max(max_new_tokens, CODES_PER_IMAGE + 1)
+        guidance = settings.llm_guidance if force_image else 1.0
+        uncond = self.tokenizer.encode_chat([""], self.template) if guidance != 1.0 else None
         generator = torch.Generator(self.device).manual_seed(settings.seed)
         with self.running(self.llm):
             return self.llm.generate(
                 [prompt_ids], do_sample=settings.temperature > 0, temperature=settings.temperature or 1.0,
-                top_k=settings.top_k or None, top_p=settings.top_p,
-                max_new_tokens=max_new_tokens,
+                top_k=settings.top_k or None, top_p=settings.top_p, max_new_tokens=max_new_tokens,
                 stop_ids=(self.tokenizer.eos_id, self.tokenizer.bos_id), constrain_images=settings.constrained,
-                force_image=force_image, image_vocab=self.image_vocab, generator=generator, on_token=on_token)[0]
+                force_image=force_image, guidance_scale=guidance, uncond_prompt=uncond, image_vocab=self.image_vocab,
+                generator=generator, on_token=on_token)[0]
 
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
         """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None).
@@ -146,7 +157,7 @@ class SeedLlama:
         """The codes the LLM draws from `<s><img>` alone: the negative image of the official evaluation's
         classifier-free guidance. Sampled once per run (constrained, so it is always a valid span)."""
         if self._uncond_codes is None:
-            ids = self.generate(self.tokenizer.encode("<s>"), replace(settings, constrained=True),
+            ids = self.generate(self.tokenizer.encode("<s>"), replace(settings, constrained=True, llm_guidance=1.0),
                                 force_image=True, max_new_tokens=CODES_PER_IMAGE + 1)
             self._uncond_codes = self.tokenizer.decode_with_images(ids)[1][0]
         return self._uncond_codes
@@ -158,7 +169,7 @@ class SeedLlama:
             embeds = self.seed.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
         with self.running(self.decoder):
             return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
-                                guidance_scale=settings.guidance, seed=settings.seed)[0]
+                                guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
 
 
 def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: str = "8b", weights: str | None = None,
@@ -196,20 +207,24 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
 def test_picture(size: int = 448) -> Image.Image:
     """A house on a meadow under a blue sky with a sun, drawn with PIL: something every task can talk about when no
     `--image` is given (deterministic, no file needed)."""
-    img = Image.new("RGB", (size, size))
-    d = ImageDraw.Draw(img)
-    s = size / 448  # every coordinate below is for 448 px
-    for y in range(int(300 * s)):  # sky: lighter towards the horizon
-        t = y / (300 * s)
-        d.line([(0, y), (size, y)], fill=(int(70 + 110 * t), int(130 + 90 * t), 235))
-    d.rectangle([0, 300 * s, size, size], fill=(70, 160, 60))               # meadow
-    d.ellipse([330 * s, 40 * s, 400 * s, 110 * s], fill=(255, 215, 40))    # sun
-    d.rectangle([120 * s, 200 * s, 280 * s, 330 * s], fill=(235, 225, 200))  # walls
-    d.polygon([(100 * s, 205 * s), (200 * s, 120 * s), (300 * s, 205 * s)], fill=(190, 50, 40))  # roof
-    d.rectangle([180 * s, 260 * s, 220 * s, 330 * s], fill=(110, 70, 40))   # door
-    d.rectangle([135 * s, 225 * s, 170 * s, 255 * s], fill=(120, 180, 230))  # windows
-    d.rectangle([230 * s, 225 * s, 265 * s, 255 * s], fill=(120, 180, 230))
-    return img
+    image = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(image)
+    scale = size / 448
+
+    def at(*xy: float) -> list[float]:  # every coordinate below is for 448 px
+        return [v * scale for v in xy]
+
+    for y in range(int(300 * scale)):  # sky: lighter towards the horizon
+        t = y / (300 * scale)
+        draw.line([(0, y), (size, y)], fill=(int(70 + 110 * t), int(130 + 90 * t), 235))
+    draw.rectangle([0, 300 * scale, size, size], fill=(70, 160, 60))      # meadow
+    draw.ellipse(at(330, 40, 400, 110), fill=(255, 215, 40))              # sun
+    draw.rectangle(at(120, 200, 280, 330), fill=(235, 225, 200))          # walls
+    draw.polygon(at(100, 205, 200, 120, 300, 205), fill=(190, 50, 40))    # roof
+    draw.rectangle(at(180, 260, 220, 330), fill=(110, 70, 40))            # door
+    draw.rectangle(at(135, 225, 170, 255), fill=(120, 180, 230))          # windows
+    draw.rectangle(at(230, 225, 265, 255), fill=(120, 180, 230))
+    return image
 
 
 # ======================================================================================================
@@ -233,58 +248,58 @@ def input_image(args) -> tuple[Image.Image, str]:
     return load_image(args.image), args.image
 
 
-def run_reconstruct(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+def run_reconstruct(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     image, name = input_image(args)
     print(f"[reconstruct] {name} -> 32 codes -> image embedding -> unCLIP decoder")
     codes = pipe.encode_image(image)
     show_codes("input", codes)
-    save(pipe.draw(codes, s), out, "reconstruct")
+    save(pipe.draw(codes, settings), out, "reconstruct")
 
 
-def ask(pipe: SeedLlama, s: Settings, out: Path, task: str, question: str, codes: list[int] | None,
+def ask(pipe: SeedLlama, settings: Settings, out: Path, task: str, question: str, codes: list[int] | None,
         force_image: bool = False) -> tuple[str, list[list[int]]]:
     """One official single-turn prompt (image first, then the text, as the scripts) -> printed answer, with each
     image the answer holds drawn and saved."""
     message = ("<image>" if codes is not None else "") + question
     prompt = pipe.tokenizer.encode_chat([message], pipe.template, images=[codes] if codes is not None else [])
-    text, images, note = pipe.read(pipe.generate(prompt, s, force_image=force_image))
+    text, images, note = pipe.read(pipe.generate(prompt, settings, force_image=force_image))
     print(f"  answer: {text.replace('<image>', '[image]').strip()}")
     if note:
         print(f"  {note}")
     for k, image_codes in enumerate(images):
         show_codes(f"answer image {k}", image_codes)
-        negative = pipe.unconditional_codes(s) if s.negative else None
-        save(pipe.draw(image_codes, s, negative), out, task if k == 0 else f"{task}_{k}")
+        negative = pipe.unconditional_codes(settings) if settings.negative else None
+        save(pipe.draw(image_codes, settings, negative), out, task if k == 0 else f"{task}_{k}")
     return text, images
 
 
 def run_about_image(task: str):
     """caption / vqa: the image first, then the text, as the official scripts ask."""
-    def run(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+    def run(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
         image, name = input_image(args)
         question = args.prompt or DEFAULT_PROMPTS[task]
         print(f"[{task}] {name}; prompt: {question}")
         codes = pipe.encode_image(image)
         show_codes("input", codes)
-        ask(pipe, s, out, task, question, codes)
+        ask(pipe, settings, out, task, question, codes)
     return run
 
 
-def run_t2i(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+def run_t2i(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     request = args.prompt or DEFAULT_PROMPTS["t2i"]
     print(f"[t2i] {request}")
-    if s.negative:
-        show_codes("unconditional (negative)", pipe.unconditional_codes(s))
-    ask(pipe, s, out, "t2i", request, None, force_image=True)
+    if settings.negative:
+        show_codes("unconditional (negative)", pipe.unconditional_codes(settings))
+    ask(pipe, settings, out, "t2i", request, None, force_image=True)
 
 
-def run_edit(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+def run_edit(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     image, name = input_image(args)
     instruction = args.prompt or DEFAULT_PROMPTS["edit"]
     print(f"[edit] {name}; instruction: {instruction}")
     codes = pipe.encode_image(image)
     show_codes("input", codes)
-    ask(pipe, s, out, "edit", instruction, codes, force_image=True)
+    ask(pipe, settings, out, "edit", instruction, codes, force_image=True)
 
 
 class TextStream:
@@ -362,9 +377,9 @@ class Chat:
         self.messages, self.images = [], []
 
 
-def run_chat(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+def run_chat(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     """Read turns from stdin: plain text, '/image PATH [text]', '/draw TEXT', '/reset', '/quit'."""
-    chat = Chat(pipe, s, out)
+    chat = Chat(pipe, settings, out)
     interactive = sys.stdin.isatty()
     print("[chat] type a message; '/image PATH [text]' attaches a picture, '/draw TEXT' asks for one, "
           "'/reset' starts over, '/quit' leaves.")
@@ -399,20 +414,20 @@ def run_chat(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
             print(f"  error: {e}")
 
 
-def run_chat_demo(pipe: SeedLlama, s: Settings, args, out: Path) -> None:
+def run_chat_demo(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     """`--task all`: a scripted two-turn chat on the input picture; the second turn asks for a new picture, so the
     history ends up holding one image of each origin."""
     image, name = input_image(args)
     print(f"[chat] two scripted turns on {name}")
-    chat = Chat(pipe, s, out)
+    chat = Chat(pipe, settings, out)
     print("you> [image] What is in this picture?")
     chat.turn("What is in this picture?", image)
     print("you> /draw Now draw the same scene at night.")
     chat.turn("Now draw the same scene at night.", draw=True)
 
 
-RUNNERS = {"reconstruct": run_reconstruct, "caption": run_about_image("caption"), "vqa": run_about_image("vqa"), "t2i": run_t2i, "edit": run_edit,
-           "chat": run_chat, "chat-demo": run_chat_demo}
+RUNNERS = {"reconstruct": run_reconstruct, "caption": run_about_image("caption"), "vqa": run_about_image("vqa"),
+           "t2i": run_t2i, "edit": run_edit, "chat": run_chat, "chat-demo": run_chat_demo}
 
 
 # ======================================================================================================
@@ -447,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do (default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn "
                         "chat, one after the other; 'chat' alone reads turns from the terminal)")
     p.add_argument("--image", help="input picture for reconstruct/caption/vqa/edit (default: a built-in test picture)")
-    p.add_argument("--prompt", help="request (caption), question (vqa), request (t2i) or instruction (edit); each has a default")
+    p.add_argument("--prompt",
+                   help="request (caption), question (vqa), request (t2i) or instruction (edit); each has a default")
     p.add_argument("--model", default="8b", choices=sorted(LLM_REPOS),
                    help="which SEED-LLaMA to use with --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
     p.add_argument("--weights", help="folder holding the official files laid out as on the hub (missing files are "
@@ -456,24 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weights and compute dtype (default: float16 on cuda/mps, float32 on cpu); half precision "
                         "also selects the fp16 unCLIP files, half the download")
-    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same outputs (default 0)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature; 0 = greedy (default 1.0, the official scripts')")
-    p.add_argument("--top-p", type=float, default=0.5, help="nucleus sampling mass (default 0.5, official)")
-    p.add_argument("--top-k", type=int, default=50,
-                   help="keep the k most likely tokens, 0 = all (default 50, what the official HF generate applies)")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="longest answer in tokens (default 256, the official demo's); capped by the context window, "
-                        "raised to 33 when an image is requested so that its span fits")
-    p.add_argument("--steps", type=int, default=20, help="unCLIP denoising steps (default 20 = 21 UNet calls)")
-    p.add_argument("--guidance", type=float, default=10.0, help="classifier-free guidance scale (default 10)")
-    p.add_argument("--negative", choices=["uncond", "none"], default="uncond",
-                   help="negative image for the guidance of generated images: 'uncond' = the embedding of codes the "
-                        "LLM samples from '<s><img>' alone (as the official evaluation), 'none' = a zero label "
-                        "(default uncond; reconstructions always use none)")
-    p.add_argument("--constrained", action="store_true",
-                   help="after <img>, allow only image codes for 32 tokens and then force </img>, so every image "
-                        "span is valid (the official code samples freely)")
+    p.add_argument("--seed", type=int, default=Settings.seed, help="random seed: same seed, same outputs "
+                                                                   "(default %(default)s)")
+    add_generation_options(p)
     p.add_argument("--low-vram", action="store_true",
                    help="keep every model in host memory and move only the running one to the GPU (tokenizer -> "
                         "LLM -> decoder): SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
@@ -481,43 +482,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pick_device(name: str | None) -> torch.device:
-    """`--device`, checked, or the best one present: cuda, then Apple's mps, then cpu."""
-    if name:
-        device = torch.device(name)
-        present = {"cpu": True, "cuda": torch.cuda.is_available(),
-                   "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-        if not present.get(device.type, False):
-            raise ValueError(f"--device {name}: not available here (available: "
-                             f"{', '.join(k for k, ok in present.items() if ok)})")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The LLM's decoding and the decoder's drawing; every default is a `Settings` field (the LLM's: the official
+    values of llama.GenerationConfig)."""
+    p.add_argument("--temperature", type=float, default=Settings.temperature,
+                   help="sampling temperature; 0 = greedy (default %(default)s, the official scripts')")
+    p.add_argument("--top-p", type=float, default=Settings.top_p,
+                   help="nucleus sampling mass (default %(default)s, official)")
+    p.add_argument("--top-k", type=int, default=Settings.top_k,
+                   help="keep the k most likely tokens, 0 = all (default %(default)s, what the official HF generate "
+                        "applies)")
+    p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
+                   help="longest answer in tokens (default %(default)s, the official scripts'); capped by the context "
+                        "window, raised to 33 when an image is requested so that its span fits")
+    p.add_argument("--llm-cfg", type=float, default=Settings.llm_guidance, metavar="SCALE",
+                   help="classifier-free guidance of the LLM on the image codes of t2i, edit and chat /draw, against "
+                        "the chat template around an empty request; 1 = off (default %(default)s, as officially)")
+    p.add_argument("--steps", type=int, default=Settings.steps,
+                   help="unCLIP denoising steps (default %(default)s; PNDM makes one UNet call more)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=Settings.sampler,
+                   help="the unCLIP decoder's sampler: pndm (the official scheduler) or ddim (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=Settings.guidance,
+                   help="the unCLIP decoder's classifier-free guidance scale (default %(default)s)")
+    p.add_argument("--negative", choices=["uncond", "none"], default="uncond",
+                   help="negative image for the guidance of generated images: 'uncond' = the embedding of codes the "
+                        "LLM samples from '<s><img>' alone (as the official evaluation), 'none' = a zero label "
+                        "(default uncond; reconstructions always use none)")
+    p.add_argument("--constrained", action="store_true",
+                   help="after <img>, allow only image codes for 32 tokens and then force </img>, so every image "
+                        "span is valid (the official code samples freely)")
+
+
+def check_arguments(args) -> None:
+    """Fail on bad arguments before minutes of loading."""
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    if args.task == "chat" and args.image is not None:
+        raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
+    for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"),
+                     (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                     (args.top_k >= 0, "--top-k must be >= 0"),
+                     (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                     (args.llm_cfg >= 0, "--llm-cfg must be >= 0"),
+                     (args.steps >= 1, "--steps must be >= 1"),
+                     (args.guidance >= 0, "--guidance must be >= 0")]:
+        if not ok:
+            raise ValueError(what)
+
+
+def settings_from(args) -> Settings:
+    return Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    max_new_tokens=args.max_new_tokens, llm_guidance=args.llm_cfg, constrained=args.constrained,
+                    steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                    negative=args.negative == "uncond", seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # Fail on bad arguments before minutes of loading.
-        device = pick_device(args.device)
-        if args.image is not None and not Path(args.image).is_file():
-            raise FileNotFoundError(f"--image {args.image}: no such file")
-        if args.task == "chat" and args.image is not None:
-            raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
-        for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"),
-                         (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.top_k >= 0, "--top-k must be >= 0"),
-                         (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                         (args.steps >= 1, "--steps must be >= 1"), (args.guidance >= 0, "--guidance must be >= 0")]:
-            if not ok:
-                raise ValueError(what)
+        device = pick_device(args.device)  # an absent device is named, with the ones present
+        check_arguments(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Half precision on accelerators, as the official code; fp32 on the CPU, where half matmuls are slow.
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.float16)
+    dtype = getattr(torch, args.dtype) if args.dtype else pick_dtype(device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -526,9 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DownloadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    settings = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        max_new_tokens=args.max_new_tokens, constrained=args.constrained, steps=args.steps,
-                        guidance=args.guidance, negative=args.negative == "uncond", seed=args.seed)
+    settings = settings_from(args)
     tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
     try:
         for task in tasks:
@@ -540,14 +567,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ======================================================================================================
-# The official files, laid out as on the hub (OFFICIAL_FORMATS.md §g)
+# The official files, laid out as on the hub (https://huggingface.co/<repo>/resolve/main/<file>)
 # ======================================================================================================
 
 TOKENIZER_REPO = "AILab-CVC/seed-tokenizer-2"
 TOKENIZER_FILES = ["seed_quantizer.pt", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",
                    "tokenizer_config.json"]
 # LAVIS hosts the EVA ViT-g that SEED's quantizer reads its `visual_encoder` from; it is not on the hub, so it gets a
-# fixed place in the cache (`BLIP2/eva_vit_g.pth`, the team's layout) and its own URL override.
+# fixed place in the cache (`BLIP2/eva_vit_g.pth`, beside the hub repos) and its own URL override.
 EVA_VIT_PATH = "BLIP2/eva_vit_g.pth"
 EVA_VIT_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
 LLM_REPOS = {"8b": "AILab-CVC/seed-llama-8b-sft", "14b": "AILab-CVC/seed-llama-14b-sft"}
@@ -564,8 +591,9 @@ UNCLIP_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text
 UNCLIP_WEIGHTS = ["unet/diffusion_pytorch_model{}.safetensors", "vae/diffusion_pytorch_model{}.safetensors",
                   "text_encoder/model{}.safetensors", "image_normalizer/diffusion_pytorch_model{}.safetensors"]
 
-# Hashes published for two files (OFFICIAL_FORMATS.md §a.1, §c.2): (size in bytes, sha256). A hash is only checked when
-# the downloaded file has exactly the official size: a file of another size is not the official file at all (a
+# (size in bytes, sha256) of two files, as their Git LFS pointers publish them (seed_quantizer.pt: the pointer in
+# hf:AILab-CVC/SEED seed_tokenizer/ @ b611080; tokenizer.model: the stock LLaMA SentencePiece model). A hash is only
+# checked when the downloaded file has exactly the official size: a file of another size is not the official file at all (a
 # mirror serving a reduced copy, as the tests do), and the server's size and its own sha256 ETag still guard it. So
 # the tests exercise this table by serving a file of the official size with other contents.
 KNOWN_FILES = {
