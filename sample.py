@@ -7,8 +7,9 @@
 What runs (paper: "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01218):
   image --SeedTokenizer.encode--> 32 codes --Llama--> text and/or 32 new codes --SeedTokenizer.embed--> 1024-d
   image embedding --UnCLIPDecoder--> image.
-The prompts are the official templates (AILab-CVC/SEED: scripts/seed_llama_inference_8B.py / _14B.py, and
-gradio_demo/conversation.py for multi-turn chat); an image enters the prompt as `<img>` + 32 `<img_xxxxx>` + `</img>`.
+The prompts are the official templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_8B.py / _14B.py,
+and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt as `<img>` + 32 `<img_xxxxx>` +
+`</img>`.
 
 Weights. `--ckpt official` fetches the released files with the standard library only (urllib) into a cache laid out
 as on the Hugging Face hub, then loads them with each model's `from_official`. `--ckpt PATH` loads a folder written by
@@ -22,14 +23,15 @@ Deliberate deviations from the official scripts:
     samples freely and may produce a broken span (we print it as text and draw nothing, instead of decoding garbage).
   * The generation length is capped so that prompt + answer fit the model's context window, and a chat forgets its
     oldest exchanges when the history no longer leaves room for an answer.
-  * The negative image of classifier-free guidance (the LLM's unconditional codes) is sampled once per run.
+  * The negative image of the decoder's classifier-free guidance (the LLM's unconditional codes) is sampled once per
+    run. `--llm-cfg` (off by default, as officially) also guides the LLM's image codes, against the chat template
+    around an empty request; `--sampler ddim` replaces the official PNDM sampler of the decoder.
 """
 import argparse
 import contextlib
 import errno
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -49,11 +51,9 @@ from llama import GenerationConfig, Llama
 from tokenizer import CODES_PER_IMAGE, Tokenizer
 from seed import SeedTokenizer, load_image
 from unet import SAMPLERS, UnCLIPDecoder
-from weights import pick_device, pick_dtype
+from weights import index_shards, pick_device, pick_dtype
 
-# ======================================================================================================
-# The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls
-# ======================================================================================================
+# ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
 
 OFFICIAL_SAMPLING = GenerationConfig()  # the official decoding values live in llama.GenerationConfig, once
 
@@ -200,9 +200,7 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
 
 
-# ======================================================================================================
-# The built-in test picture
-# ======================================================================================================
+# ---- The built-in test picture -------------------------------------------------------------------------------------
 
 def test_picture(size: int = 448) -> Image.Image:
     """A house on a meadow under a blue sky with a sun, drawn with PIL: something every task can talk about when no
@@ -227,9 +225,7 @@ def test_picture(size: int = 448) -> Image.Image:
     return image
 
 
-# ======================================================================================================
-# The tasks. Each prints what it did, the 32 codes of every image, and where each picture was saved.
-# ======================================================================================================
+# ---- The tasks. Each prints what it did, the 32 codes of every image, and where each picture was saved. ------------
 
 def show_codes(label: str, codes: list[int]) -> None:
     print(f"  {label} codes ({len(codes)}): {' '.join(map(str, codes))}")
@@ -257,7 +253,7 @@ def run_reconstruct(pipe: SeedLlama, settings: Settings, args, out: Path) -> Non
 
 
 def ask(pipe: SeedLlama, settings: Settings, out: Path, task: str, question: str, codes: list[int] | None,
-        force_image: bool = False) -> tuple[str, list[list[int]]]:
+        force_image: bool = False) -> None:
     """One official single-turn prompt (image first, then the text, as the scripts) -> printed answer, with each
     image the answer holds drawn and saved."""
     message = ("<image>" if codes is not None else "") + question
@@ -270,18 +266,17 @@ def ask(pipe: SeedLlama, settings: Settings, out: Path, task: str, question: str
         show_codes(f"answer image {k}", image_codes)
         negative = pipe.unconditional_codes(settings) if settings.negative else None
         save(pipe.draw(image_codes, settings, negative), out, task if k == 0 else f"{task}_{k}")
-    return text, images
 
 
-def run_about_image(task: str):
-    """caption / vqa: the image first, then the text, as the official scripts ask."""
+def run_on_image(task: str, what: str = "prompt", force_image: bool = False):
+    """caption / vqa / edit: the image first, then the text, as the official scripts ask."""
     def run(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
         image, name = input_image(args)
         question = args.prompt or DEFAULT_PROMPTS[task]
-        print(f"[{task}] {name}; prompt: {question}")
+        print(f"[{task}] {name}; {what}: {question}")
         codes = pipe.encode_image(image)
         show_codes("input", codes)
-        ask(pipe, settings, out, task, question, codes)
+        ask(pipe, settings, out, task, question, codes, force_image)
     return run
 
 
@@ -291,15 +286,6 @@ def run_t2i(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     if settings.negative:
         show_codes("unconditional (negative)", pipe.unconditional_codes(settings))
     ask(pipe, settings, out, "t2i", request, None, force_image=True)
-
-
-def run_edit(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
-    image, name = input_image(args)
-    instruction = args.prompt or DEFAULT_PROMPTS["edit"]
-    print(f"[edit] {name}; instruction: {instruction}")
-    codes = pipe.encode_image(image)
-    show_codes("input", codes)
-    ask(pipe, settings, out, "edit", instruction, codes, force_image=True)
 
 
 class TextStream:
@@ -335,7 +321,7 @@ class Chat:
         self.pipe, self.settings, self.out = pipe, settings, out
         self.messages, self.images, self.saved = [], [], 0
 
-    def turn(self, text: str, image: Image.Image | None = None, draw: bool = False) -> str:
+    def turn(self, text: str, image: Image.Image | None = None, draw: bool = False) -> None:
         """One exchange: the user's text (and picture), the model's answer (and pictures, when `draw` or when the
         model chooses to draw). The history only changes once the answer is there, so a failed turn leaves no trace."""
         message, new_images = text, []
@@ -359,7 +345,6 @@ class Chat:
         # The answer keeps its `<image>` placeholders and its codes: the next prompt re-inserts the same span.
         self.messages += [message, answer.strip()]
         self.images += new_images + images
-        return answer
 
     def prompt(self, message: str, new_images: list[list[int]]) -> list[int]:
         """The ids of the history plus `message`; the oldest exchanges are forgotten while the prompt leaves fewer
@@ -426,13 +411,12 @@ def run_chat_demo(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     chat.turn("Now draw the same scene at night.", draw=True)
 
 
-RUNNERS = {"reconstruct": run_reconstruct, "caption": run_about_image("caption"), "vqa": run_about_image("vqa"),
-           "t2i": run_t2i, "edit": run_edit, "chat": run_chat, "chat-demo": run_chat_demo}
+RUNNERS = {"reconstruct": run_reconstruct, "caption": run_on_image("caption"), "vqa": run_on_image("vqa"),
+           "t2i": run_t2i, "edit": run_on_image("edit", "instruction", force_image=True), "chat": run_chat,
+           "chat-demo": run_chat_demo}
 
 
-# ======================================================================================================
-# The CLI
-# ======================================================================================================
+# ---- The CLI -------------------------------------------------------------------------------------------------------
 
 TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
 DEFAULT_PROMPTS = {  # the vqa/t2i/edit questions are the official script's examples, adapted to the test picture
@@ -472,8 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weights and compute dtype (default: float16 on cuda/mps, float32 on cpu); half precision "
                         "also selects the fp16 unCLIP files, half the download")
-    p.add_argument("--seed", type=int, default=Settings.seed, help="random seed: same seed, same outputs "
-                                                                   "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=Settings.seed, help="same seed, same outputs (default %(default)s)")
     add_generation_options(p)
     p.add_argument("--low-vram", action="store_true",
                    help="keep every model in host memory and move only the running one to the GPU (tokenizer -> "
@@ -490,8 +473,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=Settings.top_p,
                    help="nucleus sampling mass (default %(default)s, official)")
     p.add_argument("--top-k", type=int, default=Settings.top_k,
-                   help="keep the k most likely tokens, 0 = all (default %(default)s, what the official HF generate "
-                        "applies)")
+                   help="keep the k most likely tokens, 0 = all (default %(default)s, official HF generate's)")
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
                    help="longest answer in tokens (default %(default)s, the official scripts'); capped by the context "
                         "window, raised to 33 when an image is requested so that its span fits")
@@ -519,13 +501,10 @@ def check_arguments(args) -> None:
         raise FileNotFoundError(f"--image {args.image}: no such file")
     if args.task == "chat" and args.image is not None:
         raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
-    for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"),
-                     (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-                     (args.top_k >= 0, "--top-k must be >= 0"),
+    for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
+                     (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.steps >= 1, "--steps must be >= 1"),
                      (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                     (args.llm_cfg >= 0, "--llm-cfg must be >= 0"),
-                     (args.steps >= 1, "--steps must be >= 1"),
-                     (args.guidance >= 0, "--guidance must be >= 0")]:
+                     (args.llm_cfg >= 0, "--llm-cfg must be >= 0"), (args.guidance >= 0, "--guidance must be >= 0")]:
         if not ok:
             raise ValueError(what)
 
@@ -566,9 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ======================================================================================================
-# The official files, laid out as on the hub (https://huggingface.co/<repo>/resolve/main/<file>)
-# ======================================================================================================
+# ---- The official files, laid out as on the hub (https://huggingface.co/<repo>/resolve/main/<file>) ----------------
 
 TOKENIZER_REPO = "AILab-CVC/seed-tokenizer-2"
 TOKENIZER_FILES = ["seed_quantizer.pt", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",
@@ -591,11 +568,10 @@ UNCLIP_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text
 UNCLIP_WEIGHTS = ["unet/diffusion_pytorch_model{}.safetensors", "vae/diffusion_pytorch_model{}.safetensors",
                   "text_encoder/model{}.safetensors", "image_normalizer/diffusion_pytorch_model{}.safetensors"]
 
-# (size in bytes, sha256) of two files, as their Git LFS pointers publish them (seed_quantizer.pt: the pointer in
-# hf:AILab-CVC/SEED seed_tokenizer/ @ b611080; tokenizer.model: the stock LLaMA SentencePiece model). A hash is only
-# checked when the downloaded file has exactly the official size: a file of another size is not the official file at all (a
-# mirror serving a reduced copy, as the tests do), and the server's size and its own sha256 ETag still guard it. So
-# the tests exercise this table by serving a file of the official size with other contents.
+# (size, sha256) of two files as their Git LFS pointers publish them (seed_quantizer.pt: hf:AILab-CVC/SEED
+# seed_tokenizer/ @ b611080; tokenizer.model: the stock LLaMA SentencePiece model). Checked only at exactly that size:
+# a file of another size is not the official one (a mirror's reduced copy, as in the tests), which the server's size
+# and sha256 ETag still guard; so the tests serve a file of the official size with other contents.
 KNOWN_FILES = {
     f"{TOKENIZER_REPO}/seed_quantizer.pt":
         (1_228_836_570, "322a9fba55cb0e97e1a633981fbbdff20577af69146a0f23fa7b14201459a13f"),
@@ -813,7 +789,6 @@ class OfficialFiles:
     tokenizer: Path   # the folder with tokenizer.model and the added-token files
     llm: Path         # the SEED-LLaMA folder (config.json, index, shards)
     unclip: Path      # the stable-diffusion-2-1-unclip folder
-    variant: str | None
 
 
 def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
@@ -829,17 +804,12 @@ def resolve_official(root: Path, model: str = "8b", variant: str | None = None) 
              [f"{UNCLIP_REPO}/{w.format(suffix)}" for w in UNCLIP_WEIGHTS])
     # The shard list is in the index; find an index that is already here, else fetch the official one.
     index = next((f"{llm}/{f}" for f in LLM_INDEX_FILES if (root / llm / f).is_file()), f"{llm}/{LLM_INDEX_FILES[0]}")
-    if offline():
-        shards = []
-        if (root / index).is_file():
-            shards = [f"{llm}/{s}" for s in sorted(set(json.loads((root / index).read_text())["weight_map"].values()))]
-        fetch_files(root, fixed + [index] + shards)
-    else:
+    if not offline():
         fetch_files(root, [index])
-        weight_map = json.loads((root / index).read_text())["weight_map"]
-        fetch_files(root, fixed + [f"{llm}/{s}" for s in sorted(set(weight_map.values()))])
+    shards = [f"{llm}/{name}" for name in index_shards(root / index)] if (root / index).is_file() else []
+    fetch_files(root, fixed + ([] if offline() else [index]) + shards)
     return OfficialFiles(quantizer=root / TOKENIZER_REPO / "seed_quantizer.pt", vit=root / EVA_VIT_PATH,
-                         tokenizer=root / TOKENIZER_REPO, llm=root / llm, unclip=root / UNCLIP_REPO, variant=variant)
+                         tokenizer=root / TOKENIZER_REPO, llm=root / llm, unclip=root / UNCLIP_REPO)
 
 
 if __name__ == "__main__":
