@@ -477,7 +477,7 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
                    help="longest answer in tokens (default %(default)s, the official scripts'); capped by the context "
                         "window, raised to 33 when an image is requested so that its span fits")
-    p.add_argument("--llm-cfg", type=float, default=Settings.llm_guidance, metavar="SCALE",
+    p.add_argument("--llm-cfg", type=float, default=Settings.llm_guidance, metavar="SCALE", dest="llm_guidance",
                    help="classifier-free guidance of the LLM on the image codes of t2i, edit and chat /draw, against "
                         "the chat template around an empty request; 1 = off (default %(default)s, as officially)")
     p.add_argument("--steps", type=int, default=Settings.steps,
@@ -504,14 +504,15 @@ def check_arguments(args) -> None:
     for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
                      (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.steps >= 1, "--steps must be >= 1"),
                      (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                     (args.llm_cfg >= 0, "--llm-cfg must be >= 0"), (args.guidance >= 0, "--guidance must be >= 0")]:
+                     (args.llm_guidance >= 0, "--llm-cfg must be >= 0"),
+                     (args.guidance >= 0, "--guidance must be >= 0")]:
         if not ok:
             raise ValueError(what)
 
 
 def settings_from(args) -> Settings:
     return Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    max_new_tokens=args.max_new_tokens, llm_guidance=args.llm_cfg, constrained=args.constrained,
+                    max_new_tokens=args.max_new_tokens, llm_guidance=args.llm_guidance, constrained=args.constrained,
                     steps=args.steps, guidance=args.guidance, sampler=args.sampler,
                     negative=args.negative == "uncond", seed=args.seed)
 
@@ -590,8 +591,7 @@ def weights_root(weights: str | None = None) -> Path:
         return Path(weights).expanduser()
     if os.environ.get("SEED_CACHE"):
         return Path(os.environ["SEED_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "seed-from-scratch"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seed-from-scratch"
 
 
 def offline() -> bool:
