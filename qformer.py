@@ -105,7 +105,8 @@ class QFormerLayer(nn.Module):
         super().__init__()
         c = config
         self.attention = QFormerAttention(c.width, c.n_heads, c.width, c.eps)
-        self.crossattention = QFormerAttention(c.width, c.n_heads, c.vision_width, c.eps) if has_cross_attention else None
+        self.crossattention = (QFormerAttention(c.width, c.n_heads, c.vision_width, c.eps) if has_cross_attention
+                               else None)
         self.ffn_query = QFormerFFN(c.width, c.intermediate, c.eps)
         self.ffn_text = QFormerFFN(c.width, c.intermediate, c.eps) if c.text_vocab_size > 0 else None
 

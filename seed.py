@@ -18,29 +18,25 @@ Mirrors (AILab-CVC/SEED @ 93b3cf4) `models/seed_qformer/qformer_quantizer.py` (`
 Official files: `AILab-CVC/seed-tokenizer-2/seed_quantizer.pt` and BLIP-2's `eva_vit_g.pth`.
 
 Public API (other modules rely on these names):
-  * `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")`: 32x32 images, patch 4);
-  * `EVAViT(image_size, patch_size, width, depth, n_heads, mlp_hidden)`: `forward(pixels) -> (B, 1+N, width)`, all
-    tokens, no final norm; usable on its own (train.py's tiny CLIP uses it as its image tower);
-  * `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6, attention=Attention)`: the timm pre-LN block of `blocks_image`
-    (EVA's blocks are the same with `attention=EVAAttention`);
-  * `SeedTokenizer(config=None, causal=None)`:
-      - `encode(pixels) -> (B, 32) long`, `embed(codes) -> (B, E)`, `preprocess(image) -> (3, S, S)`;
-      - the chain as small differentiable steps, which `encode`/`embed` compose and train.py trains:
-        `image_features(pixels)` (ViT + ln_vision) -> `query_embeddings(feats)` (B, 32, Dq) -> `to_code_space(q)` z
-        -> `quantize(z)` = (z_q straight-through, codes, loss) -> `from_code_space(z_q)` (B, 32, Dq)
-        -> `image_embedding(q_rec)` (B, E);
-      - `from_official(quantizer_path, vit_path=None, device=None, dtype=None, ...)`, `save_pretrained(folder)`,
-        `from_pretrained(folder, device=None, dtype=None)`;
+  * `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")` = what train.py trains: 32x32
+    images, 8x8 patches; `causal=False` = the bidirectional Q-Former of the paper's ablation);
+  * `EVAViT(image_size, patch_size, width, depth, n_heads, mlp_hidden)`: pixels -> (B, 1+N, width), no final norm
+    (also the image tower of train.py's tiny CLIP); `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6,
+    attention=Attention)`: timm's pre-LN block of `blocks_image` (EVA's blocks use `attention=EVAAttention`);
+  * `SeedTokenizer(config=None)`: `encode(pixels) -> (B, 32) long`, `embed(codes) -> (B, E)`,
+    `preprocess(image) -> (3, S, S)`; the chain as differentiable steps, which `encode`/`embed` compose and train.py
+    trains: `image_features` (ViT + ln_vision) -> `query_embeddings` (B, 32, Dq) -> `to_code_space` z -> `quantize`
+    = (z_q straight-through, codes, loss) -> `from_code_space` (B, 32, Dq) -> `image_embedding` (B, E);
+    `from_official(quantizer_path, vit_path=None, device=None, dtype=None, ...)`, `save_pretrained(folder)`,
+    `from_pretrained(folder, device=None, dtype=None)`;
   * `load_image(image) -> PIL RGB image` (path, bytes, PIL image or array), used by `preprocess`.
 
-Loading the official files (`from_official`): every size is read from tensor shapes (ViT width/depth/patch/MLP,
-Q-Former width/layers/intermediate/cross-attention period, codebook, decoder depth/MLP, image_down, output width), so
-reduced checkpoints in the official format load too. Head counts cannot be read from shapes: they are keyword
-arguments whose defaults are the official ones (ViT 16, Q-Former 12, decoder 12). Official key names map to ours by
-`OFFICIAL_RENAMES` (the Q-Former only; every other module is named as in the file) and `OFFICIAL_IGNORED` lists the
-keys dropped on purpose. Any missing or mis-shaped key is an error that names it (and lists the unused keys, which
-usually show a rename); unused keys alone are allowed, as the official `strict=False` load allows them (the released
-`seed_quantizer.pt` holds ~146 unknown tensors), and are counted in one log line.
+Loading the official files (`from_official`): every size is read from tensor shapes, so reduced checkpoints in the
+official format load too; head counts, which shapes cannot tell, are keyword arguments defaulting to the official
+ones (ViT 16, Q-Former 12, decoder 12). Official names map to ours by `OFFICIAL_RENAMES` (the Q-Former only);
+`OFFICIAL_IGNORED` lists the keys dropped on purpose. A missing or mis-shaped key is an error naming it (with the
+unused keys, which usually show a rename); unused keys alone are allowed, as the official `strict=False` load allows
+them (the released `seed_quantizer.pt` holds ~146 unknown tensors), and are counted in one log line.
 
 Deviations: attention runs through `F.scaled_dot_product_attention` (EVA scales q before q k^T; SDPA scales the
 scores: equal up to rounding); the tokenizer does not build the training-only reconstruction branch
@@ -48,12 +44,10 @@ scores: equal up to rounding); the tokenizer does not build the training-only re
 LayerNorm kernels accumulate in fp32 anyway.
 """
 import io
-import json
 import logging
 import os
 import re
-import zipfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +55,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from safetensors.torch import save_file
 
 from qformer import CausalQFormer, QFormerConfig
 from vq import VectorQuantizer
+from weights import (assign, atomic_write, check_keys, pick_device, pick_dtype, read_header, read_json, read_weights,
+                     shapes, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ class SeedConfig:
     vit_mlp: int = 6144
     # Causal Q-Former (bert-base-uncased geometry, cross-attention to the ViT in every 2nd layer, 32 queries).
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    causal: bool = True
+    causal: bool = True  # False: the bidirectional Q-Former of the paper's ablation (train.py --no-causal)
     # Codebook: 8192 codes of 32 dims.
     n_codes: int = 8192
     code_dim: int = 32
@@ -96,13 +93,11 @@ class SeedConfig:
 
     def __post_init__(self):
         self.image_down = tuple(self.image_down)
-        checks = [
+        for ok, what in [
             (self.image_size % self.patch_size == 0, f"image_size {self.image_size} % patch_size {self.patch_size}"),
             (self.vit_width % self.vit_heads == 0, f"vit_width {self.vit_width} % vit_heads {self.vit_heads}"),
             (self.qformer.width % self.decoder_heads == 0,
-             f"decoder width {self.qformer.width} % decoder_heads {self.decoder_heads}"),
-        ]
-        for ok, what in checks:
+             f"decoder width {self.qformer.width} % decoder_heads {self.decoder_heads}")]:
             if not ok:
                 raise ValueError(f"SeedConfig: {what} must be 0")
         if self.qformer.vision_width != self.vit_width:
@@ -119,31 +114,27 @@ class SeedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SeedConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"SeedConfig: unknown fields {sorted(unknown)}")
         return cls(**{**d, "qformer": QFormerConfig(**d.get("qformer", {}))})
 
 
 def _tiny() -> SeedConfig:
-    # The shapes world (SHAPES_WORLD.md): 32x32 images, 4x4 patches (64 tokens + CLS), width 128.
-    # Still 32 queries, so an image is 32 tokens for the LLM, as in the official model.
+    # What `train.py --tiny` trains on its 32x32 shapes world: 8x8 patches (16 tokens + CLS; four times cheaper
+    # than 4x4 on two CPU cores), width 128. Still 32 queries, so an image is 32 tokens for the LLM, as officially.
     return SeedConfig(
-        image_size=32, patch_size=4, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=512,
+        image_size=32, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=512,
         qformer=QFormerConfig(width=128, n_layers=2, n_heads=4, intermediate=512, vision_width=128,
                               max_text_len=32, proj_dim=64),
-        n_codes=256, code_dim=16,
-        decoder_depth=2, decoder_heads=4, decoder_mlp=512, image_down=(64, 32, 8), embed_dim=128,
-    )
+        n_codes=256, code_dim=16, decoder_depth=2, decoder_heads=4, decoder_mlp=512, image_down=(64, 32, 8),
+        embed_dim=128)
 
 
 PRESETS = {"seed-tokenizer-2": SeedConfig, "tiny": _tiny}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# ViT building blocks (timm `vit.Block`; EVA's variant of its attention)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- ViT building blocks (timm `vit.Block`; EVA's variant of its attention) ----------------------------------------
 
 class Attention(nn.Module):
     """timm ViT self-attention: one fused qkv projection (rows q | k | v, heads contiguous), no mask."""
@@ -230,68 +221,14 @@ class EVAViT(nn.Module):
         return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------------
-
-def load_image(image) -> Image.Image:
-    """A path, bytes, PIL image or array (H, W[, C], uint8 or uint16) as an RGB PIL image; ValueError if unreadable."""
-    if isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    elif isinstance(image, (bytes, bytearray)):
-        if not image:
-            raise ValueError("empty image bytes")
-        image = _open(io.BytesIO(image), "image bytes")
-    elif isinstance(image, (str, os.PathLike)):
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"image file not found: {image}")
-        image = _open(image, str(image))
-    elif not isinstance(image, Image.Image):
-        raise ValueError(f"expected a path, bytes, PIL image or numpy array, got {type(image).__name__}")
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"empty image ({image.width}x{image.height})")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        # 16-bit grey (PNG): PIL's convert("RGB") would clip to 255, so rescale 0..65535 to 0..255 first.
-        image = _array_to_pil(np.asarray(image).astype(np.uint16))
-    # Like the official `Image.open(p).convert('RGB')`: alpha is dropped, palette / grey / CMYK are converted.
-    return image.convert("RGB")
-
-
-def _open(source, name: str) -> Image.Image:
-    try:
-        image = Image.open(source)
-        image.load()  # decode now, so a truncated file fails here with a clear error
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read {name} as an image: {e}") from e
-    return image
-
-
-def _array_to_pil(a: np.ndarray) -> Image.Image:
-    if a.size == 0:
-        raise ValueError(f"empty image array of shape {a.shape}")
-    if a.dtype == np.uint16:
-        a = (a.astype(np.uint32) * 255 + 32767) // 65535  # 16-bit -> 8-bit, rounded
-    elif a.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8 or uint16, got {a.dtype}")
-    a = a.astype(np.uint8)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
-        raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
-    return Image.fromarray(a)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The tokenizer
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The tokenizer -------------------------------------------------------------------------------------------------
 
 class SeedTokenizer(nn.Module):
-    def __init__(self, config: SeedConfig | None = None, causal: bool | None = None):
+    """Image -> 32 codes (`encode`) and codes -> unCLIP image embedding (`embed`), module names as the official keys."""
+
+    def __init__(self, config: SeedConfig | None = None):
         super().__init__()
-        config = config or SeedConfig()
-        if causal is not None:
-            config = replace(config, causal=causal)  # kept in the config, so save/load round-trips it
-        self.config = c = config
+        self.config = c = config or SeedConfig()
         D, Q = c.qformer.width, c.qformer.n_queries
         self.visual_encoder = EVAViT(c.image_size, c.patch_size, c.vit_width, c.vit_depth, c.vit_heads, c.vit_mlp)
         self.ln_vision = nn.LayerNorm(c.vit_width, eps=1e-5)  # torch default eps, unlike the ViT's 1e-6
@@ -364,14 +301,11 @@ class SeedTokenizer(nn.Module):
     # --- native checkpoints ----------------------------------------------------------------------------------------
 
     def save_pretrained(self, folder) -> None:
-        """Write config.json + model.safetensors into `folder`, each atomically (temp file + os.replace)."""
-        from safetensors.torch import save_file
-
+        """Write config.json + model.safetensors into `folder`, each atomically."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / "config.json", lambda p: p.write_text(json.dumps(self.config.to_dict(), indent=1)))
+        write_json(folder / "config.json", self.config.to_dict())
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(folder / "model.safetensors", lambda path: save_file(tensors, str(path)))
 
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=None) -> "SeedTokenizer":
@@ -381,16 +315,16 @@ class SeedTokenizer(nn.Module):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} not found (expected a folder written by save_pretrained)")
         try:
-            config = SeedConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
+            config = SeedConfig.from_dict(read_json(folder / "config.json"))
+        except TypeError as e:
             raise ValueError(f"{folder / 'config.json'} is not a SeedConfig: {e}") from e
-        state = read_state_dict(folder / "model.safetensors")
+        path = folder / "model.safetensors"
+        header = read_header(path)
         with torch.device("meta"):
             model = cls(config)
-        missing, misshaped, unexpected = _compare(model, state)
-        if missing or misshaped or unexpected:
-            raise ValueError(_mismatch_report(str(folder / "model.safetensors"), missing, misshaped, unexpected))
-        return _assign(model, state, device, dtype)
+        check_keys(shapes(model), {k: shape for k, (shape, _) in header.items()}, str(path), "the SEED tokenizer")
+        device, dtype = _placement(device, dtype, header.values())
+        return assign(model, read_weights(path, device=device, dtype=dtype), device, dtype)
 
     # --- official checkpoints --------------------------------------------------------------------------------------
 
@@ -398,86 +332,125 @@ class SeedTokenizer(nn.Module):
     def from_official(cls, quantizer_path, vit_path=None, device=None, dtype=None, *,
                       vit_depth: int = 39, vit_heads: int = 16, qformer_heads: int = 12,
                       decoder_heads: int = 12) -> "SeedTokenizer":
-        """Load the released `seed_quantizer.pt` (+ BLIP-2's `eva_vit_g.pth` when the quantizer has no
-        `visual_encoder.*` keys, as the released one). `.pt`/`.pth` files are read with
-        `torch.load(weights_only=True, mmap=True)`; `.safetensors` also work. When the quantizer holds the ViT,
-        `vit_path` is not read: in the official code the quantizer's state dict is loaded after eva_vit_g.pth
-        and would overwrite it.
-
-        Sizes come from the tensor shapes. The keyword arguments are what shapes cannot tell: head counts, and
-        how many ViT blocks to use (BLIP-2 uses the first 39 of the file's 40; a file with fewer uses all).
-        """
-        quantizer = read_state_dict(quantizer_path)
-        has_vit = any(k.startswith("visual_encoder.") for k in quantizer)
-        if has_vit:
-            vit, vit_source = None, str(quantizer_path)
-        elif vit_path is None:
-            raise ValueError(f"{quantizer_path} holds no visual_encoder.* weights: pass vit_path (eva_vit_g.pth)")
-        else:
-            vit, vit_source = read_state_dict(vit_path), str(vit_path)
-        return cls.from_official_state_dict(
-            quantizer, vit, device, dtype, vit_depth=vit_depth, vit_heads=vit_heads,
-            qformer_heads=qformer_heads, decoder_heads=decoder_heads,
-            source=f"{quantizer_path}" + ("" if has_vit else f" + {vit_source}"),
-        )
+        """Load the released `seed_quantizer.pt` + BLIP-2's `eva_vit_g.pth` (`.pt`/`.pth` or `.safetensors`).
+        A quantizer that holds `visual_encoder.*` keys (the released one does not) needs no `vit_path`, which is
+        then not read: the official code loads the quantizer after eva_vit_g.pth, overwriting it. The keywords are
+        what shapes cannot tell: head counts, and how many ViT blocks to use (BLIP-2 uses the first 39 of the
+        file's 40; a file with fewer uses all). Names and shapes are checked before any tensor is read."""
+        parts = [(Path(quantizer_path), "", read_header(quantizer_path))]
+        if not any(k.startswith("visual_encoder.") for k in parts[0][2]):
+            if vit_path is None:
+                raise ValueError(f"{quantizer_path} holds no visual_encoder.* weights: pass vit_path (eva_vit_g.pth)")
+            parts.append((Path(vit_path), "visual_encoder.", read_header(vit_path)))  # its keys carry no prefix
+        found = {prefix + k: spec for _, prefix, header in parts for k, spec in header.items()}
+        model, renames = cls._check_official(
+            {k: shape for k, (shape, _) in found.items()}, " + ".join(str(path) for path, _, _ in parts),
+            vit_depth=vit_depth, vit_heads=vit_heads, qformer_heads=qformer_heads, decoder_heads=decoder_heads)
+        device, dtype = _placement(device, dtype, found.values())
+        state = {}
+        for path, prefix, header in parts:
+            tensors = read_weights(path, [k for k in header if prefix + k in renames], device, dtype)
+            state.update({renames[prefix + k]: t for k, t in tensors.items()})
+        return assign(model, state, device, dtype)
 
     @classmethod
     def from_official_state_dict(cls, quantizer: dict, vit: dict | None = None, device=None, dtype=None, *,
-                                 vit_depth: int = 39, vit_heads: int = 16, qformer_heads: int = 12,
-                                 decoder_heads: int = 12, source: str = "official state dict") -> "SeedTokenizer":
-        """`from_official` on state dicts already in memory (tensors may live on the meta device: then only keys
-        and shapes are checked, which the key-coverage test uses)."""
-        official = dict(quantizer)
-        if vit is not None:  # eva_vit_g.pth keys carry no prefix
-            official.update({f"visual_encoder.{k}": v for k, v in vit.items()})
-        config = infer_config(official, vit_depth, vit_heads, qformer_heads, decoder_heads, source)
-        state, ignored, to_official = {}, 0, {}
-        for key, tensor in official.items():
-            if _is_ignored(key, config.vit_depth):
-                ignored += 1
-                continue
-            ours = official_to_ours(key)
-            state[ours], to_official[ours] = tensor, key
+                                 source: str = "official state dict", **heads) -> "SeedTokenizer":
+        """`from_official` (whose keywords `heads` takes) on state dicts already in memory. With device="meta"
+        (tensors on the meta device too) only names and shapes are checked, which the key-coverage test uses."""
+        official = {**quantizer, **{f"visual_encoder.{k}": v for k, v in (vit or {}).items()}}
+        model, renames = cls._check_official({k: tuple(v.shape) for k, v in official.items()}, source, **heads)
+        device, dtype = _placement(device, dtype, [(None, v.dtype) for v in official.values()])
+        return assign(model, {ours: official[key] for key, ours in renames.items()}, device, dtype)
+
+    @classmethod
+    def _check_official(cls, found: dict, source: str, **heads) -> tuple["SeedTokenizer", dict[str, str]]:
+        """A meta-device model of the size the official shapes `found` describe, and official -> our name of every
+        tensor to load. Missing and mis-shaped keys are an error (in the file's names, with the unused keys, which
+        usually show a rename); unused keys alone are counted in one log line, as the official strict=False load
+        allows them."""
+        config = infer_config(found, source=source, **heads)
+        renames = {k: official_to_ours(k) for k in found if not _is_ignored(k, config.vit_depth)}
         with torch.device("meta"):
             model = cls(config)
-        missing, misshaped, unexpected = _compare(model, state)
-        if missing or misshaped:
-            # Report everything in the file's own (official) names.
-            raise ValueError(_mismatch_report(
-                source,
-                [ours_to_official(k) for k in missing],
-                [(to_official[k], a, b) for k, a, b in misshaped],
-                [to_official[k] for k in unexpected],
-                note=f"architecture inferred from the shapes: {config}",
-            ))
-        log.info(
-            "%s: loaded %d tensors, ignored %d on purpose (training-only recon branch, text branch, position_ids, "
-            "ViT blocks >= %d), skipped %d unknown tensors%s",
-            source, len(state) - len(unexpected), ignored, config.vit_depth, len(unexpected),
-            (": " + ", ".join(to_official[k] for k in unexpected[:5]) + (", ..." if len(unexpected) > 5 else ""))
-            if unexpected else "",
-        )
-        for k in unexpected:
-            del state[k]
-        return _assign(model, state, device, dtype)
+        expected = {ours_to_official(k): shape for k, shape in shapes(model).items()}
+        kept = {k: found[k] for k in renames}
+        unknown = [k for k in kept if k not in expected]
+        if any(k not in kept or tuple(kept[k]) != shape for k, shape in expected.items()):
+            check_keys(expected, kept, source, "the SEED tokenizer", note=f"architecture inferred from the shapes: "
+                                                                          f"{config}")
+        log.info("%s: loaded %d tensors, ignored %d on purpose (training-only recon branch, text branch, position_ids,"
+                 " ViT blocks >= %d), skipped %d unknown tensors%s", source, len(kept) - len(unknown),
+                 len(found) - len(kept), config.vit_depth, len(unknown),
+                 (": " + ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")) if unknown else "")
+        return model, {k: ours for k, ours in renames.items() if k in expected}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Official checkpoint format: names, ignore list, size inference
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Images --------------------------------------------------------------------------------------------------------
 
-# Official key -> our key, applied in order. Only the Q-Former differs: our attention and feed-forward are one module
-# each (BERT splits them into self/output and intermediate/output modules), and query_tokens lives in the Q-Former.
+def load_image(image) -> Image.Image:
+    """A path, bytes, PIL image or array (H, W[, C], uint8 or uint16) as an RGB PIL image; ValueError if unreadable."""
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif isinstance(image, (bytes, bytearray)):
+        if not image:
+            raise ValueError("empty image bytes")
+        image = _open(io.BytesIO(image), "image bytes")
+    elif isinstance(image, (str, os.PathLike)):
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"image file not found: {image}")
+        image = _open(image, str(image))
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected a path, bytes, PIL image or numpy array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"empty image ({image.width}x{image.height})")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit grey (PNG): PIL's convert("RGB") would clip to 255, so rescale 0..65535 to 0..255 first.
+        image = _array_to_pil(np.asarray(image).astype(np.uint16))
+    # Like the official `Image.open(p).convert('RGB')`: alpha is dropped, palette / grey / CMYK are converted.
+    return image.convert("RGB")
+
+
+def _open(source, name: str) -> Image.Image:
+    try:
+        image = Image.open(source)
+        image.load()  # decode now, so a truncated file fails here with a clear error
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read {name} as an image: {e}") from e
+    return image
+
+
+def _array_to_pil(a: np.ndarray) -> Image.Image:
+    if a.size == 0:
+        raise ValueError(f"empty image array of shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = (a.astype(np.uint32) * 255 + 32767) // 65535  # 16-bit -> 8-bit, rounded
+    elif a.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 or uint16, got {a.dtype}")
+    a = a.astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
+    return Image.fromarray(a)
+
+
+# ---- Official checkpoint format: names, ignore list, size inference ------------------------------------------------
+
+# Official -> our name, as key fragments ("." first: whole segments inside the key, else a prefix). Only the Q-Former
+# differs: our attention and feed-forward are one module each (BERT splits them into self/output and intermediate/
+# output), and query_tokens lives in the Q-Former. Each fragment is unique in its model's keys, so the table read
+# backwards is the exact inverse, which names missing keys as the file holds them (tests/test_seed.py: round trip).
 OFFICIAL_RENAMES = [
-    (r"^query_tokens$", "qformer.query_tokens"),
-    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.input_norm."),
-    (r"^Qformer\.bert\.encoder\.layer\.", "qformer.layers."),
-    (r"\.(attention|crossattention)\.self\.", r".\1."),
-    (r"\.(attention|crossattention)\.output\.dense\.", r".\1.out."),
-    (r"\.(attention|crossattention)\.output\.LayerNorm\.", r".\1.norm."),
-    (r"\.intermediate_query\.dense\.", ".ffn_query.up."),
-    (r"\.output_query\.dense\.", ".ffn_query.down."),
-    (r"\.output_query\.LayerNorm\.", ".ffn_query.norm."),
+    ("query_tokens", "qformer.query_tokens"),
+    ("Qformer.bert.embeddings.LayerNorm.", "qformer.input_norm."),
+    ("Qformer.bert.encoder.layer.", "qformer.layers."),
+    *((f".{a}.self.{p}.", f".{a}.{p}.") for a in ("attention", "crossattention") for p in ("query", "key", "value")),
+    *((f".{a}.output.dense.", f".{a}.out.") for a in ("attention", "crossattention")),
+    *((f".{a}.output.LayerNorm.", f".{a}.norm.") for a in ("attention", "crossattention")),
+    (".intermediate_query.dense.", ".ffn_query.up."),
+    (".output_query.dense.", ".ffn_query.down."),
+    (".output_query.LayerNorm.", ".ffn_query.norm."),
 ]
 
 # Official keys that are dropped on purpose (the official inference never reads them either).
@@ -495,23 +468,13 @@ OFFICIAL_IGNORED = [
 ]
 
 
-# The inverse of OFFICIAL_RENAMES, to name missing keys as the file should have them (a test checks both directions).
-OURS_TO_OFFICIAL = [
-    (r"^qformer\.query_tokens$", "query_tokens"),
-    (r"^qformer\.input_norm\.", "Qformer.bert.embeddings.LayerNorm."),
-    (r"^qformer\.layers\.", "Qformer.bert.encoder.layer."),
-    (r"\.(attention|crossattention)\.(query|key|value)\.", r".\1.self.\2."),
-    (r"\.(attention|crossattention)\.out\.", r".\1.output.dense."),
-    (r"\.(attention|crossattention)\.norm\.", r".\1.output.LayerNorm."),
-    (r"\.ffn_query\.up\.", ".intermediate_query.dense."),
-    (r"\.ffn_query\.down\.", ".output_query.dense."),
-    (r"\.ffn_query\.norm\.", ".output_query.LayerNorm."),
-]
-
-
-def _rename(key: str, table) -> str:
-    for pattern, repl in table:
-        key = re.sub(pattern, repl, key)
+def _rename(key: str, pairs) -> str:
+    """`key` with each (old, new) fragment replaced in turn (see OFFICIAL_RENAMES)."""
+    for old, new in pairs:
+        if old.startswith("."):
+            key = key.replace(old, new)
+        elif key.startswith(old):
+            key = new + key[len(old):]
     return key
 
 
@@ -520,7 +483,7 @@ def official_to_ours(key: str) -> str:
 
 
 def ours_to_official(key: str) -> str:
-    return _rename(key, OURS_TO_OFFICIAL)
+    return _rename(key, [(ours, official) for official, ours in reversed(OFFICIAL_RENAMES)])
 
 
 def _is_ignored(key: str, vit_depth: int) -> bool:
@@ -532,128 +495,46 @@ def _is_ignored(key: str, vit_depth: int) -> bool:
 
 def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, decoder_heads=12,
                  source="official state dict") -> SeedConfig:
-    """Every size of the tokenizer from the shapes of official-format tensors (quantizer + visual_encoder.*)."""
+    """Every size of the tokenizer from official-format shapes {name: shape} (quantizer + visual_encoder.*)."""
     def shape(key):
         if key not in official:
             raise ValueError(f"{source}: missing key {key!r}, needed to infer the model size")
-        return tuple(official[key].shape)
+        return tuple(official[key])
 
     def indices(pattern):
-        found = {int(m.group(1)) for k in official if (m := re.match(pattern, k))}
-        return sorted(found)
+        return sorted({int(m.group(1)) for k in official if (m := re.match(pattern, k))})
 
+    width = shape("query_tokens")[2]  # first: a file without it (eva_vit_g.pth?) is no quantizer at all
     vit_blocks = indices(r"^visual_encoder\.blocks\.(\d+)\.")
     n_layers = len(indices(r"^Qformer\.bert\.encoder\.layer\.(\d+)\."))
     cross = indices(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.")
     freq = next((f for f in range(1, n_layers + 1) if cross == list(range(0, n_layers, f))), None)
     if freq is None:
         raise ValueError(f"{source}: cross-attention in Q-Former layers {cross} of {n_layers} is not periodic")
-    width = shape("query_tokens")[2]
     patch = shape("visual_encoder.patch_embed.proj.weight")[-1]
-    n_tokens = shape("visual_encoder.pos_embed")[1]
-    grid = round((n_tokens - 1) ** 0.5)
-    vit_width = shape("visual_encoder.cls_token")[2]
+    grid = round((shape("visual_encoder.pos_embed")[1] - 1) ** 0.5)  # pos_embed covers CLS + grid x grid patches
     n_down = len(indices(r"^image_down\.(\d+)\.weight$"))
     try:
         return SeedConfig(
-            image_size=grid * patch, patch_size=patch, vit_width=vit_width,
+            image_size=grid * patch, patch_size=patch, vit_width=shape("visual_encoder.cls_token")[2],
             vit_depth=min(vit_depth, len(vit_blocks)), vit_heads=vit_heads,
             vit_mlp=shape("visual_encoder.blocks.0.mlp.fc1.weight")[0],
             qformer=QFormerConfig(
                 width=width, n_layers=n_layers, n_heads=qformer_heads,
                 intermediate=shape("Qformer.bert.encoder.layer.0.intermediate_query.dense.weight")[0],
                 vision_width=shape(f"Qformer.bert.encoder.layer.{cross[0]}.crossattention.self.key.weight")[1],
-                n_queries=shape("query_tokens")[1], cross_attention_freq=freq,
-            ),
+                n_queries=shape("query_tokens")[1], cross_attention_freq=freq),
             n_codes=shape("quantize.embedding.weight")[0], code_dim=shape("quantize.embedding.weight")[1],
             decoder_depth=len(indices(r"^blocks_image\.(\d+)\.")), decoder_heads=decoder_heads,
             decoder_mlp=shape("blocks_image.0.mlp.fc1.weight")[0],
             image_down=tuple(shape(f"image_down.{2 * i}.weight")[0] for i in range(n_down)),
-            embed_dim=shape("distill_image_proj.weight")[0],
-        )
+            embed_dim=shape("distill_image_proj.weight")[0])
     except (ValueError, IndexError) as e:
         raise ValueError(f"{source}: the tensor shapes do not describe a SEED tokenizer: {e}") from e
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reading and checking state dicts
-# ----------------------------------------------------------------------------------------------------------------
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from .safetensors, or a torch.save file read with weights_only=True (mmap if zip)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    try:
-        # Pre-1.6 torch.save files are not zip archives and cannot be memory-mapped.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # torch raises several types for foreign files (UnpicklingError, RuntimeError, KeyError)
-        detail = str(e)
-        if "GLOBAL" in detail:  # weights_only's refusal: the pickle names a function or class to call on load
-            what = next((line for line in detail.splitlines() if "GLOBAL" in line), "").strip()
-            raise ValueError(
-                f"{path}: refused to load: the pickle would construct objects that are not plain tensors, which can "
-                f"execute code (torch.load weights_only=True). {what}"
-            ) from e
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {type(e).__name__}: {detail[:200]}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (a flat dict of tensors), got {type(state).__name__}")
-    return state
-
-
-def _compare(model: nn.Module, state: dict):
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [(k, tuple(state[k].shape), tuple(expected[k].shape))
-                 for k in state if k in expected and state[k].shape != expected[k].shape]
-    return missing, misshaped, unexpected
-
-
-def _mismatch_report(source, missing, misshaped, unexpected, note="") -> str:
-    def listing(items):
-        return "\n    ".join(str(x) for x in items)
-
-    lines = [f"{source} does not match the SEED tokenizer:"]
-    if missing:
-        lines.append(f"  missing ({len(missing)}):\n    {listing(missing)}")
-    if misshaped:
-        lines.append(f"  mis-shaped ({len(misshaped)}), file vs model:\n    "
-                     + listing(f"{k}: {a} vs {b}" for k, a, b in misshaped))
-    if unexpected:
-        lines.append(f"  unexpected ({len(unexpected)}):\n    {listing(unexpected)}")
-    if note:
-        lines.append(f"  ({note})")
-    return "\n".join(lines)
-
-
-def _assign(model: nn.Module, state: dict, device, dtype) -> nn.Module:
-    """Move the loaded tensors into a meta-device model without copies where possible (assign=True)."""
-    device = torch.device(device) if device is not None else _default_device()
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".incomplete")
-    write(tmp)
-    os.replace(tmp, path)
+def _placement(device, dtype, specs) -> tuple[torch.device, torch.dtype]:
+    """weights.pick_device and pick_dtype (from the first float dtype among the file's (shape, dtype) `specs`);
+    "meta" is kept as it is: a dry run that checks names and shapes only."""
+    device = torch.device("meta") if str(device) == "meta" else pick_device(device)
+    return device, dtype or pick_dtype(device, next((d for _, d in specs if d and d.is_floating_point), None))

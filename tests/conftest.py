@@ -1,4 +1,4 @@
-"""Shared test helpers.
+"""What every test file shares: the tiers, the fixture folder and the lookup of the official files.
 
 Tiers (see README "Tests"):
   * fast invariants on tiny configs          -- no marker, always run;

@@ -14,8 +14,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -32,7 +34,7 @@ EVA_URL_PATH = "/lavis/BLIP2/eva_vit_g.pth"  # where the fake storage bucket ser
 # ------------------------------------------------------------------------------------------------------
 
 def build_hub(root: Path) -> Path:
-    """Copy the shared fixtures into the hub layout under the official file names (see COMMON.md)."""
+    """Copy the shared fixtures into the hub layout under the official file names (sample.py's *_REPO/*_FILES)."""
     def put(src: Path, rel: str):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, root / rel)
@@ -250,7 +252,7 @@ def test_sha256_from_the_redirect(hub_env, tmp_path):
 
 
 def test_sha256_mismatch_from_known_table(hub_env, tmp_path):
-    """A file of exactly the official tokenizer.model size must have the official hash (OFFICIAL_FORMATS.md §c.2)."""
+    """A file of exactly the official tokenizer.model size must have the official hash (sample.KNOWN_FILES)."""
     size, sha = sample.KNOWN_FILES[f"{sample.TOKENIZER_REPO}/tokenizer.model"]
     (hub_env.root / "fake/repo/tokenizer.model").parent.mkdir(parents=True, exist_ok=True)
     (hub_env.root / "fake/repo/tokenizer.model").write_bytes(b"x" * size)
@@ -381,8 +383,6 @@ def test_official_offline_run_names_missing(hub, tmp_path):
 
 def native_checkpoint(folder: Path) -> Path:
     """A checkpoint folder as train.py writes it, from tiny random models: seed/, llama/ (+ tokenizer), decoder/."""
-    from dataclasses import replace
-
     from llama import Llama, LlamaConfig
     from tokenizer import Tokenizer
     from seed import SeedConfig, SeedTokenizer
@@ -434,10 +434,11 @@ def test_broken_span_is_reported_not_drawn():
             self.tokenizer = Tokenizer(FIXTURES / "llama")
             self.image_vocab = self.tokenizer.image_vocab
 
-    pipe, iv = Stub(), Tokenizer(FIXTURES / "llama").image_vocab
-    text, images, note = pipe.read([iv.boi_id, iv.code_offset + 3, iv.eoi_id])
+    pipe = Stub()
+    vocab = pipe.image_vocab
+    text, images, note = pipe.read([vocab.boi_id, vocab.code_offset + 3, vocab.eoi_id])
     assert images == [] and "<img_00003>" in text and "exactly 32 codes" in note
-    good = iv.span_ids(list(range(32)))
+    good = vocab.span_ids(list(range(32)))
     assert pipe.read(good) == ("<image>", [list(range(32))], None)
 
 
@@ -552,8 +553,8 @@ def test_low_vram_pipeline_and_chat_history(native_ckpt, tmp_path):
     the drawn image as codes in its history, and the next prompt holds exactly those codes."""
     pipe = sample.load_pipeline(str(native_ckpt), torch.device("cpu"), torch.float32, low_vram=True)
     assert pipe.low_vram and pipe.template == "8B"
-    s = sample.Settings(max_new_tokens=4, constrained=True, steps=1, negative=False)
-    chat = sample.Chat(pipe, s, tmp_path)
+    settings = sample.Settings(max_new_tokens=4, constrained=True, steps=1, negative=False)
+    chat = sample.Chat(pipe, settings, tmp_path)
     chat.turn("look", image=sample.test_picture(64))
     chat.turn("draw", draw=True)
     assert len(chat.images) == 2 and len(chat.messages) == 4 and (tmp_path / "chat_1.png").is_file()
@@ -574,9 +575,8 @@ def test_text_stream_prints_the_answer_once(capsys):
     from tokenizer import Tokenizer
 
     tok = Tokenizer(FIXTURES / "llama")
-    iv = tok.image_vocab
-    ids = tok.encode("a café ☃ and 12 dogs") + iv.span_ids([5] * 32) + tok.encode("done")
-    stream = sample.TextStream(tok, iv.boi_id)
+    ids = tok.encode("a café ☃ and 12 dogs") + tok.image_vocab.span_ids([5] * 32) + tok.encode("done")
+    stream = sample.TextStream(tok, tok.image_vocab.boi_id)
     text = tok.encode("a café ☃ and 12 dogs")
     for i in ids:
         stream(0, i)
@@ -585,3 +585,54 @@ def test_text_stream_prints_the_answer_once(capsys):
     answer = tok.decode_with_images(ids)[0].replace("<image>", "[image]").strip()
     stream.finish(answer)
     assert capsys.readouterr().out == answer[len("a café ☃ and 12 dogs"):] + "\n" and answer.endswith("[image]done")
+
+
+class _Recorder:
+    """Stands in for a model's call: records the keyword arguments, then calls the model."""
+
+    def __init__(self, call):
+        self.call, self.kwargs = call, []
+
+    def __call__(self, *args, **kwargs):
+        self.kwargs.append(kwargs)
+        return self.call(*args, **kwargs)
+
+
+def test_llm_cfg_and_sampler_options_reach_the_models(native_ckpt, tmp_path, monkeypatch):
+    """--llm-cfg guides the LLM's image codes against the template around an empty request (t2i, edit, /draw; never
+    the negative image's codes), --sampler picks the decoder's sampler; both change what comes out."""
+    pipe = sample.load_pipeline(str(native_ckpt), torch.device("cpu"), torch.float32)
+    llm, decoder = _Recorder(pipe.llm.generate), _Recorder(pipe.decoder)
+    pipe.llm.generate, pipe.decoder = llm, decoder
+    monkeypatch.setattr(sample, "load_pipeline", lambda *args, **kwargs: pipe)
+    argv = ["--ckpt", "tiny", "--out", str(tmp_path), "--device", "cpu", "--constrained", "--max-new-tokens", "8",
+            "--steps", "2", "--negative", "none", "--llm-cfg", "3", "--sampler", "ddim"]
+    for task in ("t2i", "edit"):
+        assert sample.main([*argv, "--task", task]) == 0
+    assert [(kwargs["guidance_scale"], kwargs["uncond_prompt"]) for kwargs in llm.kwargs] == \
+        [(3.0, pipe.tokenizer.encode_chat([""], "8B"))] * 2
+    assert [kwargs["sampler"] for kwargs in decoder.kwargs] == ["ddim"] * 2
+    settings = sample.Settings(max_new_tokens=8, constrained=True, steps=2, negative=False)
+    pipe.unconditional_codes(replace(settings, llm_guidance=3.0))
+    assert llm.kwargs[-1]["guidance_scale"] == 1.0 and llm.kwargs[-1]["uncond_prompt"] is None
+
+    prompt = pipe.tokenizer.encode_chat(["draw"], "8B")
+    plain = pipe.generate(prompt, settings, force_image=True)
+    assert pipe.generate(prompt, replace(settings, llm_guidance=3.0), force_image=True) != plain
+    assert pipe.generate(prompt, replace(settings, llm_guidance=3.0)) == pipe.generate(prompt, settings), \
+        "a text answer is not guided"
+    codes = pipe.read(plain)[1][0]
+    pndm, ddim = (np.asarray(pipe.draw(codes, replace(settings, sampler=name))) for name in ("pndm", "ddim"))
+    assert pndm.shape == ddim.shape and (pndm != ddim).any()
+
+
+def test_generation_defaults_are_the_official_ones_once():
+    """Settings and the CLI take the LLM's defaults from llama.GenerationConfig (the official scripts' values)."""
+    from llama import GenerationConfig
+
+    official, args = GenerationConfig(), sample.build_parser().parse_args(["--ckpt", "x"])
+    settings = sample.settings_from(args)
+    assert (settings.temperature, settings.top_p, settings.top_k, settings.max_new_tokens, settings.llm_guidance) \
+        == (official.temperature, official.top_p, official.top_k, official.max_new_tokens, official.guidance_scale)
+    assert settings == sample.Settings() and settings.sampler == "pndm"
+    assert "default 512" in sample.build_parser().format_help().replace("\n", " ").replace("  ", " ")

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,7 @@ def test_safetensors_files_load(tmp_path, ref):
     model = SeedTokenizer.from_official(tmp_path / "seed_quantizer.safetensors", device="cpu", **FIX_HEADS)
     assert torch.equal(model.encode(ref["images"].float()), ref["indices"])
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match="cannot read weight file .*bad.safetensors"):
         SeedTokenizer.from_official(tmp_path / "bad.safetensors")
 
 
@@ -165,11 +166,17 @@ def test_quantizer_without_vit_needs_vit_path():
         SeedTokenizer.from_official(FIX / "seed_quantizer_no_vit.pt")
 
 
+def test_swapped_files_are_named():
+    """eva_vit_g.pth given as the quantizer and the quantizer as the ViT: the error names the key that is missing."""
+    with pytest.raises(ValueError, match="eva_vit_g.pth.*missing key 'query_tokens'"):
+        SeedTokenizer.from_official(FIX / "eva_vit_g.pth", FIX / "seed_quantizer_no_vit.pt", **FIX_HEADS)
+
+
 @pytest.mark.parametrize("content", [b"hello, this is text", b"", b"PK\x03\x04broken zip"])
 def test_not_a_checkpoint(tmp_path, content):
     path = tmp_path / "seed_quantizer.pt"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="cannot read weight file .*seed_quantizer.pt"):
         SeedTokenizer.from_official(path)
 
 
@@ -216,7 +223,8 @@ def test_renamed_qformer_key_is_named_in_official_names(tmp_path):
 def test_reshaped_key_is_named(tmp_path):
     def reshape(state):
         state["encode_task_layer.2.weight"] = torch.zeros(15, 36)
-    with pytest.raises(ValueError, match=r"mis-shaped \(1\).*\n\s+encode_task_layer\.2\.weight: \(15, 36\) vs \(16, 36\)"):
+    with pytest.raises(ValueError, match=r"mis-shaped \(1\):\n\s+encode_task_layer\.2\.weight: "
+                                         r"file \(15, 36\) vs the SEED tokenizer \(16, 36\)"):
         SeedTokenizer.from_official(_edited_quantizer(tmp_path, reshape), **FIX_HEADS)
 
 
@@ -270,7 +278,7 @@ def test_presets_and_causal_flag():
     assert SeedConfig.preset("seed-tokenizer-2") == SeedConfig()
     with pytest.raises(ValueError, match="tiny"):
         SeedConfig.preset("huge")
-    model = SeedTokenizer(SeedConfig.preset("tiny"), causal=False)
+    model = SeedTokenizer(replace(SeedConfig.preset("tiny"), causal=False))
     assert model.config.causal is False and model.qformer.causal is False
     assert SeedTokenizer(SeedConfig.preset("tiny")).qformer.causal is True
     tiny = SeedConfig.preset("tiny")
