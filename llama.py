@@ -94,7 +94,7 @@ HF_CONFIG_NAMES = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden
 LLAMA_PRESETS = {
     "seed-llama-8b": {},
     "seed-llama-14b": dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824, norm_eps=1e-5),
-    "tiny": dict(vocab_size=770, dim=128, n_layers=4, n_heads=4, ffn_dim=344, norm_eps=1e-5, max_seq_len=256),
+    "tiny": dict(vocab_size=730, dim=128, n_layers=4, n_heads=4, ffn_dim=344, norm_eps=1e-5, max_seq_len=256),
 }
 
 

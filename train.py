@@ -447,12 +447,8 @@ class TinyCLIP(nn.Module):
 
 
 def tiny_seed_config(cfg: TrainConfig) -> "seed.SeedConfig":
-    """seed.py's `tiny` preset (ViT, Q-Former, codebook and decoder sizes live there, once) as trained: causal
-    unless --no-causal, with 8x8 ViT patches (16 tokens per image, 4x cheaper than 4x4 on 2 cores) and the
-    Q-Former's text branch (stage 1) on the world's words."""
-    c = seed.SeedConfig.preset("tiny")
-    return dataclasses.replace(c, patch_size=8, causal=not cfg.no_causal,
-                               qformer=dataclasses.replace(c.qformer, text_vocab_size=len(TEXT_VOCAB)))
+    """seed.py's `tiny` preset (every size lives there, once), causal unless --no-causal."""
+    return dataclasses.replace(seed.SeedConfig.preset("tiny"), causal=not cfg.no_causal)
 
 
 def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor,
@@ -947,9 +943,11 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
     tokenizer = tokenizer or Tokenizer(folder)
     data = LLMData(run.world, prev["codes"], SequenceBuilder(tokenizer))
     run.seed_everything(4)
-    # llama.py's `tiny` preset, with this tokenizer's vocabulary
-    model = llama.Llama(dataclasses.replace(llama.LlamaConfig.preset("tiny"), vocab_size=len(tokenizer)))
-    model = model.to(run.device)
+    config = llama.LlamaConfig.preset("tiny")  # its vocabulary is this tokenizer's: the world's text + 258 image tokens
+    if config.vocab_size != len(tokenizer):
+        raise ValueError(f"llama.py's tiny preset has vocab_size {config.vocab_size}, the tokenizer {len(tokenizer)} "
+                         f"(--llm.text-vocab-size {cfg.text_vocab_size}): make them agree")
+    model = llama.Llama(config).to(run.device)
     train_llm(run, 4, "llm_pretrain", model, cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size,
               lambda rng: data.pretrain(rng, cfg.reverse_ratio), tokenizer.pad_id)
     model.eval()

@@ -392,7 +392,8 @@ def native_checkpoint(folder: Path) -> Path:
     tokenizer = Tokenizer(FIXTURES / "llama")  # 640 pieces + 128 image codes + <img>, </img>
     seed_cfg = replace(SeedConfig.preset("tiny"), n_codes=tokenizer.image_vocab.n_codes)
     SeedTokenizer(seed_cfg).save_pretrained(folder / "seed")
-    Llama(LlamaConfig.preset("tiny")).save_pretrained(folder / "llama", tokenizer=tokenizer)
+    Llama(replace(LlamaConfig.preset("tiny"), vocab_size=len(tokenizer))).save_pretrained(folder / "llama",
+                                                                           tokenizer=tokenizer)
     decoder_cfg = DecoderConfig.preset("tiny")
     assert decoder_cfg.embed_dim == seed_cfg.embed_dim
     UnCLIPDecoder(decoder_cfg).save_pretrained(folder / "decoder")

@@ -289,7 +289,7 @@ def test_official_tokenizer():
     model = official_file("AILab-CVC", "seed-tokenizer-2", "tokenizer.model")
     official_file("AILab-CVC", "seed-tokenizer-2", "added_tokens.json")
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
-    assert digest == "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"  # OFFICIAL_FORMATS.md c.2
+    assert digest == "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"  # hf:AILab-CVC/seed-tokenizer-2 tokenizer.model (= LLaMA's)
     tok = Tokenizer(model.parent)
     assert len(tok) == 40194 and len(tok.sp) == 32000
     assert tok.split_tokens["<img_00000>"] == 32000 and tok.image_vocab.code_offset == 32000

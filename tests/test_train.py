@@ -58,8 +58,6 @@ def test_cli_rejects_bad_values_and_smoke_is_overridable():
 
 # --- the tiny presets are what train.py trains ------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="seed.py's tiny preset has 4x4 patches and no Q-Former text "
-                   "branch; train.py trains 8x8 patches and a text branch of 23 ids")
 def test_train_trains_seeds_tiny_preset():
     preset = SeedConfig.preset("tiny")
     assert train.tiny_seed_config(train.TrainConfig()) == train.dataclasses.replace(preset, causal=True)
