@@ -123,11 +123,11 @@ class SeedConfig:
 def _tiny() -> SeedConfig:
     # What `train.py --tiny` trains on its 32x32 shapes world: 8x8 patches (16 tokens + CLS; four times cheaper
     # than 4x4 on two CPU cores), width 128. Still 32 queries, so an image is 32 tokens for the LLM, as officially.
-    # The Q-Former's text branch (stage 1's contrastive loss) reads the world's words in CLIP's BPE id layout.
+    # The Q-Former's text branch (stage 1's contrastive loss) reads the world's 20 words + bos, eos, pad.
     return SeedConfig(
         image_size=32, patch_size=8, vit_width=128, vit_depth=4, vit_heads=4, vit_mlp=512,
         qformer=QFormerConfig(width=128, n_layers=2, n_heads=4, intermediate=512, vision_width=128,
-                              max_text_len=32, proj_dim=64, text_vocab_size=576),
+                              max_text_len=32, proj_dim=64, text_vocab_size=23),
         n_codes=256, code_dim=16, decoder_depth=2, decoder_heads=4, decoder_mlp=512, image_down=(64, 32, 8),
         embed_dim=128)
 

@@ -53,7 +53,6 @@ import os
 import platform
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,62 +394,20 @@ class Run:
 
 # --- Stage 0: the tiny CLIP -----------------------------------------------------------------------------------------
 
-# The tiny text towers read one token per word, with the ids of CLIP's BPE layout (openai/CLIP @ 2558ec8
-# clip/simple_tokenizer.py): 256 byte symbols, the same 256 closing a word (`</w>`), one token per learned merge,
-# then <|startoftext|> and <|endoftext|> (which also pads). The merges are learned as BPE learns them, the most
-# frequent adjacent pair first, until every word of the world is one token. A caption is bos, its words, eos,
-# then padding up to TEXT_LEN positions; eos is where a causal CLIP text tower reads its text embedding.
+# The tiny text towers read one token per word: the world's words, sorted, then bos, eos and pad. A caption is bos,
+# its 7 words, eos, then padding up to TEXT_LEN positions.
+TEXT_VOCAB = (*sorted({word for caption in CAPTIONS for word in caption.split()}), "<bos>", "<eos>", "<pad>")
+TEXT_IDS = {token: i for i, token in enumerate(TEXT_VOCAB)}
 TEXT_LEN = 10
 
 
-def learn_text_vocab(texts) -> tuple[dict[str, int], int]:
-    """The world's words -> their ids, and the vocabulary size (bos = size - 2, eos = pad = size - 1)."""
-    words = Counter(word for text in texts for word in text.split())
-    if not all(word.isascii() and word.isalpha() and word.islower() for word in words):
-        raise ValueError("the tiny text towers expect lower-case ASCII words")  # their byte symbol is the letter
-    symbols = {word: (*word[:-1], word[-1] + "</w>") for word in words}
-    merges = []
-    while True:
-        pairs = Counter()
-        for word, n in words.items():
-            for pair in zip(symbols[word], symbols[word][1:]):
-                pairs[pair] += n
-        if not pairs:
-            break
-        best = max(pairs, key=lambda pair: (pairs[pair], pair))  # ties broken by the pair itself: deterministic
-        merges.append("".join(best))
-        symbols = {word: merge_pair(parts, best) for word, parts in symbols.items()}
-    if len(set(merges)) != len(merges):
-        raise ValueError("two merges made the same token")
-    # CLIP's byte symbols are listed in byte order, and a printable ASCII byte's symbol is the character itself, so
-    # a one-letter word's token, the letter closing a word, has id 256 + its byte
-    ids = {word: 512 + merges.index(word + "</w>") if len(word) > 1 else 256 + ord(word) for word in words}
-    return ids, 512 + len(merges) + 2
-
-
-def merge_pair(parts: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """One BPE merge: every occurrence of `pair` in `parts`, left to right, becomes its concatenation."""
-    out, i = [], 0
-    while i < len(parts):
-        if parts[i:i + 2] == pair:
-            out.append(pair[0] + pair[1])
-            i += 2
-        else:
-            out.append(parts[i])
-            i += 1
-    return tuple(out)
-
-
-TEXT_IDS, TEXT_VOCAB_SIZE = learn_text_vocab(CAPTIONS)
-BOS_ID, EOS_ID = TEXT_VOCAB_SIZE - 2, TEXT_VOCAB_SIZE - 1
-
-
 def tokenize(texts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texts -> ids (N, TEXT_LEN) = bos, words, eos, padding; and the position of eos (N,)."""
-    rows = [[BOS_ID, *(TEXT_IDS[word] for word in text.split()), EOS_ID] for text in texts]
+    """Texts -> ids (N, TEXT_LEN) = bos, words, eos, padding; and the position of eos (N,), whose feature is the
+    text embedding of a causal CLIP text tower (OpenAI/OpenCLIP pool at the eos token)."""
+    rows = [[TEXT_IDS["<bos>"], *(TEXT_IDS[word] for word in text.split()), TEXT_IDS["<eos>"]] for text in texts]
     if max(map(len, rows)) > TEXT_LEN:
         raise ValueError(f"a text is longer than the {TEXT_LEN} positions of the tiny text towers")
-    ids = torch.tensor([row + [EOS_ID] * (TEXT_LEN - len(row)) for row in rows])
+    ids = torch.tensor([row + [TEXT_IDS["<pad>"]] * (TEXT_LEN - len(row)) for row in rows])
     return ids, torch.tensor([len(row) - 1 for row in rows])
 
 
@@ -532,7 +489,7 @@ def stage_clip(run: Run, prev: dict) -> dict:
     cfg, world, dev = run.cfg.clip, run.world, run.device
     ids, eos = (t.to(dev) for t in tokenize(CAPTIONS))
     run.seed_everything(0)
-    model = TinyCLIP(tiny_seed_config(run.cfg), cfg, TEXT_VOCAB_SIZE).to(dev).train()
+    model = TinyCLIP(tiny_seed_config(run.cfg), cfg, len(TEXT_VOCAB)).to(dev).train()
     pixels, combo = to_vit_pixels(world.images).to(dev), world.combo.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
 
