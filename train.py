@@ -113,7 +113,7 @@ class CodebookStageConfig:
 class DecoderStageConfig:
     """Stage 3: the unCLIP UNet in pixel space (unet.py's `tiny` preset, FiLM resnets), v-prediction, EMA,
     condition dropout for CFG."""
-    steps: int = 1600
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 4e-3
     ema: float = 0.995         # EMA decay (with warm-up: min(ema, (1 + step) / (10 + step)))
