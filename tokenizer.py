@@ -17,13 +17,11 @@ tokenizer of tests/fixtures/llama (640 pieces, so its image tokens sit at 640 + 
     ids     1, 434, 612, 476, 468, 501, 466, 768, 652, 647, 640, 641, ..., 669, 769,
             434, 487, 282, 373, 441, 450, 435, 299, 350, 366, 457, 13, 483, 476, 476, 488, 476, 489, 483, 639, 489, 466
 
-In reading order: the protobuf reader; `SentencePieceModel`, the BPE model of `tokenizer.model` (mirrors
-google/sentencepiece src/bpe_model.cc, src/sentencepiece_processor.cc); `Tokenizer`, SEED's `SeedLlamaTokenizer`:
-the slow `LlamaTokenizer` of transformers==4.30.2 (tokenization_llama.py; tokenization_utils.py `tokenize`,
-`_decode`) plus `added_tokens.json` (SEED was trained with 4.30.2; later versions tokenize prompts differently);
-image tokens and spans (`ImageVocab`); the chat templates of AILab-CVC/SEED @ 93b3cf4
-scripts/seed_llama_inference_8B.py, _14B.py and gradio_demo/conversation.py; last, the BPE trainer of
-`train.py --tiny` (`train_bpe`, `train_tokenizer`).
+In reading order: `SentencePieceModel` (google/sentencepiece src/bpe_model.cc, src/sentencepiece_processor.cc);
+`Tokenizer`, SEED's `SeedLlamaTokenizer`: transformers==4.30.2's slow `LlamaTokenizer` (tokenization_llama.py,
+tokenization_utils.py) plus `added_tokens.json` (SEED pins 4.30.2; later versions tokenize prompts differently);
+`ImageVocab`; the chat templates of AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_{8B,14B}.py and
+gradio_demo/conversation.py; the BPE trainer of `train.py --tiny` (`train_bpe`, `train_tokenizer`).
 
 Deliberate deviations:
   * only what LLaMA's tokenizer.model holds is implemented: BPE (no unigram), the identity normaliser, normal,
@@ -50,18 +48,15 @@ from typing import Sequence
 # --- protobuf wire format, read (https://protobuf.dev/programming-guides/encoding/) ------------------------------
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
+    value = 0
+    for shift in range(0, 70, 7):
         if pos >= len(buf):
             raise ValueError("truncated varint")
-        byte = buf[pos]
+        value |= (buf[pos] & 0x7F) << shift
         pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
+        if buf[pos - 1] < 0x80:
             return value, pos
-        shift += 7
-        if shift >= 70:
-            raise ValueError("varint longer than 10 bytes")
+    raise ValueError("varint longer than 10 bytes")
 
 
 def _proto_fields(buf: bytes, message: str):
@@ -74,10 +69,7 @@ def _proto_fields(buf: bytes, message: str):
             value, pos = _read_varint(buf, pos)
             value -= (value >> 63) << 64  # negative int32/int64 are sent as 64-bit two's complement (pad_id -1)
         elif wire in (1, 2, 5):
-            if wire == 2:
-                size, pos = _read_varint(buf, pos)
-            else:
-                size = 8 if wire == 1 else 4
+            size, pos = _read_varint(buf, pos) if wire == 2 else (8 if wire == 1 else 4, pos)
             value, pos = buf[pos:pos + size], pos + size
             if pos > len(buf):
                 raise ValueError(f"{message}: field {number} runs past the end of the data")
@@ -139,19 +131,13 @@ def _refuse_unsupported(types: list[int], pieces: list[str], spec: dict, norm: d
 
 
 class SentencePieceModel:
-    """A SentencePiece BPE `tokenizer.model`: the protobuf `ModelProto` parsed by hand, plus encode/decode.
-
-    Only what LLaMA's model uses is supported: BPE, the identity normaliser, normal, unknown, control and byte
-    pieces (the models `train_bpe` writes are the same kind); anything else is refused by name.
-    """
+    """A SentencePiece BPE `tokenizer.model` (LLaMA's kind, and `train_bpe`'s): its protobuf parsed by hand."""
     NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6  # SentencePiece.Type
 
     def __init__(self, data: bytes, source: str = "tokenizer.model"):
         self.data = bytes(data)  # kept verbatim so that `Tokenizer.save` writes the exact file back
         entries, spec, norm = _parse_model(self.data, source)
-        self.pieces = [piece for piece, _, _ in entries]
-        self.scores = [score for _, score, _ in entries]
-        self.types = [kind for _, _, kind in entries]
+        self.pieces, self.scores, self.types = ([entry[k] for entry in entries] for k in range(3))
         _refuse_unsupported(self.types, self.pieces, spec, norm, source)
         self.byte_fallback = bool(spec.get(35, 0))
         self.unk_surface = spec.get(44, " \u2047 ".encode()).decode()
@@ -160,11 +146,8 @@ class SentencePieceModel:
         self.escape_whitespaces = bool(norm.get(5, 1))
 
         self.unk_id = self.types.index(self.UNKNOWN)
-        self.piece_to_id: dict[str, int] = {}
-        for i, piece in enumerate(self.pieces):
-            self.piece_to_id.setdefault(piece, i)
-        # The pieces BPE may build by merging, with their scores; control, unknown and byte pieces never come
-        # from text.
+        self.piece_to_id = {piece: i for i, piece in reversed(list(enumerate(self.pieces)))}  # the first id wins
+        # The pieces BPE may build by merging, with their scores: control, unknown and byte pieces never come from text
         self.mergeable = {p: s for p, s, t in entries if t == self.NORMAL}
         # When no piece has a '▁' right after another character, no merge can cross the start of a '▁'-led word,
         # so words can be encoded one by one, and cached, with the same result: true for LLaMA's model.
@@ -301,12 +284,10 @@ class Tokenizer:
 
     `path` is a `tokenizer.model` file, or a folder holding it with optional `added_tokens.json`,
     `special_tokens_map.json` and `tokenizer_config.json` (AILab-CVC/seed-tokenizer-2's files).
-
-    Encoding (`PreTrainedTokenizer.tokenize` of 4.30.2): the text is split on the added and special tokens, and
-    each remaining chunk is encoded by SentencePiece on its own, so each chunk gets its own dummy '▁'. Around added
-    tokens that are not AddedToken objects (`<img_xxxxx>` from added_tokens.json and `<img>`/`</img>`, plain strings
-    in special_tokens_map.json) the neighbouring chunks lose their touching whitespace, newlines included.
-    `<s>`, `</s>`, `<unk>` are AddedTokens without lstrip/rstrip (LlamaTokenizer wraps them so): split out, no strip.
+    Encoding (4.30.2 `PreTrainedTokenizer.tokenize`) splits the text on the added and special tokens and encodes
+    each chunk alone. Added tokens that are plain strings, not AddedToken objects (`<img_xxxxx>`, `<img>`,
+    `</img>`), strip the touching whitespace of their neighbours, newlines included; `<s>`, `</s>`, `<unk>` are
+    AddedTokens without lstrip/rstrip (LlamaTokenizer wraps them so): split out, no strip.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -324,12 +305,11 @@ class Tokenizer:
         added = read_json("added_tokens.json")
         special = read_json("special_tokens_map.json")
         self.config = read_json("tokenizer_config.json")
-        self.bos_token, *bos_strip = _token_spec(special.get("bos_token", self.config.get("bos_token")), "<s>")
-        self.eos_token, *eos_strip = _token_spec(special.get("eos_token", self.config.get("eos_token")), "</s>")
-        self.unk_token, *unk_strip = _token_spec(special.get("unk_token", self.config.get("unk_token")), "<unk>")
+        specs = [_token_spec(special.get(name, self.config.get(name)), default)
+                 for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))]
+        self.bos_token, self.eos_token, self.unk_token = (content for content, _, _ in specs)
         # (lstrip, rstrip) per token that the text is split on. Plain-string tokens strip both sides in 4.30.2.
-        self._strip = {self.bos_token: tuple(bos_strip), self.eos_token: tuple(eos_strip),
-                       self.unk_token: tuple(unk_strip)}
+        self._strip = {content: (lstrip, rstrip) for content, lstrip, rstrip in specs}
         self.additional_special: list[str] = []
         for value in special.get("additional_special_tokens", []):
             content, lstrip, rstrip = _token_spec(value, "")
@@ -395,7 +375,7 @@ class Tokenizer:
     def _split(self, text: str) -> list[tuple[str, bool]]:
         """Cut `text` at the split tokens (leftmost, longest first, as transformers' Trie) and strip the chunks
         that touch a stripping token, exactly as 4.30.2 `tokenize` does. Returns (chunk, is_token) pairs."""
-        parts: list[tuple[str, bool]] = []
+        parts: list[str] = []  # text, token, text, ..., text: the tokens sit at the odd indices
         start = pos = 0
         while (m := self._split_start.search(text, pos)) is not None:
             pos = m.start()
@@ -404,18 +384,16 @@ class Tokenizer:
             if match is None:
                 pos += 1
                 continue
-            parts += [(text[start:pos], False), (match, True)]
+            parts += [text[start:pos], match]
             start = pos = pos + len(match)
-        parts.append((text[start:], False))
-        for k, (token, is_token) in enumerate(parts):
-            if not is_token:
-                continue
-            lstrip, rstrip = self._strip[token]
-            if rstrip and k + 1 < len(parts):
-                parts[k + 1] = (parts[k + 1][0].lstrip(), parts[k + 1][1])
-            if lstrip and k > 0:
-                parts[k - 1] = (parts[k - 1][0].rstrip(), parts[k - 1][1])
-        return [(chunk, is_token) for chunk, is_token in parts if chunk]
+        parts.append(text[start:])
+        for k in range(1, len(parts), 2):
+            lstrip, rstrip = self._strip[parts[k]]
+            if rstrip:
+                parts[k + 1] = parts[k + 1].lstrip()
+            if lstrip:
+                parts[k - 1] = parts[k - 1].rstrip()
+        return [(chunk, k % 2 == 1) for k, chunk in enumerate(parts) if chunk]
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Ids of `text`; `<s>`/`</s>`/image tokens written in the text become their ids. `bos=True` is 4.30.2's
@@ -562,10 +540,7 @@ class ImageVocab:
 
     def split(self, ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
         """Cut generated ids at their image spans: (text runs, codes of each span), len(text runs) = spans + 1.
-
-        Every span is checked: `<img>` must be closed by `</img>` and hold exactly 32 image codes (the flask
-        demo's check), a stray `</img>` is an error too.
-        """
+        Each `<img>` must be closed by `</img>` around exactly 32 image codes (the flask demo's check)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         texts, images, run = [], [], []
         pos = 0
@@ -597,31 +572,24 @@ class ImageVocab:
 
 # --- chat templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py)
 
-CHAT_TEMPLATES = ("8B", "14B")
+# template: (system, user turn, assistant turn, what the prompt ends with)
+CHAT_TEMPLATES = {
+    "8B": ("{}\n", "USER: {}\n", "ASSISTANT: {}\n", "ASSISTANT:"),               # Vicuna v1.1
+    "14B": ("<<SYS>>\n{}\n<</SYS>>\n\n", "[INST] {} [/INST]\n", "{}\n", ""),  # LLaMA-2 chat
+}
 
 
 def chat_conversation(messages: Sequence[str], template: str = "8B", system: str | None = None) -> str:
-    """The conversation text of a chat, with `<image>` placeholders where images go.
-
-    `messages` alternate user, assistant, user, ... and end with the user turn the model answers.
-      8B (Vicuna v1.1):  `{system}\\n` + `USER: {u}\\nASSISTANT: {a}\\n` ... + `USER: {u}\\nASSISTANT:`
-      14B (LLaMA-2 chat): `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` + `[INST] {u} [/INST]\\n{a}\\n` ...
-                          + `[INST] {u} [/INST]\\n`
-    """
+    """The conversation text of a chat, with `<image>` placeholders where images go. `messages` alternate user,
+    assistant, user, ... and end with the user turn the model answers."""
     if template not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; choose one of {CHAT_TEMPLATES}")
+        raise ValueError(f"unknown chat template {template!r}; choose one of {tuple(CHAT_TEMPLATES)}")
     if len(messages) % 2 != 1:
         raise ValueError(f"messages alternate user/assistant and end with a user turn, so their number is odd; "
                          f"got {len(messages)}")
-    if template == "8B":
-        text = "" if system is None else f"{system}\n"
-        for k, message in enumerate(messages):
-            text += f"USER: {message}\n" if k % 2 == 0 else f"ASSISTANT: {message}\n"
-        return text + "ASSISTANT:"
-    text = "" if system is None else f"<<SYS>>\n{system}\n<</SYS>>\n\n"
-    for k, message in enumerate(messages):
-        text += f"[INST] {message} [/INST]\n" if k % 2 == 0 else f"{message}\n"
-    return text
+    system_turn, user_turn, assistant_turn, end = CHAT_TEMPLATES[template]
+    text = "" if system is None else system_turn.format(system)
+    return text + "".join((assistant_turn if k % 2 else user_turn).format(m) for k, m in enumerate(messages)) + end
 
 
 def chat_prompt(messages: Sequence[str], template: str = "8B", system: str | None = None,
