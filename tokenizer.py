@@ -34,6 +34,7 @@ Deliberate deviations:
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import os
 import re
@@ -90,7 +91,7 @@ PIECE_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "U
 def _parse_model(data: bytes, source: str) -> tuple[list[tuple[str, float, int]], dict, dict]:
     """ModelProto -> (pieces as (piece, score, type), TrainerSpec fields, NormalizerSpec fields), keyed by the
     field numbers of google/sentencepiece src/sentencepiece_model.proto."""
-    pieces, trainer, normalizer = [], b"", b""
+    pieces, specs = [], {2: b"", 3: b""}  # 2: TrainerSpec, 3: NormalizerSpec
     try:
         for number, value in _proto_fields(data, "ModelProto"):
             if number == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
@@ -99,11 +100,9 @@ def _parse_model(data: bytes, source: str) -> tuple[list[tuple[str, float, int]]
                 fields = dict(_proto_fields(value, "SentencePiece"))
                 score = struct.unpack("<f", fields[2])[0] if 2 in fields else 0.0
                 pieces.append((fields.get(1, b"").decode("utf-8"), score, fields.get(3, SentencePieceModel.NORMAL)))
-            elif number == 2:
-                trainer = value
-            elif number == 3:
-                normalizer = value
-        return pieces, dict(_proto_fields(trainer, "TrainerSpec")), dict(_proto_fields(normalizer, "NormalizerSpec"))
+            elif number in specs:
+                specs[number] = value
+        return pieces, dict(_proto_fields(specs[2], "TrainerSpec")), dict(_proto_fields(specs[3], "NormalizerSpec"))
     except (ValueError, UnicodeDecodeError, struct.error, TypeError, AttributeError) as e:
         raise ValueError(f"{source} is not a SentencePiece model (cannot parse its protobuf: {e})") from None
 
@@ -410,22 +409,13 @@ class Tokenizer:
         """Text of `ids` as 4.30.2 `_decode`: added tokens are written as themselves, separated by spaces from
         their neighbours; runs of SentencePiece ids are decoded by SentencePiece, with `<s>`, `</s>`, `<unk>` kept
         literally. `skip_special_tokens` drops `<s>`, `</s>`, `<unk>`, `<img>`, `</img>`, but not `<img_xxxxx>`."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        texts, run = [], []
-        for i in ids:
-            if skip_special_tokens and i in self.special_ids:
-                continue
-            if i in self.id_to_added:
-                if run:
-                    texts.append(self._decode_run(run))
-                    run = []
-                texts.append(self.id_to_added[i])
-            elif 0 <= i < len(self.sp):
-                run.append(i)
-            else:
-                raise ValueError(f"id {i} is outside the vocabulary [0, {len(self)})")
-        if run:
-            texts.append(self._decode_run(run))
+        ids = [i for i in (ids.tolist() if hasattr(ids, "tolist") else ids)
+               if not (skip_special_tokens and i in self.special_ids)]
+        if bad := [i for i in ids if not 0 <= i < len(self)]:
+            raise ValueError(f"id {bad[0]} is outside the vocabulary [0, {len(self)})")
+        texts = []
+        for added, run in itertools.groupby(ids, key=self.id_to_added.__contains__):
+            texts += [self.id_to_added[i] for i in run] if added else [self._decode_run(list(run))]
         text = " ".join(texts)
         if self.clean_up_spaces:  # PreTrainedTokenizerBase.clean_up_tokenization
             for before, after in [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -470,25 +460,21 @@ class Tokenizer:
         """Write tokenizer.model, added_tokens.json, special_tokens_map.json, tokenizer_config.json (HF layout)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-
-        def added_token(content: str) -> dict:
-            return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-
-        special = {"bos_token": added_token(self.bos_token), "eos_token": added_token(self.eos_token),
-                   "unk_token": added_token(self.unk_token)}
-        if self.additional_special:
-            special = {"additional_special_tokens": self.additional_special, **special}
+        tokens = {name: {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+                  for name, content in [("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                        ("unk_token", self.unk_token)]}
+        extra = {"additional_special_tokens": self.additional_special} if self.additional_special else {}
         config = self.config or {
             "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
             "model_max_length": 1000000000000000019884624838656, "pad_token": None, "sp_model_kwargs": {},
-            "tokenizer_class": "LlamaTokenizer",
-            **{k: {"__type": "AddedToken", **v} for k, v in special.items() if k != "additional_special_tokens"}}
-        files = {"tokenizer.model": self.sp.data,
-                 "added_tokens.json": json.dumps(self.added, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                 "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False) + "\n",
-                 "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
-        for name, content in files.items():
-            data = content if isinstance(content, bytes) else content.encode("utf-8")
+            "tokenizer_class": "LlamaTokenizer", **{k: {"__type": "AddedToken", **v} for k, v in tokens.items()}}
+
+        def as_json(value: dict, sort_keys: bool = False) -> bytes:
+            return (json.dumps(value, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n").encode("utf-8")
+
+        for name, data in [("tokenizer.model", self.sp.data), ("added_tokens.json", as_json(self.added, True)),
+                           ("special_tokens_map.json", as_json({**extra, **tokens})),
+                           ("tokenizer_config.json", as_json(config))]:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -574,7 +560,7 @@ class ImageVocab:
 
 # template: (system, user turn, assistant turn, what the prompt ends with)
 CHAT_TEMPLATES = {
-    "8B": ("{}\n", "USER: {}\n", "ASSISTANT: {}\n", "ASSISTANT:"),               # Vicuna v1.1
+    "8B": ("{}\n", "USER: {}\n", "ASSISTANT: {}\n", "ASSISTANT:"),  # Vicuna v1.1
     "14B": ("<<SYS>>\n{}\n<</SYS>>\n\n", "[INST] {} [/INST]\n", "{}\n", ""),  # LLaMA-2 chat
 }
 
