@@ -114,12 +114,11 @@ def _refuse_unsupported(types: list[int], pieces: list[str], spec: dict, norm: d
                          f"found {len(pieces)} pieces and {types.count(SentencePieceModel.UNKNOWN)} unknown ones")
     model_type = spec.get(3, 1)  # TrainerSpec.model_type, default UNIGRAM
     if model_type != 2:
-        names = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
-        raise ValueError(f"{source}: model_type {names.get(model_type, model_type)} is not supported (only BPE)")
+        name = {1: "UNIGRAM", 3: "WORD", 4: "CHAR"}.get(model_type, model_type)
+        raise ValueError(f"{source}: model_type {name} is not supported (only BPE)")
     for i, kind in enumerate(types):
         # user-defined pieces would be matched whole before BPE, unused ones re-split after it (bpe_model.cc)
-        if kind not in (SentencePieceModel.NORMAL, SentencePieceModel.UNKNOWN, SentencePieceModel.CONTROL,
-                        SentencePieceModel.BYTE):
+        if PIECE_TYPES.get(kind) not in ("NORMAL", "UNKNOWN", "CONTROL", "BYTE"):
             raise ValueError(f"{source}: piece {i} {pieces[i]!r} has type {PIECE_TYPES.get(kind, kind)}, which "
                              f"is not supported (only NORMAL, UNKNOWN, CONTROL and BYTE pieces, as LLaMA's)")
     if norm.get(2, b""):  # LLaMA's normaliser is "identity" with an empty map; NFKC tables are not implemented
@@ -193,8 +192,7 @@ class SentencePieceModel:
             return []
         symbols = list(text)
         n = len(symbols)
-        prev, nxt = list(range(-1, n - 1)), list(range(1, n + 1))
-        nxt[-1] = -1
+        prev, nxt = list(range(-1, n - 1)), list(range(1, n)) + [-1]
         heap: list[tuple[float, int, int, str]] = []
 
         def push(left: int, right: int) -> None:
@@ -214,8 +212,7 @@ class SentencePieceModel:
             push(prev[left], left)
             push(left, nxt[left])
 
-        ids: list[int] = []
-        i = 0
+        ids, i = [], 0
         while i >= 0:
             piece_id = self.piece_to_id.get(symbols[i], self.unk_id)
             if piece_id == self.unk_id and self.byte_fallback:  # sentencepiece_processor.cc: one <0xNN> per byte
@@ -228,32 +225,26 @@ class SentencePieceModel:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` as sentencepiece's `Decode`: control pieces vanish, '▁' -> ' ', runs of byte pieces are
         UTF-8 decoded (each invalid byte -> U+FFFD), and the first piece loses the dummy-prefix space."""
+        if bad := [i for i in ids if not 0 <= i < len(self.pieces)]:
+            raise ValueError(f"id {bad[0]} is outside the SentencePiece vocabulary [0, {len(self.pieces)})")
         out: list[str] = []
-        pending = bytearray()
         first = True  # sentencepiece's `is_bos_ws`: true until the first non-control piece
-        for i in ids:
-            if not 0 <= i < len(self.pieces):
-                raise ValueError(f"id {i} is outside the SentencePiece vocabulary [0, {len(self.pieces)})")
-            kind = self.types[i]
-            if kind == self.BYTE:
-                pending.append(self.byte_value[i])
+        for is_byte, run in itertools.groupby(ids, key=lambda i: self.types[i] == self.BYTE):
+            if is_byte:
+                out.append(_decode_utf8(bytes(self.byte_value[i] for i in run)))
                 first = False
                 continue
-            if pending:
-                out.append(_decode_utf8(bytes(pending)))
-                pending.clear()
-            if kind == self.CONTROL:
-                continue
-            if kind == self.UNKNOWN:
-                out.append(self.unk_surface)
-            else:
-                piece = self.pieces[i]
-                if first and (self.add_dummy_prefix or self.remove_extra_whitespaces) and piece[:1] == "\u2581":
-                    piece = piece[1:]
-                out.append(piece.replace("\u2581", " "))
-            first = False
-        if pending:
-            out.append(_decode_utf8(bytes(pending)))
+            for i in run:
+                if self.types[i] == self.CONTROL:
+                    continue
+                if self.types[i] == self.UNKNOWN:
+                    out.append(self.unk_surface)
+                else:
+                    piece = self.pieces[i]
+                    if first and (self.add_dummy_prefix or self.remove_extra_whitespaces) and piece[:1] == "\u2581":
+                        piece = piece[1:]
+                    out.append(piece.replace("\u2581", " "))
+                first = False
         return "".join(out)
 
 
@@ -283,10 +274,6 @@ class Tokenizer:
 
     `path` is a `tokenizer.model` file, or a folder holding it with optional `added_tokens.json`,
     `special_tokens_map.json` and `tokenizer_config.json` (AILab-CVC/seed-tokenizer-2's files).
-    Encoding (4.30.2 `PreTrainedTokenizer.tokenize`) splits the text on the added and special tokens and encodes
-    each chunk alone. Added tokens that are plain strings, not AddedToken objects (`<img_xxxxx>`, `<img>`,
-    `</img>`), strip the touching whitespace of their neighbours, newlines included; `<s>`, `</s>`, `<unk>` are
-    AddedTokens without lstrip/rstrip (LlamaTokenizer wraps them so): split out, no strip.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -307,7 +294,8 @@ class Tokenizer:
         specs = [_token_spec(special.get(name, self.config.get(name)), default)
                  for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))]
         self.bos_token, self.eos_token, self.unk_token = (content for content, _, _ in specs)
-        # (lstrip, rstrip) per token that the text is split on. Plain-string tokens strip both sides in 4.30.2.
+        # (lstrip, rstrip) per token that the text is split on. In 4.30.2 plain-string tokens (the image tokens)
+        # strip both sides, newlines included; <s>, </s>, <unk> are AddedTokens without lstrip/rstrip.
         self._strip = {content: (lstrip, rstrip) for content, lstrip, rstrip in specs}
         self.additional_special: list[str] = []
         for value in special.get("additional_special_tokens", []):
@@ -349,15 +337,15 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.unk_id = (token_id(t) for t in (self.bos_token, self.eos_token, self.unk_token))
         self.pad_id = self.unk_id  # SeedLlamaTokenizer sets pad_token = unk_token
         self.id_to_added = {i: t for t, i in self.added.items()}
-        # The tokens the text is split on (4.30.2's unique_no_split_tokens): added tokens plus special tokens.
-        self.split_tokens = {t: token_id(t) for t in [self.bos_token, self.eos_token, self.unk_token,
-                                                      *self.additional_special, *self.added]}
+        special = [self.bos_token, self.eos_token, self.unk_token, *self.additional_special]
+        self.special_ids = {token_id(t) for t in special}
+        # The tokens the text is split on (4.30.2's unique_no_split_tokens): special tokens plus added tokens.
+        self.split_tokens = {t: token_id(t) for t in special + list(self.added)}
         self._split_lengths = sorted({len(t) for t in self.split_tokens}, reverse=True)
         self._split_start = re.compile("[" + re.escape("".join({t[0] for t in self.split_tokens})) + "]")
-        self.special_ids = {token_id(t) for t in [self.bos_token, self.eos_token, self.unk_token,
-                                                  *self.additional_special]}
         codes = [self.added.get(image_token(k)) for k in range(len(self.added))]
         n_codes = codes.index(None) if None in codes else len(codes)
+        self.image_vocab = None
         if n_codes and BOI_TOKEN in self.added and EOI_TOKEN in self.added:
             offset = codes[0]
             bad = [k for k in range(n_codes) if codes[k] != offset + k]
@@ -365,8 +353,6 @@ class Tokenizer:
                 raise ValueError(f"image token {image_token(bad[0])} has id {codes[bad[0]]}, expected {offset + bad[0]}"
                                  f" (codes must be consecutive from {image_token(0)} = {offset})")
             self.image_vocab = ImageVocab(self.added[BOI_TOKEN], self.added[EOI_TOKEN], offset, n_codes)
-        else:
-            self.image_vocab = None
 
     def __len__(self) -> int:
         return len(self.sp) + len(self.added)
@@ -399,10 +385,7 @@ class Tokenizer:
         `add_special_tokens=True`; SEED's prompts carry a literal `<s>` and use bos=False."""
         ids = [self.bos_id] if bos else []
         for chunk, is_token in self._split(text):
-            if is_token:
-                ids.append(self.split_tokens[chunk])
-            else:
-                ids += self.sp.encode(chunk)
+            ids += [self.split_tokens[chunk]] if is_token else self.sp.encode(chunk)
         return ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -446,8 +429,7 @@ class Tokenizer:
     def encode_chat(self, messages: Sequence[str], template: str = "8B", system: str | None = None,
                     images: Sequence[Sequence[int]] = (), force_boi: bool = False) -> list[int]:
         """Ids of an official SEED-LLaMA prompt (see `chat_prompt`), codes checked against this vocabulary."""
-        n_codes = self._require_images().n_codes
-        return self.encode(chat_prompt(messages, template, system, images, force_boi, n_codes))
+        return self.encode(chat_prompt(messages, template, system, images, force_boi, self._require_images().n_codes))
 
     def decode_with_images(self, ids: Sequence[int]) -> tuple[str, list[list[int]]]:
         """Generated ids -> (text with an `<image>` where each span was, codes of each span). Spans are checked."""
