@@ -24,15 +24,15 @@ tokenization_utils.py) plus `added_tokens.json` (SEED pins 4.30.2; later version
 gradio_demo/conversation.py; the BPE trainer of `train.py --tiny` (`train_bpe`, `train_tokenizer`).
 
 Deliberate deviations:
-  * only what LLaMA's tokenizer.model holds is implemented: BPE (no unigram), the identity normaliser, normal,
-    unknown, control and byte pieces; user-defined or unused pieces, other model types, precompiled normaliser
-    maps and treat_whitespace_as_suffix are refused by name;
+  * only what LLaMA's tokenizer.model holds is implemented: BPE, the identity normaliser, normal, unknown, control
+    and byte pieces; other model types, piece types, normalisers and treat_whitespace_as_suffix are refused by name;
   * `train_bpe` is a plain frequency-count BPE, not sentencepiece's trainer: it writes a model sentencepiece
     reads and encodes identically, but not the vocabulary sentencepiece would have learned;
   * image spans are checked (exactly 32 codes, closed by `</img>`), where the official scripts take them as they come.
 """
 from __future__ import annotations
 
+import codecs
 import heapq
 import itertools
 import json
@@ -231,7 +231,7 @@ class SentencePieceModel:
         first = True  # sentencepiece's `is_bos_ws`: true until the first non-control piece
         for is_byte, run in itertools.groupby(ids, key=lambda i: self.types[i] == self.BYTE):
             if is_byte:
-                out.append(_decode_utf8(bytes(self.byte_value[i] for i in run)))
+                out.append(bytes(self.byte_value[i] for i in run).decode("utf-8", "sentencepiece"))
                 first = False
                 continue
             for i in run:
@@ -248,16 +248,8 @@ class SentencePieceModel:
         return "".join(out)
 
 
-def _decode_utf8(data: bytes) -> str:
-    """UTF-8 with one U+FFFD per invalid byte, as sentencepiece (Python's 'replace' gives one per bad sequence)."""
-    out, pos = [], 0
-    while True:
-        try:
-            out.append(data[pos:].decode("utf-8"))
-            return "".join(out)
-        except UnicodeDecodeError as e:
-            out.append(data[pos:pos + e.start].decode("utf-8") + "\ufffd" * (e.end - e.start))
-            pos += e.end
+# UTF-8 with one U+FFFD per invalid byte, as sentencepiece (Python's 'replace' gives one per bad sequence)
+codecs.register_error("sentencepiece", lambda e: ("\ufffd" * (e.end - e.start), e.end))
 
 
 # --- the tokenizer SEED-LLaMA uses --------------------------------------------------------------------------------
@@ -288,9 +280,8 @@ class Tokenizer:
             file = folder / name if folder else None
             return json.loads(file.read_text(encoding="utf-8")) if file and file.is_file() else {}
 
-        added = read_json("added_tokens.json")
-        special = read_json("special_tokens_map.json")
-        self.config = read_json("tokenizer_config.json")
+        added, special, self.config = (read_json(name) for name in
+                                       ("added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"))
         specs = [_token_spec(special.get(name, self.config.get(name)), default)
                  for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))]
         self.bos_token, self.eos_token, self.unk_token = (content for content, _, _ in specs)
@@ -525,11 +516,10 @@ class ImageVocab:
             except ValueError:
                 raise ValueError(f"the image span opened by <img> at position {pos} is never closed by </img>") \
                     from None
-            for p in range(pos + 1, end):
-                if not self.is_code(ids[p]):
-                    raise ValueError(f"the image span at position {pos} holds id {ids[p]} at position {p}, which is "
-                                     f"not an image code (codes are ids {self.code_offset}.."
-                                     f"{self.code_offset + self.n_codes - 1})")
+            if (bad := next((p for p in range(pos + 1, end) if not self.is_code(ids[p])), None)) is not None:
+                raise ValueError(f"the image span at position {pos} holds id {ids[bad]} at position {bad}, which is "
+                                 f"not an image code (codes are ids {self.code_offset}.."
+                                 f"{self.code_offset + self.n_codes - 1})")
             images.append(check_image_codes([i - self.code_offset for i in ids[pos + 1:end]], self.n_codes))
             texts.append(run)
             run = []
@@ -583,13 +573,11 @@ _WORD_RE = re.compile("\u2581+(?=\u2581)|\u2581?[^\u25810-9]+|\u2581|[0-9]")
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16) -> bytes:
-    """Train a SentencePiece-format BPE vocabulary with LLaMA's options; returns the bytes of a `tokenizer.model`.
+    """Train a BPE vocabulary with LLaMA's options (the specs below); returns the bytes of a `tokenizer.model`.
 
-    LLaMA's options: byte fallback (ids 3..258 = <0x00>..<0xFF>), digits split, dummy prefix, no whitespace
-    cleanup, <unk>/<s>/</s> = 0/1/2. Each step merges the most frequent adjacent pair inside a word (ties: first
-    seen), and the new piece scores -step, so encoding replays the merges in order. Every character of the texts
-    becomes a piece (sentencepiece's character_coverage 1.0); others fall back to bytes. Simplification: pieces
-    may mix Unicode scripts (sentencepiece's split_by_unicode_script is not reproduced).
+    Each step merges the most frequent adjacent pair inside a word (ties: first seen), and the new piece scores
+    -step, so encoding replays the merges in order. Every character of the texts becomes a piece (character_coverage
+    1.0); others fall back to bytes. Pieces may mix Unicode scripts (no split_by_unicode_script).
     """
     words: Counter[tuple[str, ...]] = Counter()
     for text in texts:
@@ -629,7 +617,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16)
                for k, (ch, _) in enumerate(chars.most_common())]
     model = b"".join(_proto_field(1, _proto_field(1, p) + _proto_field(2, s) + _proto_field(3, t))
                      for p, s, t in pieces)
-    # TrainerSpec: model_type BPE, vocab_size, split_digits, byte_fallback, unk/bos/eos/pad ids.
+    # TrainerSpec: model_type BPE, vocab_size, split_digits, byte_fallback (ids 3..258), unk/bos/eos/pad ids.
     trainer = b"".join(_proto_field(n, v) for n, v in
                        [(3, 2), (4, len(pieces)), (25, True), (35, True), (40, 0), (41, 1), (42, 2), (43, -1)])
     # NormalizerSpec: identity, add_dummy_prefix, no remove_extra_whitespaces, escape_whitespaces.
