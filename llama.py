@@ -374,19 +374,14 @@ class Llama(nn.Module):
     @classmethod
     def from_official(cls, folder: str | os.PathLike, device=None, dtype=None) -> Llama:
         """Load an official HF-format SEED-LLaMA folder (config.json + pytorch_model*.bin or model*.safetensors,
-        sharded with an index or single). Built on the meta device and filled shard by shard, memory-mapped and
-        cast as it goes, so host RAM peaks near one copy of the weights in the target dtype plus one shard.
-
-        device: default cuda -> mps -> cpu. dtype: default fp32 on CPU (half-precision matmuls are slow there),
-        else the checkpoint's dtype if it is a half type, fp16 otherwise (the official code runs in fp16).
-        """
+        sharded with an index or single). device and dtype default to weights.pick_device and pick_dtype."""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder / 'config.json'} not found: not a Hugging Face LLaMA folder")
         hf = read_json(folder / "config.json")
         # the 2023 checkpoints say `torch_dtype`, recent transformers versions write `dtype`
-        stored = hf.get("torch_dtype", hf.get("dtype"))
-        stored = getattr(torch, stored) if stored in ("float32", "float16", "bfloat16") else None
+        name = hf.get("torch_dtype", hf.get("dtype"))
+        stored = getattr(torch, name) if name in ("float32", "float16", "bfloat16") else None
         return _load(LlamaConfig.from_hf(hf), find_weights(folder, OFFICIAL_WEIGHT_FILES), device, dtype, stored)
 
 
@@ -489,12 +484,10 @@ def image_options(logits: torch.Tensor, cfg: GenerationConfig, span: _SpanTracke
 
 # ---- loading -------------------------------------------------------------------------------------------
 
-# Keys of the official checkpoints that are deliberately not loaded (the official code ignores them too).
-IGNORED_OFFICIAL_KEYS = [
-    # transformers <= 4.30 saved RoPE's inverse frequencies as a persistent buffer, one per layer (both SEED-LLaMA
-    # checkpoints have them); they are a function of rope_theta, recomputed by `rope_tables`.
-    re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
-]
+# Keys of the official checkpoints that are deliberately not loaded, as the official code ignores them too:
+# transformers <= 4.30 saved RoPE's inverse frequencies as a persistent buffer, one per layer (both SEED-LLaMA
+# checkpoints have them); they are a function of rope_theta, recomputed by `rope_tables`.
+IGNORED_OFFICIAL_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 # An official folder holds one of these (the first found wins): shards with their index, or a single file.
 OFFICIAL_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
@@ -508,7 +501,7 @@ def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype=No
     CPU is not even copied: the parameters keep the file's memory-mapped pages)."""
     headers = [read_header(path) for path in files]
     found = {name: shape for header in headers for name, (shape, _) in header.items()
-             if not any(p.fullmatch(name) for p in IGNORED_OFFICIAL_KEYS)}
+             if not IGNORED_OFFICIAL_KEYS.fullmatch(name)}
     with torch.device("meta"):
         model = Llama(config)
     expected = shapes(model)  # our names are the file's names: no rename table
