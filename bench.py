@@ -4,30 +4,29 @@
     python bench.py llama           # only the named ones
     python bench.py llama --threads 2 --repeats 5
 
-Each benchmark is one function `bench_<name>(args)` that builds both implementations with the same weights,
-checks that they agree, times them (best of --repeats after a warm-up) and prints a table. The reference
-libraries (transformers, diffusers) are dev dependencies: a benchmark whose library is absent says so and is
-skipped. The machine's other load matters: run it on a quiet machine and report the best of a few runs.
-`llama_load` is the exception: it measures the peak host RAM of the official-checkpoint loader, not speed.
+Each `bench_<name>(args)` builds both implementations with the same weights, checks that they agree, times them
+and prints a table; `llama_load` measures the peak host RAM of the official-checkpoint loader instead. A benchmark
+whose reference library (transformers, diffusers: dev dependencies) is absent says so and is skipped. Other load
+on the machine matters: run it on a quiet machine and report the best of a few runs.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import llama
 import unet
+from weights import write_json
 
 
 def best_times(runs: dict, repeats: int) -> dict:
-    """Best wall time in seconds of each zero-argument function in `runs`, over `repeats` rounds after one
-    warm-up round. The functions take turns within a round, so a burst of load from other processes hits
-    them alike."""
+    """Best wall time (s) of each function in `runs` over `repeats` rounds after a warm-up round. The functions
+    take turns within a round, so a burst of load from other processes hits them alike."""
     times = {name: [] for name in runs}
     for round_ in range(repeats + 1):
         for name, fn in runs.items():
@@ -91,16 +90,14 @@ before = status("VmRSS:")
 model = llama.Llama.from_official(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]))
 for p in model.parameters():  # read every weight: memory-mapped pages only count once they are read
     p.sum()
-peak = status("VmHWM:")
-print(sum(p.numel() * p.element_size() for p in model.parameters()), peak - before)
+print(sum(p.numel() * p.element_size() for p in model.parameters()), status("VmHWM:") - before)
 """
 
 
 def bench_llama_load(args):
-    """Peak host RAM of Llama.from_official: a reduced SEED-LLaMA (dim 1536, 12 layers, vocab 40194; 463M
-    parameters) is written to a temporary folder in the two official layouts (two pickled .bin shards with an
-    index and the rotary_emb.inv_freq keys: fp32 as the 8B release, fp16 as the 14B one) and loaded in a fresh
-    process for each target dtype. Linux only (reads /proc/self/status)."""
+    """Peak host RAM of Llama.from_official: a reduced SEED-LLaMA (463M parameters) written in the two official
+    layouts (two .bin shards with an index and the rotary_emb.inv_freq keys, fp32 as the 8B release, fp16 as the
+    14B one), loaded in a fresh process for each target dtype. Linux only (reads /proc/self/status)."""
     if not os.path.exists("/proc/self/status"):
         print("llama_load: skipped, it reads /proc/self/status (Linux)")
         return
@@ -123,10 +120,8 @@ def bench_llama_load(args):
                 shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
                 torch.save({k: torch.randn(shapes[k]).mul_(0.02).to(stored) for k in part}, f"{folder}/{shard}")
                 weight_map.update(dict.fromkeys(part, shard))
-            with open(f"{folder}/pytorch_model.bin.index.json", "w") as f:
-                json.dump({"metadata": {}, "weight_map": weight_map}, f)
-            with open(f"{folder}/config.json", "w") as f:
-                json.dump({**hf_config, "torch_dtype": str(stored).removeprefix("torch.")}, f)
+            write_json(Path(folder) / "pytorch_model.bin.index.json", {"metadata": {}, "weight_map": weight_map})
+            write_json(Path(folder) / "config.json", {**hf_config, "torch_dtype": str(stored).removeprefix("torch.")})
             for target in ("float32", "float16"):
                 out = subprocess.run([sys.executable, "-c", _LOAD_AND_REPORT_PEAK_RSS, folder, target],
                                      cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
@@ -137,9 +132,8 @@ def bench_llama_load(args):
 
 def bench_unet(args):
     """One classifier-free-guidance step of the unCLIP UNet (batch 2 = [uncond; cond]) against diffusers'
-    UNet2DConditionModel: the official block layout and head size 64, widths / 5 (64-128-256-256 instead of
-    320-640-1280-1280), 1024-d text states of 77 tokens, 2048-d class labels, 32 x 32 latents (256 px), so
-    that it runs in seconds."""
+    UNet2DConditionModel: the official block layout and head size 64 with widths / 5 (64-128-256-256), 1024-d text
+    states of 77 tokens, 2048-d class labels, 32 x 32 latents (256 px), so that it runs in seconds."""
     try:
         import diffusers
     except ImportError:

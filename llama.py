@@ -1,9 +1,8 @@
 """SEED-LLaMA, the model: a LLaMA whose vocabulary also holds SEED's 8192 image codes.
 
 SEED-LLaMA (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", ICLR 2024, arXiv:2310.01218) is a plain
-LLaMA (arXiv:2302.13971), fine-tuned from Vicuna-7B ("8B") or LLaMA-2-chat-13B ("14B"), whose vocabulary gains 8194
-tokens: `<img_00000>` ... `<img_08191>` at ids 32000 + code, then `<img>` and `</img>` (tokenizer.py). One
-next-token model thus reads an image (its 32 SEED codes in the prompt) and draws one (32 codes in its output).
+LLaMA (arXiv:2302.13971), fine-tuned from Vicuna-7B ("8B") or LLaMA-2-chat-13B ("14B"), with tokenizer.py's image
+tokens added: one next-token model reads an image (its 32 SEED codes in the prompt) and draws one (32 in its output).
 
 In llama2.c's order: `LlamaConfig` and `GenerationConfig`, RMSNorm, RoPE, `KVCache`, attention, MLP, block,
 `Llama` (forward, `prefill`, `decode_one_token`, `generate`), sampling and the image-span options, loading.
@@ -332,7 +331,13 @@ class Llama(nn.Module):
         done, stop_ids = [False] * n_prompts, set(cfg.stop_ids)
         for step in range(max_new):
             logits = logits.float()  # sampling math in fp32, as HF does for fp16 models
-            tok = sample_next(image_options(logits, cfg, span, n_prompts), cfg, generator)  # (B,)
+            # the image options, (B', V) -> (B, V): guidance mixes each prompt's code logits with its
+            # unconditional row's, then the span constraint masks
+            if span is not None and cfg.guidance_scale != 1.0:
+                logits = span.guide(logits[:n_prompts], logits[n_prompts:], cfg.guidance_scale)
+            if span is not None and cfg.constrain_images:
+                logits = span.constrain(logits)
+            tok = sample_next(logits, cfg, generator)  # (B,)
             for row, t in enumerate(tok.tolist()):
                 if not done[row]:  # a finished row runs on with the batch, but its tokens are dropped
                     out[row].append(t)
@@ -469,17 +474,6 @@ class _SpanTracker:
         # classifier-free guidance u + s (c - u) on the code logits of the rows inside a span; text untouched
         where = (self.state >= 0)[:, None] & self.is_code
         return torch.where(where, uncond + scale * (cond - uncond), cond)
-
-
-def image_options(logits: torch.Tensor, cfg: GenerationConfig, span: _SpanTracker | None,
-                  n_prompts: int) -> torch.Tensor:
-    """The logits (B', V) of every row -> those of the prompts (n_prompts, V) after the image options:
-    guidance mixes each prompt's code logits with its unconditional row's, then the span constraint masks."""
-    if span is not None and cfg.guidance_scale != 1.0:
-        logits = span.guide(logits[:n_prompts], logits[n_prompts:], cfg.guidance_scale)
-    if span is not None and cfg.constrain_images:
-        logits = span.constrain(logits)
-    return logits
 
 
 # ---- loading -------------------------------------------------------------------------------------------
