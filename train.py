@@ -14,12 +14,10 @@ this script runs them in the paper's order, each with the *same classes* as the 
   4. SEED-LLaMA pretraining on caption -> image and image -> caption sequences.
   5. Instruction tuning in the official chat template (LoRA, then full fine-tuning).
 
-The data is the shapes world (world.py): 150 attribute combinations x 9 jitters = 1350 images of 32x32, rendered
-deterministically. Generated images are judged by a pixel heuristic (world.judge) that is not a model under test.
-The file reads in the order it runs: the configs and the CLI made from them; `Run`, the training loop all stages
-share (atomic checkpoints with the optimiser state, so `--resume` continues mid-stage; data parallelism); the stages,
-each a function `stage_x(run, prev) -> dict` below what it uses, caching the frozen features of all 1350 images once
-instead of re-running frozen encoders; the LLM evaluation; the reports; `main`.
+The data is the 1350 images of world.py; generated images are judged by its pixel heuristic, world.judge. The file
+reads in the order it runs: the configs and their CLI; `Run`, the training loop all stages share (atomic checkpoints
+with the optimiser state, so `--resume` continues mid-stage; data parallelism); the stages `stage_x(run, prev)`, each
+below what it uses, caching the frozen features of all 1350 images once; the LLM evaluation; the reports; `main`.
 
 Official training code this mirrors: AILab-CVC/SEED @ 93b3cf4, SEED_Tokenizer/lavis/models/blip2_models/
 blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage 2). Deliberate deviations:
@@ -77,8 +75,7 @@ from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER,
 
 @dataclass
 class ClipStageConfig:
-    """Stage 0: the tiny CLIP (EVA ViT image tower + CLIP text tower), trained contrastively. The image tower and
-    the shared width E (128, in the place of OpenCLIP ViT-H's 1024) are seed.py's tiny preset."""
+    """Stage 0; the image tower and the shared width E (128 for OpenCLIP ViT-H's 1024) are seed.py's tiny preset."""
     steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
@@ -88,8 +85,7 @@ class ClipStageConfig:
 
 @dataclass
 class QFormerStageConfig:
-    """Stage 1: the Causal Q-Former, ITC between the last query and the text [CLS] (ViT frozen); its sizes are
-    seed.py's tiny preset (2 layers of width 128, 32 queries)."""
+    """Stage 1; the Q-Former's sizes are seed.py's tiny preset (2 layers of width 128, 32 queries)."""
     steps: int = 300
     batch_size: int = 64
     lr: float = 2e-3
@@ -99,7 +95,7 @@ class QFormerStageConfig:
 
 @dataclass
 class CodebookStageConfig:
-    """Stage 2: VQ codebook + reconstruction heads (Q-Former frozen); sizes from seed.py's tiny preset."""
+    """Stage 2; the codebook's sizes are seed.py's tiny preset."""
     steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
@@ -111,8 +107,7 @@ class CodebookStageConfig:
 
 @dataclass
 class DecoderStageConfig:
-    """Stage 3: the unCLIP UNet in pixel space (unet.py's `tiny` preset, FiLM resnets), v-prediction, EMA,
-    condition dropout for CFG."""
+    """Stage 3; the UNet's sizes are unet.py's `tiny` preset."""
     steps: int = 2000
     batch_size: int = 64
     lr: float = 4e-3
@@ -127,8 +122,7 @@ class DecoderStageConfig:
 
 @dataclass
 class LLMConfig:
-    """Stages 4-5: SEED-LLaMA, llama.py's `tiny` LLaMA with a BPE vocabulary of the world's text plus one token per
-    code; pretrained on caption <-> image sequences, then instruction-tuned in the official 8B chat template."""
+    """Stages 4-5; the LLaMA's sizes are llama.py's `tiny` preset, its vocabulary the world's text + one per code."""
     text_vocab_size: int = 640   # at most this many SentencePiece pieces (3 special + 256 bytes + merges)
     batch_size: int = 32
     pretrain_steps: int = 800
@@ -187,19 +181,15 @@ def apply_smoke(cfg: TrainConfig) -> TrainConfig:
 
 
 def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -> None:
-    """One flag per field, recursing into nested dataclasses: `steps` of `clip` becomes --clip.steps.
+    """One flag per field, typed by its default, nested dataclasses prefixed (--clip.steps), dashes or underscores
+    (--no-causal == --no_causal); a bool is a switch (`--resume`) that also takes a value (`--resume false`)."""
 
-    Underscores may be written as dashes (--no-causal == --no_causal). A bool field is a switch (`--resume`) that
-    also takes an explicit value (`--resume false`). The type of each flag is the type of its default value.
-    """
     for f in dataclasses.fields(dc):
         value, name = getattr(dc, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -303,10 +293,8 @@ class Run:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.world_size
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(g).clone()
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -314,13 +302,9 @@ class Run:
 
     def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
               steps: int, lr: float, step_fn, after_step=None) -> None:
-        """The training loop of every stage, with checkpoints and resume.
-
-        `step_fn(step, gen) -> loss` computes this rank's loss of one step; `after_step(step, gen)` runs after the
-        optimiser step (EMA, dead-code restarts). The checkpoint `OUT/ckpt/<name>.pt` holds every module in
-        `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
-        the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
-        """
+        """The training loop of every stage: `step_fn(step, gen) -> loss` is this rank's loss of one step,
+        `after_step(step, gen)` runs after the optimiser step (EMA, dead-code restarts). OUT/ckpt/<name>.pt holds
+        `modules`, the optimiser state, the step and the loss curve, written atomically every --ckpt-every steps."""
         path = self.out / "ckpt" / f"{name}.pt"
         start, curve, seconds, cpu = self.resume_point(stage, name, path, modules, optimizer, steps)
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -331,7 +315,11 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps, lr)
             loss = step_fn(step, gen)
-            self.update(optimizer, params, loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # this rank's gradients, then averaged over the ranks and clipped to norm 1
+            self.sync_grads(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
             if after_step is not None:
                 after_step(step, gen)
             curve.append(loss.item())
@@ -345,14 +333,6 @@ class Run:
         # close to what the loop takes alone with one thread, the wall time is what it took.
         self.timings[name] = time.time() - t0 if start < steps else seconds
         self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
-
-    def update(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> None:
-        """One optimiser step: gradients of this rank's loss, averaged over the ranks, clipped to norm 1."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.sync_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
 
     def resume_point(self, stage: int, name: str, path: Path, modules: dict[str, nn.Module],
                      optimizer: torch.optim.Optimizer, steps: int) -> tuple[int, list[float], float, float]:
@@ -383,8 +363,7 @@ class Run:
         self.barrier()
 
     def save_pretrained(self, model: nn.Module, name: str, *extra) -> None:
-        """A component in the native checkpoint format (config.json + model.safetensors, and for the LLM its
-        tokenizer files) under OUT/<name>/."""
+        """A component in its native format (config.json, model.safetensors, the LLM's tokenizer files) in OUT/name/."""
         if self.main:
             model.save_pretrained(self.out / name, *extra)
         self.barrier()
@@ -411,19 +390,10 @@ def tokenize(texts) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.tensor([len(row) - 1 for row in rows])
 
 
-def to_vit_pixels(images: torch.Tensor) -> torch.Tensor:
-    """World tensors in [-1, 1] -> the ViT input: [0, 1], then CLIP's mean/std as `seed.SeedTokenizer.preprocess`
-    normalises an image (so that sample.py can feed the trained tokenizer any PNG)."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (seed.CLIP_MEAN, seed.CLIP_STD))
-    return ((images + 1) / 2 - mean) / std
-
 
 class TinyCLIP(nn.Module):
-    """The tiny CLIP: EVA ViT image tower + CLIP text tower, each projected into the shared space E.
-
-    The image embedding is the projected, *unnormalised* feature of the ViT's CLS token (as OpenCLIP's
-    `image_embeds`), which is what the unCLIP decoder draws from; cosine similarity is only used in the loss.
-    """
+    """EVA ViT image tower + CLIP text tower, each projected into the shared space E. The image embedding is the
+    projected, *unnormalised* CLS feature (OpenCLIP's `image_embeds`), what the unCLIP decoder draws from."""
 
     def __init__(self, tower: "seed.SeedConfig", text: ClipStageConfig, vocab_size: int):
         super().__init__()
@@ -490,7 +460,9 @@ def stage_clip(run: Run, prev: dict) -> dict:
     ids, eos = (t.to(dev) for t in tokenize(CAPTIONS))
     run.seed_everything(0)
     model = TinyCLIP(tiny_seed_config(run.cfg), cfg, len(TEXT_VOCAB)).to(dev).train()
-    pixels, combo = to_vit_pixels(world.images).to(dev), world.combo.to(dev)
+    # The ViT input: [0, 1], then CLIP's mean/std, as `seed.SeedTokenizer.preprocess` normalises any PNG.
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (seed.CLIP_MEAN, seed.CLIP_STD))
+    pixels, combo = (((world.images + 1) / 2 - mean) / std).to(dev), world.combo.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
 
     def step(i, gen):
