@@ -423,13 +423,10 @@ def tiny_seed_config(cfg: TrainConfig) -> "seed.SeedConfig":
 
 def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor,
                            scale: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Symmetric contrastive loss of a batch of images against *all* 150 captions.
-
-    image -> text: a 150-way classification (each image has one true caption);
-    text -> image: for every caption present in the batch, the softmax over the batch's images, where all images of
-    that caption are positives (log of the summed probability): many images share a caption, so plain InfoNCE, which
-    assumes one positive per row, would push apart images that should match.
-    """
+    """Symmetric contrastive loss of a batch of images against *all* 150 captions. image -> text: a 150-way
+    classification; text -> image: for every caption in the batch, a softmax over the batch's images in which all
+    images of that caption are positives (log of their summed probability): many images share a caption, and plain
+    InfoNCE, one positive per row, would push apart images that should match."""
     image_emb, caption_emb = F.normalize(image_emb, dim=-1), F.normalize(caption_emb, dim=-1)
     logits = scale * image_emb @ caption_emb.t()                                # (B, 150)
     i2t = F.cross_entropy(logits, combo, label_smoothing=label_smoothing)
@@ -551,25 +548,21 @@ class QueryReconstructor(nn.Module):
 
 
 @torch.no_grad()
-def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: torch.Generator) -> int:
-    """Re-seed every code that no vector of `z` (N, d) chooses with a randomly drawn vector of z (plus a little noise).
-
-    The official codebook is initialised in +-1/8192 and trained without restarts; at tiny scale most codes would
-    never be chosen (codebook collapse), which wastes the vocabulary the LLM learns. Returns how many were dead.
-    """
+def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: torch.Generator) -> None:
+    """Re-seed every code that no vector of `z` (N, d) chooses with a random vector of z plus a little noise. The
+    official codebook (initialised in +-1/8192) has no restarts; at tiny scale most codes would never be chosen
+    (codebook collapse), which wastes the vocabulary the LLM learns."""
     counts = torch.bincount(quantize.nearest(z).flatten(), minlength=quantize.n_codes)
     dead = torch.nonzero(counts == 0).squeeze(1)
     if len(dead):
         pick = torch.randint(len(z), (len(dead),), generator=gen).to(z.device)
         noise = torch.randn(len(dead), z.shape[1], generator=gen).to(z.device) * 0.01 * z.std()
         quantize.embedding.weight.data[dead] = z[pick] + noise
-    return len(dead)
 
 
-def codebook_metrics(run: Run, prev: dict, recon: nn.Module) -> dict:
-    """Every image's 32 codes, and how good they are (recorded in run.metrics): the caption accuracy of the
-    embeddings rebuilt from the codes, codebook usage and perplexity, and the cosine of the image embedding from
-    the codes to the tiny-CLIP one, on the test images."""
+def codebook_metrics(run: Run, prev: dict, recon: nn.Module) -> torch.Tensor:
+    """Every image's 32 codes; into run.metrics the test images' caption accuracy of the embeddings rebuilt from
+    their codes, codebook usage and perplexity, and the cosine of the image embedding from the codes to tiny CLIP's."""
     tokenizer, queries, targets, dev = prev["tokenizer"], prev["queries"], prev["image_embeds"], run.device
     test = run.world.test_idx.to(dev)
     with torch.no_grad():
@@ -598,9 +591,8 @@ def stage_codebook(run: Run, prev: dict) -> dict:
         "encode_task_layer", "quantize", "decode_task_layer", "blocks_image", "image_down", "distill_image_proj")})
     head = nn.ParameterDict({"pos_embed_image": tokenizer.pos_embed_image})
     modules = {"trained": trained, "head": head, "recon": recon}
-    for m in modules.values():
-        m.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=cfg.lr, weight_decay=0.0)
+    params = [p for m in modules.values() for p in m.requires_grad_(True).parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     train_idx = world.train_idx.to(dev)
 
     def step(i, gen):
@@ -628,11 +620,6 @@ def stage_codebook(run: Run, prev: dict) -> dict:
 
 # --- Stage 3: the unCLIP decoder in pixel space -----------------------------------------------------------------------
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
 
 def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: DecoderStageConfig,
                       noise_seed: int, batch_size: int = 50) -> list[Image.Image]:
@@ -654,11 +641,9 @@ def high_noise_timesteps(batch: int, T: int, gen: torch.Generator) -> torch.Tens
 
 def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.Tensor, cfg: DecoderStageConfig,
                  alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The v-prediction loss of one batch of images x0 (B, 3, 32, 32) with their image embeddings (B, E).
-
-    The condition is the unCLIP class label: the embedding noised at a level drawn in [0, --decoder.train-noise-level]
-    ++ the embedding of that level (2E), zeroed as a whole with probability --decoder.cond-drop, so that the same
-    UNet also predicts unconditionally (classifier-free guidance)."""
+    """The v-prediction loss of images x0 (B, 3, 32, 32) given their embeddings (B, E). The condition is the unCLIP
+    class label: the embedding noised at a level drawn in [0, --decoder.train-noise-level] ++ that level's embedding
+    (2E), zeroed with probability --decoder.cond-drop so that the UNet also predicts unconditionally (CFG)."""
     B, dev = len(x0), x0.device
     t = high_noise_timesteps(B, len(alphas_cumprod), gen).to(dev)
     noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
@@ -687,12 +672,9 @@ def evaluate_reconstructions(run: Run, prev: dict, decoder: "unet.UnCLIPDecoder"
 
 
 def stage_decoder(run: Run, prev: dict) -> dict:
-    """Stage 3: the unCLIP UNet in pixel space on tiny-CLIP image embeddings of real (train) images.
-
-    As SD-2.1-unclip was trained: v-prediction on SD's scaled-linear schedule (the one the PNDM sampler of
-    unet.py assumes), conditioned through the noise-augmented class label (`decoder_loss`); an EMA of the weights
-    is what gets saved and sampled.
-    """
+    """Stage 3: the unCLIP UNet on tiny-CLIP embeddings of the train images, as SD-2.1-unclip was trained:
+    v-prediction on SD's scaled-linear schedule (the one unet.py's PNDM assumes), the condition of `decoder_loss`;
+    the EMA of the weights is what gets saved and sampled."""
     cfg, world, dev = run.cfg.decoder, run.world, run.device
     embeds = prev["image_embeds"]
     train_idx = world.train_idx.to(dev)
@@ -717,8 +699,11 @@ def stage_decoder(run: Run, prev: dict) -> dict:
         idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
         return decoder_loss(decoder, images[idx], embeds[idx], cfg, alphas_cumprod, gen)
 
+    @torch.no_grad()
     def after_step(i, gen):
-        update_ema(ema, model, min(cfg.ema, (1 + i) / (10 + i)))  # EMA warm-up: average early weights less
+        decay = min(cfg.ema, (1 + i) / (10 + i))  # EMA warm-up: average early weights less
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
 
     run.train(3, "decoder", {"unet": model, "ema": ema}, optimizer, cfg.steps, cfg.lr, step, after_step)
     decoder.unet = ema  # sample and save the averaged weights
