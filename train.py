@@ -721,13 +721,11 @@ IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
 
 
 class SequenceBuilder:
-    """Token ids and loss labels of the LLM's sequences, encoded by the project's `Tokenizer`.
-
-    Text is written with `<image>` placeholders, and `images` gives the 32 codes of each. The text is encoded with
-    every placeholder as an empty span `<img></img>`, then the codes are spliced in after each `<img>`: this equals
-    encoding the full text (the split strips the same whitespace around `<img>`/`</img>` with or without codes
-    between them; a test checks it), and the text part is cached, so building a batch costs almost nothing.
-    """
+    """Token ids and loss labels of the LLM's sequences, encoded by the project's `Tokenizer`. Text is written
+    with `<image>` placeholders, and `images` gives the 32 codes of each. The text is encoded with every placeholder
+    as an empty span `<img></img>`, then the codes are spliced in after each `<img>`: this equals encoding the full
+    text (the split strips the same whitespace around `<img>`/`</img>` with or without codes between them; a test
+    checks it), and the text part is cached, so building a batch costs almost nothing."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok, self.image_vocab = tokenizer, tokenizer.image_vocab
@@ -753,16 +751,13 @@ class SequenceBuilder:
 
     def chat(self, turns: list[tuple[str, str]], images) -> tuple[list[int], list[int]]:
         """A conversation [(user, assistant), ...] in the official 8B template; the loss sees only the assistant
-        turns (each reply and its `</s>`), every prompt token is labelled IGNORE.
-
-        Turn k's prompt is `chat_conversation` of the messages so far (it ends in "ASSISTANT:"); the reply follows
-        after one space, and the next turn's prompt continues that text. The ids of each prefix must be a prefix
-        of the ids of the whole, which holds for this tokenizer (pieces never cross a space; an added token splits
-        the text) and is checked, so a mask can never be off by a token.
-        """
+        turns (each reply and its `</s>`), every prompt token is labelled IGNORE. Turn k's prompt is
+        `chat_conversation` of the messages so far (it ends in "ASSISTANT:"); the reply follows after one space, and
+        the next turn's prompt continues that text. The ids of each prefix must be a prefix of the ids of the whole,
+        which holds for this tokenizer (pieces never cross a space; an added token splits the text) and is checked,
+        so a mask can never be off by a token."""
         messages = [m for user, reply in turns for m in (user, reply + EOS)]
-        ids: list[int] = []
-        labels: list[int] = []
+        ids, labels = [], []
         for k in range(len(turns)):
             prompt = "<s>" + chat_conversation(messages[:2 * k + 1])
             reply = prompt + " " + messages[2 * k + 1]
@@ -783,19 +778,11 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tup
     return ids, labels
 
 
-def lm_loss(model: llama.Llama, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: the logits at t predict labels[t + 1]; IGNORE labels are skipped."""
-    logits = model(ids[:, :-1])                                     # (B, T-1, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
-
 
 class LLMData:
-    """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2).
-
-    A held-out composition (world.HELD_OUT_PAIRS) is never an image the model learns to draw: not in a caption ->
-    image sequence, a text-to-image reply or an edit target (multi-turn chats included). It is read as an input:
-    image -> caption, captioning, VQA, and the source image of an edit.
-    """
+    """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2). A held-out
+    pair (world.HELD_OUT_PAIRS) is never an image to draw (caption -> image, a text-to-image reply, an edit target,
+    in multi-turn chats too), only an input: image -> caption, captioning, VQA, and the source image of an edit."""
 
     def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder):
         self.world, self.builder = world, builder
@@ -858,33 +845,28 @@ class LLMData:
         return self.builder.chat([first[:2], second[:2]], first[2] + second[2])
 
 
-def llm_corpus() -> list[str]:
-    """Every text the LLM reads or writes, images left out, in the chat template: its BPE training text."""
+def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenizer:
+    """SentencePiece-format BPE (train_bpe) on every text the LLM reads or writes, in the chat template, then
+    `<img_00000>`.. for every code and `<img>`, `</img>`, as SEED extends LLaMA's vocabulary; files in `folder`."""
     texts = [c.caption for c in COMBOS] + list(CAPTION_REQUESTS) + list(QUESTIONS.values())
     texts += [t.format(c.caption) for t in T2I_REQUESTS for c in COMBOS]
     texts += [c.edit(a, v)[0] for c in COMBOS[:1] for a in ATTRIBUTES for v in VALUES[a]]
     texts += [c.answer(a) for c in COMBOS for a in ATTRIBUTES]
-    return [chat_conversation([t, t, t]) for t in texts]
-
-
-def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenizer:
-    """SentencePiece-format BPE on the world's text (train_bpe), then `<img_00000>`.. for every code of
-    the tiny codebook and `<img>`, `</img>`, exactly as SEED extends LLaMA's vocabulary; files written to folder."""
-    return train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
+    return train_tokenizer([chat_conversation([t, t, t]) for t in texts], folder, vocab_size, n_image_codes=n_codes)
 
 
 def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, lr: float, batch_size: int,
               sample, pad_id: int, step_offset: int = 0) -> None:
-    """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`,
-    through the stage runner (checkpoints, resume, gradient all-reduce across ranks)."""
+    """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step(i, gen):
         # The global batch depends on (seed, stage, step) only; each rank trains on its share of it.
         rng = random.Random(int(torch.randint(2 ** 62, (1,), generator=gen)) + step_offset)
-        rows = [sample(rng) for _ in range(batch_size)][run.rank::run.world_size]
-        return lm_loss(model, *collate(rows, pad_id, run.device))
+        ids, labels = collate([sample(rng) for _ in range(batch_size)][run.rank::run.world_size], pad_id, run.device)
+        logits = model(ids[:, :-1])  # (B, T-1, V): the logits at t predict labels[t + 1]; IGNORE labels are skipped
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
     model.train()
     run.train(stage, name, {"llm": model}, optimizer, steps, lr, step)
