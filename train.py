@@ -50,6 +50,7 @@ import math
 import os
 import platform
 import random
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,6 @@ def _parse_bool(text: str) -> bool:
 def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -> None:
     """One flag per field, typed by its default, nested dataclasses prefixed (--clip.steps), dashes or underscores
     (--no-causal == --no_causal); a bool is a switch (`--resume`) that also takes a value (`--resume false`)."""
-
     for f in dataclasses.fields(dc):
         value, name = getattr(dc, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -236,14 +236,11 @@ def learning_rate(step: int, steps: int, base: float) -> float:
 
 
 class Run:
-    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves.
-
-    The stage protocol: a stage is `stage_x(run, prev) -> dict`; `prev` holds what earlier stages returned (trained
-    modules, cached features) and the returned dict is merged into it. A stage builds its modules, then calls
-    `run.train(...)`, which either trains them (resuming from the stage's checkpoint under --resume), or, when the
-    stage is not in --stages, loads its completed checkpoint. Afterwards the stage records its metrics in
-    `run.metrics[stage]`. Only rank 0 writes files.
-    """
+    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves. A
+    stage is `stage_x(run, prev) -> dict`: `prev` holds what earlier stages returned (trained modules, cached
+    features), and the dict returned is merged into it. It builds its modules and calls `run.train(...)`, which
+    trains them (resuming from the stage's checkpoint under --resume) or, for a stage not in --stages, loads its
+    completed checkpoint; then it records its metrics in `run.metrics[group]`. Only rank 0 (`run.main`) writes files."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -251,6 +248,7 @@ class Run:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # launched by torchrun
             dist.init_process_group("nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo")
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
         if cfg.device not in DEVICES:
             raise ValueError(f"unknown --device {cfg.device!r}: choose {', '.join(DEVICES)}")
         # under torchrun each process takes the GPU of its local rank
@@ -266,10 +264,6 @@ class Run:
         self.timings: dict[str, float] = {}
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
     def seed_everything(self, stage: int) -> None:
         """Same initial weights for a stage whatever ran before it, on every rank."""
@@ -632,20 +626,17 @@ def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: 
     return images
 
 
-def high_noise_timesteps(batch: int, T: int, gen: torch.Generator) -> torch.Tensor:
-    """(batch,) diffusion times in [0, T) with density proportional to 1/sqrt(T - t): about a third at t >= 0.9 T.
-    Only at high noise does the image embedding decide the layout (below that x_t already shows it); drawn
-    uniformly, too few steps train the condition for this tiny UNet to learn where the object goes."""
-    return T - 1 - (T * torch.rand(batch, generator=gen) ** 2).long()
-
 
 def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.Tensor, cfg: DecoderStageConfig,
                  alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The v-prediction loss of images x0 (B, 3, 32, 32) given their embeddings (B, E). The condition is the unCLIP
     class label: the embedding noised at a level drawn in [0, --decoder.train-noise-level] ++ that level's embedding
     (2E), zeroed with probability --decoder.cond-drop so that the UNet also predicts unconditionally (CFG)."""
-    B, dev = len(x0), x0.device
-    t = high_noise_timesteps(B, len(alphas_cumprod), gen).to(dev)
+    B, dev, T = len(x0), x0.device, len(alphas_cumprod)
+    # Times in [0, T) with density proportional to 1/sqrt(T - t), about a third at t >= 0.9 T: only at high noise
+    # does the image embedding decide the layout (below, x_t already shows it); drawn uniformly, too few steps
+    # train the condition for this tiny UNet to learn where the object goes.
+    t = (T - 1 - (T * torch.rand(B, generator=gen) ** 2).long()).to(dev)
     noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
     level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
     label = decoder.noise_augmentation.noise_image_embeddings(
@@ -1016,8 +1007,7 @@ def ask(builder: SequenceBuilder, user: str, images=()) -> list[int]:
 
 
 def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[int]) -> tuple[dict, list[str]]:
-    """Captioning (exact, and per attribute as parse_caption reads it) and VQA on the test images; returns the
-    metrics and the generated captions."""
+    """Captioning (exact, and per attribute by parse_caption) and VQA on the test images: (metrics, captions)."""
     out = generate_batched(model, tok, [ask(data.builder, IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
                                         for i in test], 16)
     captions = [reply_text(tok, o) for o in out]
@@ -1135,31 +1125,22 @@ def _big(image: Image.Image) -> Image.Image:
 def _text_cell(text: str, width: int = CELL, height: int = CELL) -> Image.Image:
     """A white cell with `text` wrapped to its width (PIL's default bitmap font, about 6 px per character)."""
     cell = Image.new("RGB", (width, height), (255, 255, 255))
-    draw, lines, line = ImageDraw.Draw(cell), [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width // 6:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    lines.append(line)
+    lines = textwrap.wrap(" ".join(text.split()), width // 6, break_long_words=False, break_on_hyphens=False)
     for k, line in enumerate(lines):
-        draw.text((3, 3 + 11 * k), line, fill=(0, 0, 0))
+        ImageDraw.Draw(cell).text((3, 3 + 11 * k), line, fill=(0, 0, 0))
     return cell
 
 
 def save_eval_images(run: Run, records: list[dict]) -> None:
-    """Every generated evaluation image as OUT/eval/<task>_<k>.png, with OUT/eval/index.json listing for each the
-    prompt, the intended attributes, whether the pair is held out, the 32 codes, the judge's verdict and the
-    decoder-free diagnostic (the attributes of the real image with the nearest embedding), so the images can be
-    re-judged by anyone. A generation without a valid image span has no file (file: null)."""
+    """Every generated evaluation image as OUT/eval/<task>_<k>.png, and OUT/eval/index.json with each one's prompt,
+    intended attributes, held-out flag, 32 codes, the judge's verdict and the decoder-free diagnostic, so that anyone
+    can re-judge the images. A generation without a valid image span has no file (file: null)."""
     folder = run.out / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     index = []
     for k, r in enumerate(records):
-        name = None
-        if "image" in r:
-            name = f"{r['task']}_{k:04d}.png"
+        name = f"{r['task']}_{k:04d}.png" if "image" in r else None
+        if name:
             r["image"].save(folder / name)
         index.append({"file": name, "task": r["task"], "prompt": r["prompt"], "source_image": r.get("source"),
                       "target": dataclasses.asdict(r["target"]), "held_out": r["target"].held_out,
@@ -1175,8 +1156,7 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
     recon = dict(outputs.get("reconstructions", []))
     rows = [i for i in recon if i in captions]
     rows = rows[::max(1, len(rows) // 4)][:4]  # spread over the combinations
-    t2i_in = [r for r in records if r["task"] == "t2i" and not r["target"].held_out]
-    t2i_out = [r for r in records if r["task"] == "t2i" and r["target"].held_out]
+    t2i_in, t2i_out = ([r for r in records if r["task"] == "t2i" and r["target"].held_out == h] for h in (False, True))
     edits = [r for r in records if r["task"] == "edit"]
     header = ["input", "from 32 codes", "caption", "t2i held-in", "t2i held-out", "edit input", "edit result"]
     sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 36) * len(rows)), (255, 255, 255))
