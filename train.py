@@ -7,10 +7,8 @@ this script runs them in the paper's order, each with the *same classes* as the 
                     It plays the frozen pretrained ViT of BLIP-2 *and* the OpenCLIP ViT-H whose image-embedding
                     space the unCLIP decoder draws from.
   1. Causal Q-Former  image-text contrastive (ITC) between the last query and the text [CLS], ViT frozen.
-  2. Codebook       VQ + cosine reconstruction of the causal embeddings + MSE to the tiny-CLIP image embedding,
-                    Q-Former frozen (official weights 5 * VQ + 2 * cos + 0.5 * MSE).
-  3. Decoder        the unCLIP UNet in pixel space (32x32, no VAE), v-prediction, conditioned on tiny-CLIP image
-                    embeddings through the unCLIP noise-augmentation class label, condition dropout for CFG, EMA.
+  2. Codebook       VQ + reconstruction of the causal embeddings and of the tiny-CLIP image embedding, Q-Former frozen.
+  3. Decoder        the unCLIP UNet in pixel space, conditioned on tiny-CLIP image embeddings (v-prediction, CFG, EMA).
   4. SEED-LLaMA pretraining on caption -> image and image -> caption sequences.
   5. Instruction tuning in the official chat template (LoRA, then full fine-tuning).
 
@@ -21,16 +19,15 @@ below what it uses, caching the frozen features of all 1350 images once; the LLM
 
 Official training code this mirrors: AILab-CVC/SEED @ 93b3cf4, SEED_Tokenizer/lavis/models/blip2_models/
 blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage 2). Deliberate deviations:
-  * everything is tiny (the `tiny` presets of seed.py, unet.py and llama.py: a 4-layer ViT of width 128 on 8x8
-    patches of a 32x32 image, a 2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16, a 0.59M-
-    parameter pixel UNet, a 1M-parameter LLaMA), and the frozen "pretrained" towers are trained here first (stage 0);
+  * everything is tiny (the `tiny` presets of seed.py, unet.py and llama.py: a 4-layer ViT of width 128, a 2-layer
+    Q-Former, a 0.59M-parameter pixel UNet, a 1M-parameter LLaMA); the frozen "pretrained" towers are trained here;
   * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model; its
     resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it, because a condition that only
     shifts the features did not make this small UNet draw shapes in a CPU budget;
   * the tiny text towers (the CLIP text tower, the Q-Former's text branch) read one token per word of the world,
     23 ids with bos, eos and pad, where the official ones use CLIP's BPE and BERT's WordPiece;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
-    most codes would never be chosen);
+    most codes would never be chosen, wasting the vocabulary the LLM learns);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
     several stages train a few modules called in different orders, which DDP wrappers make hard to read.
 
@@ -100,7 +97,7 @@ class CodebookStageConfig:
     steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
-    w_vq: float = 5.0      # official loss weights: 5 * VQ + 2 * cos + 0.5 * MSE
+    w_vq: float = 5.0      # the official loss weights
     w_cos: float = 2.0
     w_mse: float = 0.5
     restart_every: int = 25  # re-seed unused codes from encoder outputs every N steps (0: never)
@@ -171,12 +168,10 @@ def apply_smoke(cfg: TrainConfig) -> TrainConfig:
             value = getattr(dc, f.name)
             if dataclasses.is_dataclass(value):
                 shrink(value)
-            elif f.name.endswith("steps") and f.name != "sample_steps" and isinstance(value, int):
-                setattr(dc, f.name, min(value, SMOKE_STEPS))
-            elif f.name.endswith("batch_size") and isinstance(value, int):
-                setattr(dc, f.name, min(value, 16))
+            elif f.name.endswith(("steps", "batch_size")):
+                setattr(dc, f.name, min(value, SMOKE_STEPS if f.name.endswith("steps") else 16))
     shrink(cfg)
-    cfg.decoder.sample_steps, cfg.decoder.eval_images = 2, 8
+    cfg.decoder.sample_steps, cfg.decoder.eval_images = 2, 8  # the sampler's steps, not training steps
     cfg.ckpt_every = 2
     return cfg
 
@@ -259,9 +254,8 @@ class Run:
         if not self.selected <= set(range(6)):
             raise ValueError(f"--stages takes stage numbers 0-5, got {cfg.stages!r}")
         self.world = build_world()
-        self.metrics: dict[str, dict] = {}
-        self.curves: dict[str, list[float]] = {}
-        self.timings: dict[str, float] = {}
+        # metrics {group: {name: value}}, loss curves {stage name: [loss per step]}, timings {name: seconds}
+        self.metrics, self.curves, self.timings = {}, {}, {}
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -543,9 +537,8 @@ class QueryReconstructor(nn.Module):
 
 @torch.no_grad()
 def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: torch.Generator) -> None:
-    """Re-seed every code that no vector of `z` (N, d) chooses with a random vector of z plus a little noise. The
-    official codebook (initialised in +-1/8192) has no restarts; at tiny scale most codes would never be chosen
-    (codebook collapse), which wastes the vocabulary the LLM learns."""
+    """Re-seed every code that no vector of `z` (N, d) chooses with a random vector of z plus a little noise (the
+    official codebook, initialised in +-1/8192, has none; see the header for why it is needed here)."""
     counts = torch.bincount(quantize.nearest(z).flatten(), minlength=quantize.n_codes)
     dead = torch.nonzero(counts == 0).squeeze(1)
     if len(dead):
@@ -646,26 +639,12 @@ def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.
     return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
 
 
-def evaluate_reconstructions(run: Run, prev: dict, decoder: "unet.UnCLIPDecoder") -> list:
-    """image -> 32 codes -> embedding -> UNet -> image on the test images (the first test jitter of each
-    combination), judged by world.judge; returns [(image index, reconstruction)]."""
-    cfg, world = run.cfg.decoder, run.world
-    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
-    with torch.no_grad():
-        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
-    t0 = time.time()
-    recon = decode_embeddings(decoder, rebuilt, cfg, noise_seed=run.cfg.seed)
-    run.timings["decoder_eval"] = time.time() - t0
-    truth = [COMBOS[int(world.combo[i])] for i in test]
-    run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
-    run.metrics["decoder"]["n_images"] = len(test)
-    return list(zip(test, recon))
-
 
 def stage_decoder(run: Run, prev: dict) -> dict:
     """Stage 3: the unCLIP UNet on tiny-CLIP embeddings of the train images, as SD-2.1-unclip was trained:
     v-prediction on SD's scaled-linear schedule (the one unet.py's PNDM assumes), the condition of `decoder_loss`;
-    the EMA of the weights is what gets saved and sampled."""
+    the EMA of the weights is what gets saved and sampled. Then image -> 32 codes -> embedding -> UNet -> image on
+    the first test jitter of every combination, judged by world.judge: the reconstructions [(image index, image)]."""
     cfg, world, dev = run.cfg.decoder, run.world, run.device
     embeds = prev["image_embeds"]
     train_idx = world.train_idx.to(dev)
@@ -700,7 +679,15 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     decoder.unet = ema  # sample and save the averaged weights
     decoder.requires_grad_(False).eval()
     run.save_pretrained(decoder, "decoder")
-    return {"decoder": decoder, "reconstructions": evaluate_reconstructions(run, prev, decoder)}
+    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
+    with torch.no_grad():
+        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
+    t0 = time.time()
+    recon = decode_embeddings(decoder, rebuilt, cfg, noise_seed=run.cfg.seed)
+    run.timings["decoder_eval"] = time.time() - t0
+    accuracy = judge_accuracy(recon, [COMBOS[int(world.combo[i])] for i in test])
+    run.metrics["decoder"] = {f"recon_{k}": v for k, v in accuracy.items()} | {"n_images": len(test)}
+    return {"decoder": decoder, "reconstructions": list(zip(test, recon))}
 
 
 # === Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full fine-tuning). =======================
@@ -1055,11 +1042,9 @@ def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict])
         # own codes) is nearest in cosine to the generated one. Not the metric (that is the judged image below).
         real = F.normalize(prev["tokenizer"].embed(prev["codes"]), dim=-1)                # (1350, E)
         nearest = (F.normalize(embeds, dim=-1) @ real.t()).argmax(1).tolist()
-        for r, n in zip(valid, nearest):
-            r["nearest"] = data.combos[n]
         images = decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, noise_seed=run.cfg.seed)
-        for r, image in zip(valid, images):
-            r["image"] = image
+        for r, n, image in zip(valid, nearest, images):
+            r["nearest"], r["image"] = data.combos[n], image
     for r in records:
         r["judged"] = judge(r["image"]) if "image" in r else None
         r["correct"] = r["judged"] is not None and all(r["judged"][a] == getattr(r["target"], a) for a in ATTRIBUTES)
@@ -1249,9 +1234,7 @@ def results_table(run: Run) -> str:
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             check = "" if target is None else f">= {target:.2f} {'ok' if value >= target else 'MISSED'}"
             lines.append(f"{group + '/' + name:<34} {shown:>10}  {check}")
-    lines.append("-" * 56)
-    for name, seconds in run.timings.items():
-        lines.append(f"{'time/' + name:<34} {seconds:>9.1f}s")
+    lines += ["-" * 56] + [f"{'time/' + name:<34} {seconds:>9.1f}s" for name, seconds in run.timings.items()]
     m = machine_info(run)
     lines.append(f"machine: {m['cpu_count']} cores, {m['device']}, {m['torch_threads']} torch threads, "
                  f"{m['world_size']} process(es), load average {m['load_average_1_5_15min']}, {m['platform']}")
