@@ -547,29 +547,12 @@ def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: tor
         quantize.embedding.weight.data[dead] = z[pick] + noise
 
 
-def codebook_metrics(run: Run, prev: dict, recon: nn.Module) -> torch.Tensor:
-    """Every image's 32 codes; into run.metrics the test images' caption accuracy of the embeddings rebuilt from
-    their codes, codebook usage and perplexity, and the cosine of the image embedding from the codes to tiny CLIP's."""
-    tokenizer, queries, targets, dev = prev["tokenizer"], prev["queries"], prev["image_embeds"], run.device
-    test = run.world.test_idx.to(dev)
-    with torch.no_grad():
-        codes = tokenizer.quantize.nearest(tokenizer.to_code_space(queries))            # (1350, 32)
-        rebuilt = tokenizer.from_code_space(tokenizer.quantize.lookup(codes))
-        embeds = tokenizer.image_embedding(rebuilt)                                      # (1350, E)
-        used, perplexity = tokenizer.quantize.usage(codes[run.world.train_idx.to(dev)])
-        code_acc = caption_accuracy(last_query_features(tokenizer, recon(rebuilt[test])), prev["qformer_text"],
-                                    run.world.combo.to(dev)[test])
-        cosine = F.cosine_similarity(embeds[test], targets[test], dim=-1).mean().item()
-    run.metrics["tokenizer"].update({"caption_acc_codes": code_acc, "codebook_usage": used,
-                                     "codebook_perplexity": perplexity, "embedding_cosine": cosine,
-                                     "n_codes": tokenizer.quantize.n_codes})
-    return codes
-
 
 def stage_codebook(run: Run, prev: dict) -> dict:
     """Stage 2: encode_task_layer + VQ + decode_task_layer, the query reconstructor and the image-embedding head,
     Q-Former frozen. Loss (official weights) 5 * VQ + 2 * (1 - cos(rebuilt queries, queries)) + 0.5 * MSE(image
-    embedding from the codes, tiny-CLIP image embedding)."""
+    embedding from the codes, tiny-CLIP image embedding). Then every image's 32 codes and, on the test images, the
+    caption accuracy of the embeddings rebuilt from them and the cosine of their image embedding to tiny CLIP's."""
     cfg, world, dev = run.cfg.codebook, run.world, run.device
     tokenizer, queries, targets = prev["tokenizer"], prev["queries"], prev["image_embeds"]
     run.seed_everything(2)
@@ -600,7 +583,18 @@ def stage_codebook(run: Run, prev: dict) -> dict:
     run.train(2, "codebook", modules, optimizer, cfg.steps, cfg.lr, step, after_step)
     tokenizer.requires_grad_(False)
     recon.requires_grad_(False)
-    codes = codebook_metrics(run, prev, recon)
+    test = world.test_idx.to(dev)
+    with torch.no_grad():
+        codes = tokenizer.quantize.nearest(tokenizer.to_code_space(queries))            # (1350, 32)
+        rebuilt = tokenizer.from_code_space(tokenizer.quantize.lookup(codes))
+        embeds = tokenizer.image_embedding(rebuilt)                                      # (1350, E)
+        used, perplexity = tokenizer.quantize.usage(codes[train_idx])
+        code_acc = caption_accuracy(last_query_features(tokenizer, recon(rebuilt[test])), prev["qformer_text"],
+                                    world.combo.to(dev)[test])
+        cosine = F.cosine_similarity(embeds[test], targets[test], dim=-1).mean().item()
+    run.metrics["tokenizer"].update({"caption_acc_codes": code_acc, "codebook_usage": used,
+                                     "codebook_perplexity": perplexity, "embedding_cosine": cosine,
+                                     "n_codes": tokenizer.quantize.n_codes})
     run.save_pretrained(tokenizer, "seed")
     return {"codes": codes, "recon": recon}
 
@@ -970,9 +964,8 @@ def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
 
 @torch.no_grad()
 def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id: int, device) -> float:
-    """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies: how well
-    the LLM models the codes of real images given their caption, the quantity behind the paper's causal vs
-    bidirectional comparison."""
+    """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies of real images:
+    the quantity behind the paper's causal vs bidirectional comparison."""
     vocab, total, count = data.builder.image_vocab, 0.0, 0
     for k in range(0, len(images), 64):
         rows = [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), IMAGE_PLACEHOLDER)],
@@ -1011,9 +1004,8 @@ def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[
 
 
 def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
-    """What the LLM is asked to draw: one text-to-image request per combination (held-out pairs included: never
-    drawn in training), then a random edit of test images of evenly spread combinations (the target may be held
-    out). Each a record {"task", "target", "prompt", "images" (input codes), "source" (edits)}."""
+    """Records {"task", "target", "prompt", "images" (input codes), "source" (edits)} of what the LLM is asked to draw:
+    text-to-image for every combination (held out too), then edits of test images of evenly spread combinations."""
     records = [{"task": "t2i", "target": COMBOS[c], "images": [],
                 "prompt": T2I_REQUESTS[0].format(COMBOS[c].caption)} for c in range(len(COMBOS))][:limit]
     one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
@@ -1027,9 +1019,8 @@ def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
 
 
 def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict]) -> None:
-    """Generate every request's reply and add to its record the codes of its image span ("codes": None unless
-    valid), the decoded image ("image"), the judge's verdict ("judged", "correct") and the combination of the real
-    image nearest to it ("nearest")."""
+    """Generate every request's reply and add to its record its image span's "codes" (None unless valid), the decoded
+    "image", the judge's verdict ("judged", "correct") and the combination of the real image "nearest" to it."""
     tok, data = prev["llm_tokenizer"], prev["llm_data"]
     out = generate_batched(model, tok, [ask(data.builder, (IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
                                             r["images"]) for r in records], CODES_PER_IMAGE + 8)
@@ -1069,9 +1060,8 @@ def image_scores(records: list[dict]) -> dict:
 
 
 def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
-    """The LLM metrics on the test images and on all 150 prompts; generated images are drawn by the trained
-    pipeline (codes -> SeedTokenizer.embed -> UnCLIPDecoder) and judged by world.judge. Returns the records of
-    every generation (prompt, target, codes, image, verdict) and the captions, for the reports."""
+    """The LLM metrics on the test images and all 150 prompts, images drawn by the trained pipeline (codes ->
+    SeedTokenizer.embed -> UnCLIPDecoder) and judged by world.judge; the records and captions, for the reports."""
     data, limit = prev["llm_data"], 8 if run.cfg.smoke else None
     test = run.world.test_idx.tolist()[:limit]  # every combination, two jitters each
     metrics, captions = evaluate_text(model, prev["llm_tokenizer"], data, test)
