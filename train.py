@@ -7,32 +7,27 @@ this script runs them in the paper's order, each with the *same classes* as the 
                     It plays the frozen pretrained ViT of BLIP-2 *and* the OpenCLIP ViT-H whose image-embedding
                     space the unCLIP decoder draws from.
   1. Causal Q-Former  image-text contrastive (ITC) between the last query and the text [CLS], ViT frozen.
-  2. Codebook       VQ + cosine reconstruction of the causal embeddings + MSE to the tiny-CLIP image embedding,
-                    Q-Former frozen (official weights 5 * VQ + 2 * cos + 0.5 * MSE).
-  3. Decoder        the unCLIP UNet in pixel space (32x32, no VAE), v-prediction, conditioned on tiny-CLIP image
-                    embeddings through the unCLIP noise-augmentation class label, condition dropout for CFG, EMA.
+  2. Codebook       VQ + reconstruction of the causal embeddings and of the tiny-CLIP image embedding, Q-Former frozen.
+  3. Decoder        the unCLIP UNet in pixel space, conditioned on tiny-CLIP image embeddings (v-prediction, CFG, EMA).
   4. SEED-LLaMA pretraining on caption -> image and image -> caption sequences.
   5. Instruction tuning in the official chat template (LoRA, then full fine-tuning).
 
-The data is the shapes world (world.py): 150 attribute combinations x 9 jitters = 1350 images of 32x32, rendered
-deterministically. Generated images are judged by a pixel heuristic (world.judge) that is not a model under test.
-The file reads in the order it runs: the configs and the CLI made from them; `Run`, the training loop all stages
-share (atomic checkpoints with the optimiser state, so `--resume` continues mid-stage; data parallelism); the stages,
-each a function `stage_x(run, prev) -> dict` below what it uses, caching the frozen features of all 1350 images once
-instead of re-running frozen encoders; the LLM evaluation; the reports; `main`.
+The data is the 1350 images of world.py; generated images are judged by its pixel heuristic, world.judge. The file
+reads in the order it runs: the configs and their CLI; `Run`, the training loop all stages share (atomic checkpoints
+with the optimiser state, so `--resume` continues mid-stage; data parallelism); the stages `stage_x(run, prev)`, each
+below what it uses, caching the frozen features of all 1350 images once; the LLM evaluation; the reports; `main`.
 
 Official training code this mirrors: AILab-CVC/SEED @ 93b3cf4, SEED_Tokenizer/lavis/models/blip2_models/
 blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage 2). Deliberate deviations:
-  * everything is tiny (the `tiny` presets of seed.py, unet.py and llama.py: a 4-layer ViT of width 128 on 8x8
-    patches of a 32x32 image, a 2-layer Q-Former of width 128 with 32 queries, a codebook of 256 x 16, a 0.59M-
-    parameter pixel UNet, a 1M-parameter LLaMA), and the frozen "pretrained" towers are trained here first (stage 0);
+  * everything is tiny (the `tiny` presets of seed.py, unet.py and llama.py: a 4-layer ViT of width 128, a 2-layer
+    Q-Former, a 0.59M-parameter pixel UNet, a 1M-parameter LLaMA); the frozen "pretrained" towers are trained here;
   * the unCLIP decoder is trained in pixel space, so there is no VAE; the official one is a latent model; its
     resnets take the condition as FiLM (scale and shift) where SD-2.1-unclip adds it, because a condition that only
     shifts the features did not make this small UNet draw shapes in a CPU budget;
   * the tiny text towers (the CLIP text tower, the Q-Former's text branch) read one token per word of the world,
     23 ids with bos, eos and pad, where the official ones use CLIP's BPE and BERT's WordPiece;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
-    most codes would never be chosen);
+    most codes would never be chosen, wasting the vocabulary the LLM learns);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
     several stages train a few modules called in different orders, which DDP wrappers make hard to read.
 
@@ -52,6 +47,7 @@ import math
 import os
 import platform
 import random
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +73,7 @@ from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER,
 
 @dataclass
 class ClipStageConfig:
-    """Stage 0: the tiny CLIP (EVA ViT image tower + CLIP text tower), trained contrastively. The image tower and
-    the shared width E (128, in the place of OpenCLIP ViT-H's 1024) are seed.py's tiny preset."""
+    """Stage 0; the image tower and the shared width E (128 for OpenCLIP ViT-H's 1024) are seed.py's tiny preset."""
     steps: int = 600
     batch_size: int = 128
     lr: float = 2e-3
@@ -88,8 +83,7 @@ class ClipStageConfig:
 
 @dataclass
 class QFormerStageConfig:
-    """Stage 1: the Causal Q-Former, ITC between the last query and the text [CLS] (ViT frozen); its sizes are
-    seed.py's tiny preset (2 layers of width 128, 32 queries)."""
+    """Stage 1; the Q-Former's sizes are seed.py's tiny preset (2 layers of width 128, 32 queries)."""
     steps: int = 300
     batch_size: int = 64
     lr: float = 2e-3
@@ -99,11 +93,11 @@ class QFormerStageConfig:
 
 @dataclass
 class CodebookStageConfig:
-    """Stage 2: VQ codebook + reconstruction heads (Q-Former frozen); sizes from seed.py's tiny preset."""
+    """Stage 2; the codebook's sizes are seed.py's tiny preset."""
     steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
-    w_vq: float = 5.0      # official loss weights: 5 * VQ + 2 * cos + 0.5 * MSE
+    w_vq: float = 5.0      # the official loss weights
     w_cos: float = 2.0
     w_mse: float = 0.5
     restart_every: int = 25  # re-seed unused codes from encoder outputs every N steps (0: never)
@@ -111,8 +105,7 @@ class CodebookStageConfig:
 
 @dataclass
 class DecoderStageConfig:
-    """Stage 3: the unCLIP UNet in pixel space (unet.py's `tiny` preset, FiLM resnets), v-prediction, EMA,
-    condition dropout for CFG."""
+    """Stage 3; the UNet's sizes are unet.py's `tiny` preset."""
     steps: int = 2000
     batch_size: int = 64
     lr: float = 4e-3
@@ -127,8 +120,7 @@ class DecoderStageConfig:
 
 @dataclass
 class LLMConfig:
-    """Stages 4-5: SEED-LLaMA, llama.py's `tiny` LLaMA with a BPE vocabulary of the world's text plus one token per
-    code; pretrained on caption <-> image sequences, then instruction-tuned in the official 8B chat template."""
+    """Stages 4-5; the LLaMA's sizes are llama.py's `tiny` preset, its vocabulary the world's text + one per code."""
     text_vocab_size: int = 640   # at most this many SentencePiece pieces (3 special + 256 bytes + merges)
     batch_size: int = 32
     pretrain_steps: int = 800
@@ -176,30 +168,23 @@ def apply_smoke(cfg: TrainConfig) -> TrainConfig:
             value = getattr(dc, f.name)
             if dataclasses.is_dataclass(value):
                 shrink(value)
-            elif f.name.endswith("steps") and f.name != "sample_steps" and isinstance(value, int):
-                setattr(dc, f.name, min(value, SMOKE_STEPS))
-            elif f.name.endswith("batch_size") and isinstance(value, int):
-                setattr(dc, f.name, min(value, 16))
+            elif f.name.endswith(("steps", "batch_size")):
+                setattr(dc, f.name, min(value, SMOKE_STEPS if f.name.endswith("steps") else 16))
     shrink(cfg)
-    cfg.decoder.sample_steps, cfg.decoder.eval_images = 2, 8
+    cfg.decoder.sample_steps, cfg.decoder.eval_images = 2, 8  # the sampler's steps, not training steps
     cfg.ckpt_every = 2
     return cfg
 
 
 def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -> None:
-    """One flag per field, recursing into nested dataclasses: `steps` of `clip` becomes --clip.steps.
-
-    Underscores may be written as dashes (--no-causal == --no_causal). A bool field is a switch (`--resume`) that
-    also takes an explicit value (`--resume false`). The type of each flag is the type of its default value.
-    """
+    """One flag per field, typed by its default, nested dataclasses prefixed (--clip.steps), dashes or underscores
+    (--no-causal == --no_causal); a bool is a switch (`--resume`) that also takes a value (`--resume false`)."""
     for f in dataclasses.fields(dc):
         value, name = getattr(dc, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -246,14 +231,11 @@ def learning_rate(step: int, steps: int, base: float) -> float:
 
 
 class Run:
-    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves.
-
-    The stage protocol: a stage is `stage_x(run, prev) -> dict`; `prev` holds what earlier stages returned (trained
-    modules, cached features) and the returned dict is merged into it. A stage builds its modules, then calls
-    `run.train(...)`, which either trains them (resuming from the stage's checkpoint under --resume), or, when the
-    stage is not in --stages, loads its completed checkpoint. Afterwards the stage records its metrics in
-    `run.metrics[stage]`. Only rank 0 writes files.
-    """
+    """What every stage shares: config, world, device, process group, output folder, metrics and loss curves. A
+    stage is `stage_x(run, prev) -> dict`: `prev` holds what earlier stages returned (trained modules, cached
+    features), and the dict returned is merged into it. It builds its modules and calls `run.train(...)`, which
+    trains them (resuming from the stage's checkpoint under --resume) or, for a stage not in --stages, loads its
+    completed checkpoint; then it records its metrics in `run.metrics[group]`. Only rank 0 (`run.main`) writes files."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
@@ -261,6 +243,7 @@ class Run:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # launched by torchrun
             dist.init_process_group("nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo")
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
         if cfg.device not in DEVICES:
             raise ValueError(f"unknown --device {cfg.device!r}: choose {', '.join(DEVICES)}")
         # under torchrun each process takes the GPU of its local rank
@@ -271,15 +254,10 @@ class Run:
         if not self.selected <= set(range(6)):
             raise ValueError(f"--stages takes stage numbers 0-5, got {cfg.stages!r}")
         self.world = build_world()
-        self.metrics: dict[str, dict] = {}
-        self.curves: dict[str, list[float]] = {}
-        self.timings: dict[str, float] = {}
+        # metrics {group: {name: value}}, loss curves {stage name: [loss per step]}, timings {name: seconds}
+        self.metrics, self.curves, self.timings = {}, {}, {}
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
     def seed_everything(self, stage: int) -> None:
         """Same initial weights for a stage whatever ran before it, on every rank."""
@@ -303,10 +281,8 @@ class Run:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.world_size
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(g).clone()
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -314,13 +290,9 @@ class Run:
 
     def train(self, stage: int, name: str, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
               steps: int, lr: float, step_fn, after_step=None) -> None:
-        """The training loop of every stage, with checkpoints and resume.
-
-        `step_fn(step, gen) -> loss` computes this rank's loss of one step; `after_step(step, gen)` runs after the
-        optimiser step (EMA, dead-code restarts). The checkpoint `OUT/ckpt/<name>.pt` holds every module in
-        `modules`, the optimiser state, the step and the loss curve; it is written every `--ckpt-every` steps and at
-        the end, atomically. A stage outside --stages is loaded from its completed checkpoint instead of trained.
-        """
+        """The training loop of every stage: `step_fn(step, gen) -> loss` is this rank's loss of one step,
+        `after_step(step, gen)` runs after the optimiser step (EMA, dead-code restarts). OUT/ckpt/<name>.pt holds
+        `modules`, the optimiser state, the step and the loss curve, written atomically every --ckpt-every steps."""
         path = self.out / "ckpt" / f"{name}.pt"
         start, curve, seconds, cpu = self.resume_point(stage, name, path, modules, optimizer, steps)
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -331,7 +303,11 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps, lr)
             loss = step_fn(step, gen)
-            self.update(optimizer, params, loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # this rank's gradients, then averaged over the ranks and clipped to norm 1
+            self.sync_grads(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
             if after_step is not None:
                 after_step(step, gen)
             curve.append(loss.item())
@@ -345,14 +321,6 @@ class Run:
         # close to what the loop takes alone with one thread, the wall time is what it took.
         self.timings[name] = time.time() - t0 if start < steps else seconds
         self.timings[name + "_cpu"] = time.process_time() - c0 if start < steps else cpu
-
-    def update(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor) -> None:
-        """One optimiser step: gradients of this rank's loss, averaged over the ranks, clipped to norm 1."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.sync_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
 
     def resume_point(self, stage: int, name: str, path: Path, modules: dict[str, nn.Module],
                      optimizer: torch.optim.Optimizer, steps: int) -> tuple[int, list[float], float, float]:
@@ -383,8 +351,7 @@ class Run:
         self.barrier()
 
     def save_pretrained(self, model: nn.Module, name: str, *extra) -> None:
-        """A component in the native checkpoint format (config.json + model.safetensors, and for the LLM its
-        tokenizer files) under OUT/<name>/."""
+        """A component in its native format (config.json, model.safetensors, the LLM's tokenizer files) in OUT/name/."""
         if self.main:
             model.save_pretrained(self.out / name, *extra)
         self.barrier()
@@ -411,19 +378,10 @@ def tokenize(texts) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.tensor([len(row) - 1 for row in rows])
 
 
-def to_vit_pixels(images: torch.Tensor) -> torch.Tensor:
-    """World tensors in [-1, 1] -> the ViT input: [0, 1], then CLIP's mean/std as `seed.SeedTokenizer.preprocess`
-    normalises an image (so that sample.py can feed the trained tokenizer any PNG)."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (seed.CLIP_MEAN, seed.CLIP_STD))
-    return ((images + 1) / 2 - mean) / std
-
 
 class TinyCLIP(nn.Module):
-    """The tiny CLIP: EVA ViT image tower + CLIP text tower, each projected into the shared space E.
-
-    The image embedding is the projected, *unnormalised* feature of the ViT's CLS token (as OpenCLIP's
-    `image_embeds`), which is what the unCLIP decoder draws from; cosine similarity is only used in the loss.
-    """
+    """EVA ViT image tower + CLIP text tower, each projected into the shared space E. The image embedding is the
+    projected, *unnormalised* CLS feature (OpenCLIP's `image_embeds`), what the unCLIP decoder draws from."""
 
     def __init__(self, tower: "seed.SeedConfig", text: ClipStageConfig, vocab_size: int):
         super().__init__()
@@ -453,13 +411,10 @@ def tiny_seed_config(cfg: TrainConfig) -> "seed.SeedConfig":
 
 def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor,
                            scale: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Symmetric contrastive loss of a batch of images against *all* 150 captions.
-
-    image -> text: a 150-way classification (each image has one true caption);
-    text -> image: for every caption present in the batch, the softmax over the batch's images, where all images of
-    that caption are positives (log of the summed probability): many images share a caption, so plain InfoNCE, which
-    assumes one positive per row, would push apart images that should match.
-    """
+    """Symmetric contrastive loss of a batch of images against *all* 150 captions. image -> text: a 150-way
+    classification; text -> image: for every caption in the batch, a softmax over the batch's images in which all
+    images of that caption are positives (log of their summed probability): many images share a caption, and plain
+    InfoNCE, one positive per row, would push apart images that should match."""
     image_emb, caption_emb = F.normalize(image_emb, dim=-1), F.normalize(caption_emb, dim=-1)
     logits = scale * image_emb @ caption_emb.t()                                # (B, 150)
     i2t = F.cross_entropy(logits, combo, label_smoothing=label_smoothing)
@@ -490,7 +445,9 @@ def stage_clip(run: Run, prev: dict) -> dict:
     ids, eos = (t.to(dev) for t in tokenize(CAPTIONS))
     run.seed_everything(0)
     model = TinyCLIP(tiny_seed_config(run.cfg), cfg, len(TEXT_VOCAB)).to(dev).train()
-    pixels, combo = to_vit_pixels(world.images).to(dev), world.combo.to(dev)
+    # The ViT input: [0, 1], then CLIP's mean/std, as `seed.SeedTokenizer.preprocess` normalises any PNG.
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (seed.CLIP_MEAN, seed.CLIP_STD))
+    pixels, combo = (((world.images + 1) / 2 - mean) / std).to(dev), world.combo.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
 
     def step(i, gen):
@@ -579,45 +536,23 @@ class QueryReconstructor(nn.Module):
 
 
 @torch.no_grad()
-def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: torch.Generator) -> int:
-    """Re-seed every code that no vector of `z` (N, d) chooses with a randomly drawn vector of z (plus a little noise).
-
-    The official codebook is initialised in +-1/8192 and trained without restarts; at tiny scale most codes would
-    never be chosen (codebook collapse), which wastes the vocabulary the LLM learns. Returns how many were dead.
-    """
+def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: torch.Generator) -> None:
+    """Re-seed every code that no vector of `z` (N, d) chooses with a random vector of z plus a little noise (the
+    official codebook, initialised in +-1/8192, has none; see the header for why it is needed here)."""
     counts = torch.bincount(quantize.nearest(z).flatten(), minlength=quantize.n_codes)
     dead = torch.nonzero(counts == 0).squeeze(1)
     if len(dead):
         pick = torch.randint(len(z), (len(dead),), generator=gen).to(z.device)
         noise = torch.randn(len(dead), z.shape[1], generator=gen).to(z.device) * 0.01 * z.std()
         quantize.embedding.weight.data[dead] = z[pick] + noise
-    return len(dead)
 
-
-def codebook_metrics(run: Run, prev: dict, recon: nn.Module) -> dict:
-    """Every image's 32 codes, and how good they are (recorded in run.metrics): the caption accuracy of the
-    embeddings rebuilt from the codes, codebook usage and perplexity, and the cosine of the image embedding from
-    the codes to the tiny-CLIP one, on the test images."""
-    tokenizer, queries, targets, dev = prev["tokenizer"], prev["queries"], prev["image_embeds"], run.device
-    test = run.world.test_idx.to(dev)
-    with torch.no_grad():
-        codes = tokenizer.quantize.nearest(tokenizer.to_code_space(queries))            # (1350, 32)
-        rebuilt = tokenizer.from_code_space(tokenizer.quantize.lookup(codes))
-        embeds = tokenizer.image_embedding(rebuilt)                                      # (1350, E)
-        used, perplexity = tokenizer.quantize.usage(codes[run.world.train_idx.to(dev)])
-        code_acc = caption_accuracy(last_query_features(tokenizer, recon(rebuilt[test])), prev["qformer_text"],
-                                    run.world.combo.to(dev)[test])
-        cosine = F.cosine_similarity(embeds[test], targets[test], dim=-1).mean().item()
-    run.metrics["tokenizer"].update({"caption_acc_codes": code_acc, "codebook_usage": used,
-                                     "codebook_perplexity": perplexity, "embedding_cosine": cosine,
-                                     "n_codes": tokenizer.quantize.n_codes})
-    return codes
 
 
 def stage_codebook(run: Run, prev: dict) -> dict:
     """Stage 2: encode_task_layer + VQ + decode_task_layer, the query reconstructor and the image-embedding head,
     Q-Former frozen. Loss (official weights) 5 * VQ + 2 * (1 - cos(rebuilt queries, queries)) + 0.5 * MSE(image
-    embedding from the codes, tiny-CLIP image embedding)."""
+    embedding from the codes, tiny-CLIP image embedding). Then every image's 32 codes and, on the test images, the
+    caption accuracy of the embeddings rebuilt from them and the cosine of their image embedding to tiny CLIP's."""
     cfg, world, dev = run.cfg.codebook, run.world, run.device
     tokenizer, queries, targets = prev["tokenizer"], prev["queries"], prev["image_embeds"]
     run.seed_everything(2)
@@ -626,9 +561,8 @@ def stage_codebook(run: Run, prev: dict) -> dict:
         "encode_task_layer", "quantize", "decode_task_layer", "blocks_image", "image_down", "distill_image_proj")})
     head = nn.ParameterDict({"pos_embed_image": tokenizer.pos_embed_image})
     modules = {"trained": trained, "head": head, "recon": recon}
-    for m in modules.values():
-        m.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=cfg.lr, weight_decay=0.0)
+    params = [p for m in modules.values() for p in m.requires_grad_(True).parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     train_idx = world.train_idx.to(dev)
 
     def step(i, gen):
@@ -649,17 +583,23 @@ def stage_codebook(run: Run, prev: dict) -> dict:
     run.train(2, "codebook", modules, optimizer, cfg.steps, cfg.lr, step, after_step)
     tokenizer.requires_grad_(False)
     recon.requires_grad_(False)
-    codes = codebook_metrics(run, prev, recon)
+    test = world.test_idx.to(dev)
+    with torch.no_grad():
+        codes = tokenizer.quantize.nearest(tokenizer.to_code_space(queries))            # (1350, 32)
+        rebuilt = tokenizer.from_code_space(tokenizer.quantize.lookup(codes))
+        embeds = tokenizer.image_embedding(rebuilt)                                      # (1350, E)
+        used, perplexity = tokenizer.quantize.usage(codes[train_idx])
+        code_acc = caption_accuracy(last_query_features(tokenizer, recon(rebuilt[test])), prev["qformer_text"],
+                                    world.combo.to(dev)[test])
+        cosine = F.cosine_similarity(embeds[test], targets[test], dim=-1).mean().item()
+    run.metrics["tokenizer"].update({"caption_acc_codes": code_acc, "codebook_usage": used,
+                                     "codebook_perplexity": perplexity, "embedding_cosine": cosine,
+                                     "n_codes": tokenizer.quantize.n_codes})
     run.save_pretrained(tokenizer, "seed")
     return {"codes": codes, "recon": recon}
 
 
 # --- Stage 3: the unCLIP decoder in pixel space -----------------------------------------------------------------------
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
 
 
 def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: DecoderStageConfig,
@@ -673,22 +613,17 @@ def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: 
     return images
 
 
-def high_noise_timesteps(batch: int, T: int, gen: torch.Generator) -> torch.Tensor:
-    """(batch,) diffusion times in [0, T) with density proportional to 1/sqrt(T - t): about a third at t >= 0.9 T.
-    Only at high noise does the image embedding decide the layout (below that x_t already shows it); drawn
-    uniformly, too few steps train the condition for this tiny UNet to learn where the object goes."""
-    return T - 1 - (T * torch.rand(batch, generator=gen) ** 2).long()
-
 
 def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.Tensor, cfg: DecoderStageConfig,
                  alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The v-prediction loss of one batch of images x0 (B, 3, 32, 32) with their image embeddings (B, E).
-
-    The condition is the unCLIP class label: the embedding noised at a level drawn in [0, --decoder.train-noise-level]
-    ++ the embedding of that level (2E), zeroed as a whole with probability --decoder.cond-drop, so that the same
-    UNet also predicts unconditionally (classifier-free guidance)."""
-    B, dev = len(x0), x0.device
-    t = high_noise_timesteps(B, len(alphas_cumprod), gen).to(dev)
+    """The v-prediction loss of images x0 (B, 3, 32, 32) given their embeddings (B, E). The condition is the unCLIP
+    class label: the embedding noised at a level drawn in [0, --decoder.train-noise-level] ++ that level's embedding
+    (2E), zeroed with probability --decoder.cond-drop so that the UNet also predicts unconditionally (CFG)."""
+    B, dev, T = len(x0), x0.device, len(alphas_cumprod)
+    # Times in [0, T) with density proportional to 1/sqrt(T - t), about a third at t >= 0.9 T: only at high noise
+    # does the image embedding decide the layout (below, x_t already shows it); drawn uniformly, too few steps
+    # train the condition for this tiny UNet to learn where the object goes.
+    t = (T - 1 - (T * torch.rand(B, generator=gen) ** 2).long()).to(dev)
     noise = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(dev)
     level = int(torch.randint(cfg.train_noise_level + 1, (), generator=gen))
     label = decoder.noise_augmentation.noise_image_embeddings(
@@ -698,29 +633,12 @@ def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.
     return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
 
 
-def evaluate_reconstructions(run: Run, prev: dict, decoder: "unet.UnCLIPDecoder") -> list:
-    """image -> 32 codes -> embedding -> UNet -> image on the test images (the first test jitter of each
-    combination), judged by world.judge; returns [(image index, reconstruction)]."""
-    cfg, world = run.cfg.decoder, run.world
-    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
-    with torch.no_grad():
-        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
-    t0 = time.time()
-    recon = decode_embeddings(decoder, rebuilt, cfg, noise_seed=run.cfg.seed)
-    run.timings["decoder_eval"] = time.time() - t0
-    truth = [COMBOS[int(world.combo[i])] for i in test]
-    run.metrics["decoder"] = {f"recon_{k}": v for k, v in judge_accuracy(recon, truth).items()}
-    run.metrics["decoder"]["n_images"] = len(test)
-    return list(zip(test, recon))
-
 
 def stage_decoder(run: Run, prev: dict) -> dict:
-    """Stage 3: the unCLIP UNet in pixel space on tiny-CLIP image embeddings of real (train) images.
-
-    As SD-2.1-unclip was trained: v-prediction on SD's scaled-linear schedule (the one the PNDM sampler of
-    unet.py assumes), conditioned through the noise-augmented class label (`decoder_loss`); an EMA of the weights
-    is what gets saved and sampled.
-    """
+    """Stage 3: the unCLIP UNet on tiny-CLIP embeddings of the train images, as SD-2.1-unclip was trained:
+    v-prediction on SD's scaled-linear schedule (the one unet.py's PNDM assumes), the condition of `decoder_loss`;
+    the EMA of the weights is what gets saved and sampled. Then image -> 32 codes -> embedding -> UNet -> image on
+    the first test jitter of every combination, judged by world.judge: the reconstructions [(image index, image)]."""
     cfg, world, dev = run.cfg.decoder, run.world, run.device
     embeds = prev["image_embeds"]
     train_idx = world.train_idx.to(dev)
@@ -745,14 +663,25 @@ def stage_decoder(run: Run, prev: dict) -> dict:
         idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
         return decoder_loss(decoder, images[idx], embeds[idx], cfg, alphas_cumprod, gen)
 
+    @torch.no_grad()
     def after_step(i, gen):
-        update_ema(ema, model, min(cfg.ema, (1 + i) / (10 + i)))  # EMA warm-up: average early weights less
+        decay = min(cfg.ema, (1 + i) / (10 + i))  # EMA warm-up: average early weights less
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
 
     run.train(3, "decoder", {"unet": model, "ema": ema}, optimizer, cfg.steps, cfg.lr, step, after_step)
     decoder.unet = ema  # sample and save the averaged weights
     decoder.requires_grad_(False).eval()
     run.save_pretrained(decoder, "decoder")
-    return {"decoder": decoder, "reconstructions": evaluate_reconstructions(run, prev, decoder)}
+    test = [int(i) for i in world.test_idx][::2][:cfg.eval_images]
+    with torch.no_grad():
+        rebuilt = prev["tokenizer"].embed(prev["codes"][test])
+    t0 = time.time()
+    recon = decode_embeddings(decoder, rebuilt, cfg, noise_seed=run.cfg.seed)
+    run.timings["decoder_eval"] = time.time() - t0
+    accuracy = judge_accuracy(recon, [COMBOS[int(world.combo[i])] for i in test])
+    run.metrics["decoder"] = {f"recon_{k}": v for k, v in accuracy.items()} | {"n_images": len(test)}
+    return {"decoder": decoder, "reconstructions": list(zip(test, recon))}
 
 
 # === Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full fine-tuning). =======================
@@ -764,13 +693,11 @@ IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
 
 
 class SequenceBuilder:
-    """Token ids and loss labels of the LLM's sequences, encoded by the project's `Tokenizer`.
-
-    Text is written with `<image>` placeholders, and `images` gives the 32 codes of each. The text is encoded with
-    every placeholder as an empty span `<img></img>`, then the codes are spliced in after each `<img>`: this equals
-    encoding the full text (the split strips the same whitespace around `<img>`/`</img>` with or without codes
-    between them; a test checks it), and the text part is cached, so building a batch costs almost nothing.
-    """
+    """Token ids and loss labels of the LLM's sequences, encoded by the project's `Tokenizer`. Text is written
+    with `<image>` placeholders, and `images` gives the 32 codes of each. The text is encoded with every placeholder
+    as an empty span `<img></img>`, then the codes are spliced in after each `<img>`: this equals encoding the full
+    text (the split strips the same whitespace around `<img>`/`</img>` with or without codes between them; a test
+    checks it), and the text part is cached, so building a batch costs almost nothing."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok, self.image_vocab = tokenizer, tokenizer.image_vocab
@@ -796,16 +723,13 @@ class SequenceBuilder:
 
     def chat(self, turns: list[tuple[str, str]], images) -> tuple[list[int], list[int]]:
         """A conversation [(user, assistant), ...] in the official 8B template; the loss sees only the assistant
-        turns (each reply and its `</s>`), every prompt token is labelled IGNORE.
-
-        Turn k's prompt is `chat_conversation` of the messages so far (it ends in "ASSISTANT:"); the reply follows
-        after one space, and the next turn's prompt continues that text. The ids of each prefix must be a prefix
-        of the ids of the whole, which holds for this tokenizer (pieces never cross a space; an added token splits
-        the text) and is checked, so a mask can never be off by a token.
-        """
+        turns (each reply and its `</s>`), every prompt token is labelled IGNORE. Turn k's prompt is
+        `chat_conversation` of the messages so far (it ends in "ASSISTANT:"); the reply follows after one space, and
+        the next turn's prompt continues that text. The ids of each prefix must be a prefix of the ids of the whole,
+        which holds for this tokenizer (pieces never cross a space; an added token splits the text) and is checked,
+        so a mask can never be off by a token."""
         messages = [m for user, reply in turns for m in (user, reply + EOS)]
-        ids: list[int] = []
-        labels: list[int] = []
+        ids, labels = [], []
         for k in range(len(turns)):
             prompt = "<s>" + chat_conversation(messages[:2 * k + 1])
             reply = prompt + " " + messages[2 * k + 1]
@@ -826,19 +750,11 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tup
     return ids, labels
 
 
-def lm_loss(model: llama.Llama, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: the logits at t predict labels[t + 1]; IGNORE labels are skipped."""
-    logits = model(ids[:, :-1])                                     # (B, T-1, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
-
 
 class LLMData:
-    """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2).
-
-    A held-out composition (world.HELD_OUT_PAIRS) is never an image the model learns to draw: not in a caption ->
-    image sequence, a text-to-image reply or an edit target (multi-turn chats included). It is read as an input:
-    image -> caption, captioning, VQA, and the source image of an edit.
-    """
+    """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2). A held-out
+    pair (world.HELD_OUT_PAIRS) is never an image to draw (caption -> image, a text-to-image reply, an edit target,
+    in multi-turn chats too), only an input: image -> caption, captioning, VQA, and the source image of an edit."""
 
     def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder):
         self.world, self.builder = world, builder
@@ -901,33 +817,28 @@ class LLMData:
         return self.builder.chat([first[:2], second[:2]], first[2] + second[2])
 
 
-def llm_corpus() -> list[str]:
-    """Every text the LLM reads or writes, images left out, in the chat template: its BPE training text."""
+def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenizer:
+    """SentencePiece-format BPE (train_bpe) on every text the LLM reads or writes, in the chat template, then
+    `<img_00000>`.. for every code and `<img>`, `</img>`, as SEED extends LLaMA's vocabulary; files in `folder`."""
     texts = [c.caption for c in COMBOS] + list(CAPTION_REQUESTS) + list(QUESTIONS.values())
     texts += [t.format(c.caption) for t in T2I_REQUESTS for c in COMBOS]
     texts += [c.edit(a, v)[0] for c in COMBOS[:1] for a in ATTRIBUTES for v in VALUES[a]]
     texts += [c.answer(a) for c in COMBOS for a in ATTRIBUTES]
-    return [chat_conversation([t, t, t]) for t in texts]
-
-
-def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenizer:
-    """SentencePiece-format BPE on the world's text (train_bpe), then `<img_00000>`.. for every code of
-    the tiny codebook and `<img>`, `</img>`, exactly as SEED extends LLaMA's vocabulary; files written to folder."""
-    return train_tokenizer(llm_corpus(), folder, vocab_size, n_image_codes=n_codes)
+    return train_tokenizer([chat_conversation([t, t, t]) for t in texts], folder, vocab_size, n_image_codes=n_codes)
 
 
 def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, lr: float, batch_size: int,
               sample, pad_id: int, step_offset: int = 0) -> None:
-    """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`,
-    through the stage runner (checkpoints, resume, gradient all-reduce across ranks)."""
+    """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step(i, gen):
         # The global batch depends on (seed, stage, step) only; each rank trains on its share of it.
         rng = random.Random(int(torch.randint(2 ** 62, (1,), generator=gen)) + step_offset)
-        rows = [sample(rng) for _ in range(batch_size)][run.rank::run.world_size]
-        return lm_loss(model, *collate(rows, pad_id, run.device))
+        ids, labels = collate([sample(rng) for _ in range(batch_size)][run.rank::run.world_size], pad_id, run.device)
+        logits = model(ids[:, :-1])  # (B, T-1, V): the logits at t predict labels[t + 1]; IGNORE labels are skipped
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
     model.train()
     run.train(stage, name, {"llm": model}, optimizer, steps, lr, step)
@@ -1053,9 +964,8 @@ def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
 
 @torch.no_grad()
 def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id: int, device) -> float:
-    """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies: how well
-    the LLM models the codes of real images given their caption, the quantity behind the paper's causal vs
-    bidirectional comparison."""
+    """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies of real images:
+    the quantity behind the paper's causal vs bidirectional comparison."""
     vocab, total, count = data.builder.image_vocab, 0.0, 0
     for k in range(0, len(images), 64):
         rows = [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), IMAGE_PLACEHOLDER)],
@@ -1077,8 +987,7 @@ def ask(builder: SequenceBuilder, user: str, images=()) -> list[int]:
 
 
 def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[int]) -> tuple[dict, list[str]]:
-    """Captioning (exact, and per attribute as parse_caption reads it) and VQA on the test images; returns the
-    metrics and the generated captions."""
+    """Captioning (exact, and per attribute by parse_caption) and VQA on the test images: (metrics, captions)."""
     out = generate_batched(model, tok, [ask(data.builder, IMAGE_PLACEHOLDER + CAPTION_REQUESTS[0], [data.codes[i]])
                                         for i in test], 16)
     captions = [reply_text(tok, o) for o in out]
@@ -1095,9 +1004,8 @@ def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[
 
 
 def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
-    """What the LLM is asked to draw: one text-to-image request per combination (held-out pairs included: never
-    drawn in training), then a random edit of test images of evenly spread combinations (the target may be held
-    out). Each a record {"task", "target", "prompt", "images" (input codes), "source" (edits)}."""
+    """Records {"task", "target", "prompt", "images" (input codes), "source" (edits)} of what the LLM is asked to draw:
+    text-to-image for every combination (held out too), then edits of test images of evenly spread combinations."""
     records = [{"task": "t2i", "target": COMBOS[c], "images": [],
                 "prompt": T2I_REQUESTS[0].format(COMBOS[c].caption)} for c in range(len(COMBOS))][:limit]
     one_per_combo = [data.image_of[c, c % len(JITTERS)] for c in range(len(COMBOS))][:limit]  # a test image each
@@ -1111,9 +1019,8 @@ def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
 
 
 def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict]) -> None:
-    """Generate every request's reply and add to its record the codes of its image span ("codes": None unless
-    valid), the decoded image ("image"), the judge's verdict ("judged", "correct") and the combination of the real
-    image nearest to it ("nearest")."""
+    """Generate every request's reply and add to its record its image span's "codes" (None unless valid), the decoded
+    "image", the judge's verdict ("judged", "correct") and the combination of the real image "nearest" to it."""
     tok, data = prev["llm_tokenizer"], prev["llm_data"]
     out = generate_batched(model, tok, [ask(data.builder, (IMAGE_PLACEHOLDER if r["images"] else "") + r["prompt"],
                                             r["images"]) for r in records], CODES_PER_IMAGE + 8)
@@ -1126,11 +1033,9 @@ def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict])
         # own codes) is nearest in cosine to the generated one. Not the metric (that is the judged image below).
         real = F.normalize(prev["tokenizer"].embed(prev["codes"]), dim=-1)                # (1350, E)
         nearest = (F.normalize(embeds, dim=-1) @ real.t()).argmax(1).tolist()
-        for r, n in zip(valid, nearest):
-            r["nearest"] = data.combos[n]
         images = decode_embeddings(prev["decoder"], embeds, run.cfg.decoder, noise_seed=run.cfg.seed)
-        for r, image in zip(valid, images):
-            r["image"] = image
+        for r, n, image in zip(valid, nearest, images):
+            r["nearest"], r["image"] = data.combos[n], image
     for r in records:
         r["judged"] = judge(r["image"]) if "image" in r else None
         r["correct"] = r["judged"] is not None and all(r["judged"][a] == getattr(r["target"], a) for a in ATTRIBUTES)
@@ -1155,9 +1060,8 @@ def image_scores(records: list[dict]) -> dict:
 
 
 def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
-    """The LLM metrics on the test images and on all 150 prompts; generated images are drawn by the trained
-    pipeline (codes -> SeedTokenizer.embed -> UnCLIPDecoder) and judged by world.judge. Returns the records of
-    every generation (prompt, target, codes, image, verdict) and the captions, for the reports."""
+    """The LLM metrics on the test images and all 150 prompts, images drawn by the trained pipeline (codes ->
+    SeedTokenizer.embed -> UnCLIPDecoder) and judged by world.judge; the records and captions, for the reports."""
     data, limit = prev["llm_data"], 8 if run.cfg.smoke else None
     test = run.world.test_idx.tolist()[:limit]  # every combination, two jitters each
     metrics, captions = evaluate_text(model, prev["llm_tokenizer"], data, test)
@@ -1196,31 +1100,22 @@ def _big(image: Image.Image) -> Image.Image:
 def _text_cell(text: str, width: int = CELL, height: int = CELL) -> Image.Image:
     """A white cell with `text` wrapped to its width (PIL's default bitmap font, about 6 px per character)."""
     cell = Image.new("RGB", (width, height), (255, 255, 255))
-    draw, lines, line = ImageDraw.Draw(cell), [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width // 6:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    lines.append(line)
+    lines = textwrap.wrap(" ".join(text.split()), width // 6, break_long_words=False, break_on_hyphens=False)
     for k, line in enumerate(lines):
-        draw.text((3, 3 + 11 * k), line, fill=(0, 0, 0))
+        ImageDraw.Draw(cell).text((3, 3 + 11 * k), line, fill=(0, 0, 0))
     return cell
 
 
 def save_eval_images(run: Run, records: list[dict]) -> None:
-    """Every generated evaluation image as OUT/eval/<task>_<k>.png, with OUT/eval/index.json listing for each the
-    prompt, the intended attributes, whether the pair is held out, the 32 codes, the judge's verdict and the
-    decoder-free diagnostic (the attributes of the real image with the nearest embedding), so the images can be
-    re-judged by anyone. A generation without a valid image span has no file (file: null)."""
+    """Every generated evaluation image as OUT/eval/<task>_<k>.png, and OUT/eval/index.json with each one's prompt,
+    intended attributes, held-out flag, 32 codes, the judge's verdict and the decoder-free diagnostic, so that anyone
+    can re-judge the images. A generation without a valid image span has no file (file: null)."""
     folder = run.out / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     index = []
     for k, r in enumerate(records):
-        name = None
-        if "image" in r:
-            name = f"{r['task']}_{k:04d}.png"
+        name = f"{r['task']}_{k:04d}.png" if "image" in r else None
+        if name:
             r["image"].save(folder / name)
         index.append({"file": name, "task": r["task"], "prompt": r["prompt"], "source_image": r.get("source"),
                       "target": dataclasses.asdict(r["target"]), "held_out": r["target"].held_out,
@@ -1236,8 +1131,7 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
     recon = dict(outputs.get("reconstructions", []))
     rows = [i for i in recon if i in captions]
     rows = rows[::max(1, len(rows) // 4)][:4]  # spread over the combinations
-    t2i_in = [r for r in records if r["task"] == "t2i" and not r["target"].held_out]
-    t2i_out = [r for r in records if r["task"] == "t2i" and r["target"].held_out]
+    t2i_in, t2i_out = ([r for r in records if r["task"] == "t2i" and r["target"].held_out == h] for h in (False, True))
     edits = [r for r in records if r["task"] == "edit"]
     header = ["input", "from 32 codes", "caption", "t2i held-in", "t2i held-out", "edit input", "edit result"]
     sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 36) * len(rows)), (255, 255, 255))
@@ -1330,9 +1224,7 @@ def results_table(run: Run) -> str:
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             check = "" if target is None else f">= {target:.2f} {'ok' if value >= target else 'MISSED'}"
             lines.append(f"{group + '/' + name:<34} {shown:>10}  {check}")
-    lines.append("-" * 56)
-    for name, seconds in run.timings.items():
-        lines.append(f"{'time/' + name:<34} {seconds:>9.1f}s")
+    lines += ["-" * 56] + [f"{'time/' + name:<34} {seconds:>9.1f}s" for name, seconds in run.timings.items()]
     m = machine_info(run)
     lines.append(f"machine: {m['cpu_count']} cores, {m['device']}, {m['torch_threads']} torch threads, "
                  f"{m['world_size']} process(es), load average {m['load_average_1_5_15min']}, {m['platform']}")

@@ -131,12 +131,8 @@ def render(combo: Combo, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
 
 @dataclass
 class World:
-    """All 1350 images of the shapes world as one tensor, with their combination index and the train/test split.
-
-    Split (used by every stage): for combination i, the jitters i % 9 and (i + 4) % 9 are *test* images, the other
-    7 are *train* images. So the 300 test images cover every combination twice and every jitter equally, and no
-    stage ever trains on them. The tokenizer's caption classification is measured on the test images.
-    """
+    """All 1350 images as one tensor, with their combination, jitter and split. The 300 test images (the header's
+    split) cover every combination twice and every jitter equally; no stage ever trains on them."""
     images: torch.Tensor   # (1350, 3, 32, 32) float in [-1, 1]
     combo: torch.Tensor    # (1350,) long: index into COMBOS
     jitter: torch.Tensor   # (1350,) long: index into JITTERS
@@ -164,14 +160,10 @@ def to_image(x: torch.Tensor) -> Image.Image:
 
 def build_world() -> World:
     """Render the whole world (deterministic: no randomness at all; takes about a second)."""
-    images, combos, jitters, test = [], [], [], []
-    for i, combo in enumerate(COMBOS):
-        for j, jitter in enumerate(JITTERS):
-            images.append(to_tensor(render(combo, jitter)))
-            combos.append(i)
-            jitters.append(j)
-            test.append(j in (i % 9, (i + 4) % 9))
-    return World(torch.stack(images), torch.tensor(combos), torch.tensor(jitters), torch.tensor(test))
+    pairs = [(i, j) for i in range(len(COMBOS)) for j in range(len(JITTERS))]  # (combination, jitter) per image
+    images = torch.stack([to_tensor(render(COMBOS[i], JITTERS[j])) for i, j in pairs])
+    combo, jitter = (torch.tensor(column) for column in zip(*pairs))
+    return World(images, combo, jitter, torch.tensor([j in (i % 9, (i + 4) % 9) for i, j in pairs]))
 
 
 # --- The judge: a pixel heuristic, so that generated images are scored by something that is not a model under test.
@@ -217,11 +209,7 @@ def judge(image: Image.Image | torch.Tensor) -> dict[str, str | None]:
 
 def judge_accuracy(images, combos) -> dict[str, float]:
     """Per-attribute and all-attributes accuracy of `judge` on images against their intended combinations."""
-    hits = {a: 0 for a in (*ATTRIBUTES, "all")}
-    for image, combo in zip(images, combos):
-        verdict = judge(image)
-        right = [verdict[a] == getattr(combo, a) for a in ATTRIBUTES]
-        for a, ok in zip(ATTRIBUTES, right):
-            hits[a] += ok
-        hits["all"] += all(right)
+    verdicts = [judge(image) for image in images]
+    right = [[verdict[a] == getattr(combo, a) for a in ATTRIBUTES] for verdict, combo in zip(verdicts, combos)]
+    hits = {a: sum(row[k] for row in right) for k, a in enumerate(ATTRIBUTES)} | {"all": sum(map(all, right))}
     return {a: h / max(len(combos), 1) for a, h in hits.items()}
