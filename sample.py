@@ -617,7 +617,7 @@ class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _request)
+        linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _open_resuming)
         if new is not None and linked is not None:
             linked.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")})
             new.linked = linked
@@ -645,29 +645,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _request(url: str, offset: int):
-    """Open `url` from byte `offset` on; returns (response, total size or None, offset the body starts at)."""
-    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
-    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
-    if offset:
-        req.add_header("Range", f"bytes={offset}-")
-    resp = _OPENER.open(req, timeout=60)
-    headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
-    if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
-        m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
-        if not m or int(m.group(1)) != offset:
-            resp.close()
-            raise DownloadError(f"{url}: the server answered the range request with a bad Content-Range "
-                                f"{headers.get('content-range')!r}")
-        total = int(m.group(2)) if m.group(2) != "*" else None
-    else:  # 200: the server ignored the range, the body is the whole file
-        offset = 0
-        total = int(headers["content-length"]) if "content-length" in headers else None
-    if total is None and "x-linked-size" in headers:
-        total = int(headers["x-linked-size"])
-    return resp, total, offset, headers
-
-
 def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3) -> Path:
     """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic.
 
@@ -682,25 +659,38 @@ def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries
         opened = _open_resuming(url, dest, part, attempt, retry)
         if opened is None or not _receive(opened, dest, part, retry):
             continue
-        resp, total, offset, headers = opened
+        _, total, _, headers = opened
         size = part.stat().st_size
         if total is not None and size < total:  # the connection ended early without an error: resume
             if retry:
                 continue
             raise DownloadError(f"{url}: the transfer stopped at {size} of {total} bytes {retries + 1} times; run "
                                 f"again to resume from {part}.")
-        _verify(url, dest, part, size, total, _expected_sha256(headers, known, size))
+        # The published hash when the file has the official size (see KNOWN_FILES), else the server's.
+        expected = known[1] if known is not None and size == known[0] else _sha256_header(headers)
+        if (total is not None and size != total) or (expected and _sha256(part) != expected):
+            corrupt = dest.with_name(dest.name + ".corrupt")
+            os.replace(part, corrupt)
+            what = f"size {size} instead of {total}" if total is not None and size != total else \
+                f"SHA-256 differs from the expected {expected}"
+            raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
+                                f"run again to download it afresh.")
         os.replace(part, dest)
         return dest
     raise DownloadError(f"{url}: gave up after {retries + 1} attempts; run again to resume from {part}.")
 
 
 def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
-    """`_request` from the end of `part`; None when the attempt should be made again (a whole or longer partial
-    file is deleted first; an unreachable server gets a growing pause), a DownloadError when it is hopeless."""
+    """Open `url` from the end of `part` on: (response, total size or None, offset the body starts at, headers).
+    None when the attempt should be made again (a whole or longer partial file is deleted first; an unreachable
+    server gets a growing pause), a DownloadError when it is hopeless."""
     offset = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
+    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
     try:
-        return _request(url, offset)
+        resp = _OPENER.open(req, timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # the partial file is already whole (or longer): start over
             part.unlink()
@@ -717,6 +707,20 @@ def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
         reason = getattr(e, "reason", e)
         raise DownloadError(f"cannot reach {url}: {reason}. Check the network, set HF_ENDPOINT to a mirror, or "
                             f"copy the files into {dest.parent} and set HF_HUB_OFFLINE=1.") from None
+    headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
+    if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
+        m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
+        if not m or int(m.group(1)) != offset:
+            resp.close()
+            raise DownloadError(f"{url}: the server answered the range request with a bad Content-Range "
+                                f"{headers.get('content-range')!r}")
+        total = int(m.group(2)) if m.group(2) != "*" else None
+    else:  # 200: the server ignored the range, the body is the whole file
+        offset = 0
+        total = int(headers["content-length"]) if "content-length" in headers else None
+    if total is None and "x-linked-size" in headers:
+        total = int(headers["x-linked-size"])
+    return resp, total, offset, headers
 
 
 def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
@@ -750,24 +754,6 @@ def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
                 return False
             raise
     return True
-
-
-def _expected_sha256(headers: dict, known: tuple[int, str] | None, size: int) -> str | None:
-    """The published hash when the file has the official size (see KNOWN_FILES), else the server's."""
-    if known is not None and size == known[0]:
-        return known[1]
-    return _sha256_header(headers)
-
-
-def _verify(url: str, dest: Path, part: Path, size: int, total: int | None, expected: str | None) -> None:
-    """A finished `part` of the wrong size or hash is moved to `dest.corrupt` (never used) and reported."""
-    if (total is not None and size != total) or (expected and _sha256(part) != expected):
-        corrupt = dest.with_name(dest.name + ".corrupt")
-        os.replace(part, corrupt)
-        what = f"size {size} instead of {total}" if total is not None and size != total else \
-            f"SHA-256 differs from the expected {expected}"
-        raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
-                            f"run again to download it afresh.")
 
 
 def fetch_files(root: Path, rels: list[str]) -> None:
