@@ -8,13 +8,9 @@ What runs (paper: "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01
   image --SeedTokenizer.encode--> 32 codes --Llama--> text and/or 32 new codes --SeedTokenizer.embed--> 1024-d
   image embedding --UnCLIPDecoder--> image.
 The prompts are the official templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_8B.py / _14B.py,
-and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt as `<img>` + 32 `<img_xxxxx>` +
-`</img>`.
-
-Weights. `--ckpt official` fetches the released files with the standard library only (urllib) into a cache laid out
-as on the Hugging Face hub, then loads them with each model's `from_official`. `--ckpt PATH` loads a folder written by
-train.py: `PATH/seed/`, `PATH/llama/` (with the tokenizer files) and `PATH/decoder/`, each written by the model's
-`save_pretrained`. Every task works the same way with either source.
+and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt as `<img>` + 32 codes + `</img>`.
+`--ckpt official` fetches the released files (urllib only) into a cache laid out as on the Hugging Face hub;
+`--ckpt PATH` reads train.py's `PATH/seed/`, `PATH/llama/` and `PATH/decoder/`. Every task works with either.
 
 Deliberate deviations from the official scripts:
   * Text-to-image and edit requests append `<img>` to the prompt ("force image generation", the flask demo's
@@ -55,13 +51,12 @@ from weights import index_shards, pick_device, pick_dtype
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
 
-OFFICIAL_SAMPLING = GenerationConfig()  # the official decoding values live in llama.GenerationConfig, once
+OFFICIAL_SAMPLING = GenerationConfig()
 
 
 @dataclass
 class Settings:
-    """How to generate: the LLM's decoding (the official values, from llama.GenerationConfig) and the decoder's.
-    The CLI's defaults are these fields."""
+    """How to generate; the CLI's defaults are these fields (the LLM's: llama.GenerationConfig's official values)."""
     temperature: float = OFFICIAL_SAMPLING.temperature  # 0 = greedy
     top_p: float = OFFICIAL_SAMPLING.top_p
     top_k: int = OFFICIAL_SAMPLING.top_k                # 0 = all
@@ -76,13 +71,8 @@ class Settings:
 
 
 class SeedLlama:
-    """The SEED tokenizer (`seed`), SEED-LLaMA (`llm`) with its text tokenizer, and the unCLIP decoder, with
-    `encode_image` (picture -> 32 codes), `generate` (prompt -> new token ids), `read` (ids -> text + codes of each
-    image) and `draw` (codes -> picture).
-
-    With `low_vram` every model stays in host memory and `running(model)` moves only the one at work to the device
-    and back, in pipeline order: tokenizer -> LLM -> decoder.
-    """
+    """The SEED tokenizer, SEED-LLaMA with its text tokenizer and the unCLIP decoder. With `low_vram` every model
+    stays in host memory and `running(model)` moves only the one at work to the device and back."""
 
     def __init__(self, seed, llm, tokenizer, decoder, device: torch.device, low_vram: bool = False,
                  template: str = "8B"):
@@ -125,9 +115,8 @@ class SeedLlama:
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
                  max_new_tokens: int | None = None, on_token=None) -> list[int]:
         """Sample the LLM's continuation of `prompt_ids` until `</s>` (or `<s>`: the 8B model's generation_config.json
-        names id 1 as its eos). `force_image` starts the answer with `<img>` and leaves room for the whole
-        span (32 codes + `</img>`); its codes are then guided by `settings.llm_guidance` (classifier-free, against
-        the chat template around an empty request), when that is not 1."""
+        names id 1 as its eos). `force_image` starts the answer with `<img>`, leaves room for the whole span (32 codes
+        + `</img>`) and guides its codes by `settings.llm_guidance`."""
         max_new_tokens = max_new_tokens or settings.max_new_tokens
         if force_image:
             max_new_tokens = max(max_new_tokens, CODES_PER_IMAGE + 1)
@@ -144,9 +133,8 @@ class SeedLlama:
 
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
         """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None).
-
-        A broken image span (not 32 codes, or never closed; an unconstrained model can write one) is not drawn:
-        the answer is then the raw decoded text, no picture, and the note says why."""
+        A broken image span (not 32 codes, or never closed: an unconstrained model can write one) is not drawn: the
+        answer is then the raw decoded text, and the note says why."""
         try:
             return *self.tokenizer.decode_with_images(new_ids), None
         except ValueError as e:
@@ -363,7 +351,6 @@ class Chat:
 
 
 def run_chat(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
-    """Read turns from stdin: plain text, '/image PATH [text]', '/draw TEXT', '/reset', '/quit'."""
     chat = Chat(pipe, settings, out)
     interactive = sys.stdin.isatty()
     print("[chat] type a message; '/image PATH [text]' attaches a picture, '/draw TEXT' asks for one, "
@@ -428,6 +415,7 @@ DEFAULT_PROMPTS = {  # the vqa/t2i/edit questions are the official script's exam
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every default is a `Settings` field."""
     p = argparse.ArgumentParser(
         description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -439,44 +427,28 @@ def build_parser() -> argparse.ArgumentParser:
                "chat commands: '/image PATH [text]' attaches a picture, '/draw TEXT' asks for a picture,\n"
                "  '/reset' forgets the conversation, '/quit' (or end of input) leaves.\n"
                "environment: HF_ENDPOINT (hub mirror), SEED_EVA_VIT_URL, HF_HUB_OFFLINE=1, SEED_CACHE, XDG_CACHE_HOME.")
-    p.add_argument("--ckpt", required=True,
-                   help="'official' for the released weights (downloaded once into the cache), or a folder written "
-                        "by train.py holding seed/, llama/ and decoder/")
+    p.add_argument("--ckpt", required=True, help="'official' for the released weights (downloaded once into the "
+                   "cache), or a folder written by train.py holding seed/, llama/ and decoder/")
     p.add_argument("--task", default="all", choices=["all"] + TASKS,
-                   help="what to do (default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn "
-                        "chat, one after the other; 'chat' alone reads turns from the terminal)")
+                   help="default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn chat, one after "
+                        "the other; 'chat' alone reads turns from the terminal")
     p.add_argument("--image", help="input picture for reconstruct/caption/vqa/edit (default: a built-in test picture)")
-    p.add_argument("--prompt",
-                   help="request (caption), question (vqa), request (t2i) or instruction (edit); each has a default")
+    p.add_argument("--prompt", help="request (caption, t2i), question (vqa) or instruction (edit); each has a default")
     p.add_argument("--model", default="8b", choices=sorted(LLM_REPOS),
-                   help="which SEED-LLaMA to use with --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
-    p.add_argument("--weights", help="folder holding the official files laid out as on the hub (missing files are "
+                   help="the SEED-LLaMA of --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
+    p.add_argument("--weights", help="folder of the official files laid out as on the hub (missing files are "
                                      "downloaded into it); default: $SEED_CACHE or ~/.cache/seed-from-scratch")
     p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="weights and compute dtype (default: float16 on cuda/mps, float32 on cpu); half precision "
-                        "also selects the fp16 unCLIP files, half the download")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps, "
+                   "float32 on cpu; half precision also selects the fp16 unCLIP files, half the download")
     p.add_argument("--seed", type=int, default=Settings.seed, help="same seed, same outputs (default %(default)s)")
-    add_generation_options(p)
-    p.add_argument("--low-vram", action="store_true",
-                   help="keep every model in host memory and move only the running one to the GPU (tokenizer -> "
-                        "LLM -> decoder): SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
-    p.add_argument("--out", default="samples", help="folder for the PNG files (default ./samples)")
-    return p
-
-
-def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """The LLM's decoding and the decoder's drawing; every default is a `Settings` field (the LLM's: the official
-    values of llama.GenerationConfig)."""
-    p.add_argument("--temperature", type=float, default=Settings.temperature,
-                   help="sampling temperature; 0 = greedy (default %(default)s, the official scripts')")
-    p.add_argument("--top-p", type=float, default=Settings.top_p,
-                   help="nucleus sampling mass (default %(default)s, official)")
-    p.add_argument("--top-k", type=int, default=Settings.top_k,
-                   help="keep the k most likely tokens, 0 = all (default %(default)s, official HF generate's)")
+    # The LLM's decoding (defaults: the official values of llama.GenerationConfig), then the decoder's drawing.
+    p.add_argument("--temperature", type=float, default=Settings.temperature, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=Settings.top_p, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=Settings.top_k, help="0 = all tokens (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
-                   help="longest answer in tokens (default %(default)s, the official scripts'); capped by the context "
-                        "window, raised to 33 when an image is requested so that its span fits")
+                   help="longest answer in tokens (default %(default)s); capped by the context window, raised to 33 "
+                        "when an image is requested so that its span fits")
     p.add_argument("--llm-cfg", type=float, default=Settings.llm_guidance, metavar="SCALE", dest="llm_guidance",
                    help="classifier-free guidance of the LLM on the image codes of t2i, edit and chat /draw, against "
                         "the chat template around an empty request; 1 = off (default %(default)s, as officially)")
@@ -487,12 +459,15 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=Settings.guidance,
                    help="the unCLIP decoder's classifier-free guidance scale (default %(default)s)")
     p.add_argument("--negative", choices=["uncond", "none"], default="uncond",
-                   help="negative image for the guidance of generated images: 'uncond' = the embedding of codes the "
-                        "LLM samples from '<s><img>' alone (as the official evaluation), 'none' = a zero label "
-                        "(default uncond; reconstructions always use none)")
-    p.add_argument("--constrained", action="store_true",
-                   help="after <img>, allow only image codes for 32 tokens and then force </img>, so every image "
-                        "span is valid (the official code samples freely)")
+                   help="negative image of generated images: 'uncond' = the codes the LLM samples from '<s><img>' "
+                        "alone (as the official evaluation), 'none' = a zero label (default uncond; reconstructions "
+                        "always use none)")
+    p.add_argument("--constrained", action="store_true", help="after <img>, only image codes for 32 tokens, then "
+                   "</img>: every image span is valid (the official code samples freely)")
+    p.add_argument("--low-vram", action="store_true", help="keep every model in host memory and move only the "
+                   "running one to the GPU: SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
+    p.add_argument("--out", default="samples", help="folder for the PNG files (default ./samples)")
+    return p
 
 
 def check_arguments(args) -> None:
@@ -530,17 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        pipe = load_pipeline(args.ckpt, device, dtype, model=args.model, weights=args.weights, low_vram=args.low_vram)
-    except (DownloadError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    settings = settings_from(args)
     tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
     try:
-        for task in tasks:
+        pipe = load_pipeline(args.ckpt, device, dtype, model=args.model, weights=args.weights, low_vram=args.low_vram)
+        settings = settings_from(args)
+        for task in tasks:  # a bad picture or a broken span ends the run with the error, not a traceback
             RUNNERS[task](pipe, settings, args, out)
-    except (FileNotFoundError, ValueError) as e:
+    except (DownloadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
