@@ -1,8 +1,4 @@
-"""sample.py: SEED-LLaMA end to end, from pixels to codes to words and back to pixels.
-
-    python sample.py --ckpt official                  # every task on a built-in test picture (~35 GB download, once)
-    python sample.py --ckpt official --task t2i --prompt "Can you generate an image of a dog on the green grass?"
-    python sample.py --ckpt out/tiny --task chat      # a checkpoint folder written by train.py
+"""sample.py: SEED-LLaMA end to end, from pixels to codes to words and back to pixels (examples: --help).
 
 What runs (paper: "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01218):
   image --SeedTokenizer.encode--> 32 codes --Llama--> text and/or 32 new codes --SeedTokenizer.embed--> 1024-d
@@ -36,7 +32,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -51,17 +47,14 @@ from weights import index_shards, pick_device, pick_dtype
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
 
-OFFICIAL_SAMPLING = GenerationConfig()
-
-
 @dataclass
 class Settings:
     """How to generate; the CLI's defaults are these fields (the LLM's: llama.GenerationConfig's official values)."""
-    temperature: float = OFFICIAL_SAMPLING.temperature  # 0 = greedy
-    top_p: float = OFFICIAL_SAMPLING.top_p
-    top_k: int = OFFICIAL_SAMPLING.top_k                # 0 = all
-    max_new_tokens: int = OFFICIAL_SAMPLING.max_new_tokens
-    llm_guidance: float = OFFICIAL_SAMPLING.guidance_scale  # classifier-free guidance on image codes; 1 = off
+    temperature: float = GenerationConfig.temperature  # 0 = greedy
+    top_p: float = GenerationConfig.top_p
+    top_k: int = GenerationConfig.top_k                # 0 = all
+    max_new_tokens: int = GenerationConfig.max_new_tokens
+    llm_guidance: float = GenerationConfig.guidance_scale  # classifier-free guidance on image codes; 1 = off
     constrained: bool = False      # image spans always valid: only codes after <img>, then </img>
     steps: int = 20                # denoising steps of the unCLIP decoder
     guidance: float = 10.0         # classifier-free guidance scale of the unCLIP decoder
@@ -175,15 +168,14 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         template = model.upper()
     else:
         folder = Path(ckpt)
-        parts = {name: folder / name for name in ("seed", "llama", "decoder")}
-        missing = [str(p) for p in parts.values() if not p.is_dir()]
+        missing = [str(folder / name) for name in ("seed", "llama", "decoder") if not (folder / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"--ckpt {ckpt}: expected a folder written by train.py with seed/, llama/ and "
                                     f"decoder/ (or 'official'); missing: {', '.join(missing)}")
-        seed = SeedTokenizer.from_pretrained(parts["seed"], device=home, dtype=dtype)
-        llm = Llama.from_pretrained(parts["llama"], device=home, dtype=dtype)
-        tokenizer = Tokenizer(parts["llama"])
-        decoder = UnCLIPDecoder.from_pretrained(parts["decoder"], device=home, dtype=dtype)
+        seed = SeedTokenizer.from_pretrained(folder / "seed", device=home, dtype=dtype)
+        llm = Llama.from_pretrained(folder / "llama", device=home, dtype=dtype)
+        tokenizer = Tokenizer(folder / "llama")
+        decoder = UnCLIPDecoder.from_pretrained(folder / "decoder", device=home, dtype=dtype)
         template = "8B"  # train.py instruction-tunes in the official 8B chat template
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
 
@@ -219,11 +211,10 @@ def show_codes(label: str, codes: list[int]) -> None:
     print(f"  {label} codes ({len(codes)}): {' '.join(map(str, codes))}")
 
 
-def save(image: Image.Image, out: Path, name: str) -> Path:
+def save(image: Image.Image, out: Path, name: str) -> None:
     path = out / f"{name}.png"
     image.save(path)
     print(f"  saved {path}")
-    return path
 
 
 def input_image(args) -> tuple[Image.Image, str]:
@@ -407,11 +398,9 @@ RUNNERS = {"reconstruct": run_reconstruct, "caption": run_on_image("caption"), "
 
 TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
 DEFAULT_PROMPTS = {  # the vqa/t2i/edit questions are the official script's examples, adapted to the test picture
-    "caption": "Please describe the image in one sentence.",
-    "vqa": "What is in this picture?",
+    "caption": "Please describe the image in one sentence.", "vqa": "What is in this picture?",
     "t2i": "Can you generate an image of a dog on the green grass?",
-    "edit": "Can you make it a winter scene with snow?",
-}
+    "edit": "Can you make it a winter scene with snow?"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,10 +475,9 @@ def check_arguments(args) -> None:
 
 
 def settings_from(args) -> Settings:
-    return Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    max_new_tokens=args.max_new_tokens, llm_guidance=args.llm_guidance, constrained=args.constrained,
-                    steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                    negative=args.negative == "uncond", seed=args.seed)
+    """Every `Settings` field is the flag of its name; --negative alone is a word."""
+    return Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "negative"},
+                    negative=args.negative == "uncond")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -617,12 +605,9 @@ def _sha256(path: Path) -> str:
 
 
 def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3) -> Path:
-    """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic.
-
-    A dropped connection is retried `retries` times, each resuming where the last one stopped; an interrupted run
-    also resumes from the `.incomplete` file. A file whose hash does not match is moved to `dest.corrupt`, never
-    used, and the next run downloads it afresh.
-    """
+    """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic. A
+    dropped connection is retried `retries` times, each resuming where the last one stopped; an interrupted run also
+    resumes from the `.incomplete` file. A file whose hash does not match is moved to `dest.corrupt`, never used."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".incomplete")
     for attempt in range(retries + 1):
@@ -713,15 +698,11 @@ def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except (OSError, http.client.IncompleteRead) as e:
+            if getattr(e, "errno", None) == errno.ENOSPC:
                 raise DownloadError(f"the disk is full while writing {part}. Free some space and run again: "
                                     f"the download resumes where it stopped.") from None
-            if isinstance(e, (ConnectionError, socket.timeout)) and retry:
-                return False
-            raise
-        except http.client.IncompleteRead:
-            if retry:
+            if retry and isinstance(e, (ConnectionError, socket.timeout, http.client.IncompleteRead)):
                 return False
             raise
     return True
@@ -750,7 +731,6 @@ class OfficialFiles:
 
 def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
     """Make sure the official files for `model` are under `root` (downloading what is missing) and say where.
-
     `variant="fp16"` picks the half-size unCLIP weights (what a fp16/bf16 run on a GPU loads)."""
     if model not in LLM_REPOS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(LLM_REPOS)}")
