@@ -9,15 +9,13 @@ and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt a
 `--ckpt PATH` reads train.py's `PATH/seed/`, `PATH/llama/` and `PATH/decoder/`. Every task works with either.
 
 Deliberate deviations from the official scripts:
-  * Text-to-image and edit requests append `<img>` to the prompt ("force image generation", the flask demo's
-    `force_boi` option), so the answer is always an image; the scripts leave it to the model.
-  * `--constrained` restricts the 32 tokens after `<img>` to image codes and then forces `</img>`; the official code
-    samples freely and may produce a broken span (we print it as text and draw nothing, instead of decoding garbage).
-  * The generation length is capped so that prompt + answer fit the model's context window, and a chat forgets its
-    oldest exchanges when the history no longer leaves room for an answer.
-  * The negative image of the decoder's classifier-free guidance (the LLM's unconditional codes) is sampled once per
-    run. `--llm-cfg` (off by default, as officially) also guides the LLM's image codes, against the chat template
-    around an empty request; `--sampler ddim` replaces the official PNDM sampler of the decoder.
+  * t2i and edit append `<img>` to the prompt (the flask demo's `force_boi`), so the answer is always an image.
+  * `--constrained` restricts the 32 tokens after `<img>` to image codes, then forces `</img>`; the official code
+    samples freely and may write a broken span (printed as text, nothing drawn, instead of decoding garbage).
+  * The answer length is capped so that prompt + answer fit the context window; a chat forgets its oldest exchanges
+    when the history leaves no room for an answer.
+  * The decoder's negative image (the LLM's unconditional codes) is sampled once per run. `--llm-cfg` (off by
+    default, as officially) also guides the LLM's image codes; `--sampler ddim` replaces the official PNDM sampler.
 """
 import argparse
 import contextlib
@@ -42,7 +40,7 @@ from tqdm import tqdm
 from llama import GenerationConfig, Llama
 from tokenizer import CODES_PER_IMAGE, Tokenizer
 from seed import SeedTokenizer, load_image
-from unet import SAMPLERS, UnCLIPDecoder
+from unet import OFFICIAL_COMPONENTS, SAMPLERS, UnCLIPDecoder
 from weights import index_shards, pick_device, pick_dtype
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
@@ -459,21 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_arguments(args) -> None:
-    """Fail on bad arguments before minutes of loading."""
-    if args.image is not None and not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image}: no such file")
-    if args.task == "chat" and args.image is not None:
-        raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
-    for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
-                     (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.steps >= 1, "--steps must be >= 1"),
-                     (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                     (args.llm_guidance >= 0, "--llm-cfg must be >= 0"),
-                     (args.guidance >= 0, "--guidance must be >= 0")]:
-        if not ok:
-            raise ValueError(what)
-
-
 def settings_from(args) -> Settings:
     """Every `Settings` field is the flag of its name; --negative alone is a word."""
     return Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "negative"},
@@ -482,9 +465,20 @@ def settings_from(args) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    try:  # fail on bad arguments before minutes of loading
         device = pick_device(args.device)  # an absent device is named, with the ones present
-        check_arguments(args)
+        if args.image is not None and not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        if args.task == "chat" and args.image is not None:
+            raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
+        for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"),
+                         (args.top_k >= 0, "--top-k must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                         (args.steps >= 1, "--steps must be >= 1"),
+                         (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                         (args.llm_guidance >= 0, "--llm-cfg must be >= 0"),
+                         (args.guidance >= 0, "--guidance must be >= 0")]:
+            if not ok:
+                raise ValueError(what)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -520,18 +514,16 @@ LLM_FILES = ["config.json", "generation_config.json"]
 LLM_INDEX_FILES = ["pytorch_model.bin.index.json", "model.safetensors.index.json"]
 UNCLIP_REPO = "stabilityai/stable-diffusion-2-1-unclip"
 # SEED passes image embeddings straight to the pipeline, so `image_encoder/` and `feature_extractor/` (2.5 GB of
-# OpenCLIP ViT-H) are never run and never downloaded.
+# OpenCLIP ViT-H) are never run and never downloaded. The weights: `resolve_official`, from unet.OFFICIAL_COMPONENTS.
 UNCLIP_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                 "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
                 "tokenizer/tokenizer_config.json", "image_normalizer/config.json", "scheduler/scheduler_config.json",
                 "image_noising_scheduler/scheduler_config.json"]
-UNCLIP_WEIGHTS = ["unet/diffusion_pytorch_model{}.safetensors", "vae/diffusion_pytorch_model{}.safetensors",
-                  "text_encoder/model{}.safetensors", "image_normalizer/diffusion_pytorch_model{}.safetensors"]
 
 # (size, sha256) of two files as their Git LFS pointers publish them (seed_quantizer.pt: hf:AILab-CVC/SEED
 # seed_tokenizer/ @ b611080; tokenizer.model: the stock LLaMA SentencePiece model). Checked only at exactly that size:
 # a file of another size is not the official one (a mirror's reduced copy, as in the tests), which the server's size
-# and sha256 ETag still guard; so the tests serve a file of the official size with other contents.
+# and sha256 ETag still guard.
 KNOWN_FILES = {
     f"{TOKENIZER_REPO}/seed_quantizer.pt":
         (1_228_836_570, "322a9fba55cb0e97e1a633981fbbdff20577af69146a0f23fa7b14201459a13f"),
@@ -546,10 +538,8 @@ class DownloadError(RuntimeError):
 
 def weights_root(weights: str | None = None) -> Path:
     """Where the official files live: `--weights DIR`, else $SEED_CACHE, else the XDG cache folder."""
-    if weights:
-        return Path(weights).expanduser()
-    if os.environ.get("SEED_CACHE"):
-        return Path(os.environ["SEED_CACHE"]).expanduser()
+    if weights or os.environ.get("SEED_CACHE"):
+        return Path(weights or os.environ["SEED_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seed-from-scratch"
 
 
@@ -738,7 +728,7 @@ def resolve_official(root: Path, model: str = "8b", variant: str | None = None) 
     suffix = f".{variant}" if variant else ""
     fixed = ([f"{TOKENIZER_REPO}/{f}" for f in TOKENIZER_FILES] + [EVA_VIT_PATH] +
              [f"{llm}/{f}" for f in LLM_FILES] + [f"{UNCLIP_REPO}/{f}" for f in UNCLIP_FILES] +
-             [f"{UNCLIP_REPO}/{w.format(suffix)}" for w in UNCLIP_WEIGHTS])
+             [f"{UNCLIP_REPO}/{c}/{stems[0]}{suffix}.safetensors" for c, stems in OFFICIAL_COMPONENTS.items()])
     # The shard list is in the index; find an index that is already here, else fetch the official one.
     index = next((f"{llm}/{f}" for f in LLM_INDEX_FILES if (root / llm / f).is_file()), f"{llm}/{LLM_INDEX_FILES[0]}")
     if not offline():
