@@ -18,17 +18,16 @@ Mirrors (AILab-CVC/SEED @ 93b3cf4) `models/seed_qformer/qformer_quantizer.py` (`
 Official files: `AILab-CVC/seed-tokenizer-2/seed_quantizer.pt` and BLIP-2's `eva_vit_g.pth`.
 
 Public API: `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")` = what train.py trains),
-`EVAViT` (also the image tower of train.py's tiny CLIP), `ViTBlock`, `SeedTokenizer` and `load_image`. SeedTokenizer's
-chain is a row of differentiable steps, which `encode`/`embed` compose and train.py trains: `image_features` (ViT +
-ln_vision) -> `query_embeddings` -> `to_code_space` z -> `quantize` = (z_q straight-through, codes, loss) ->
-`from_code_space` -> `image_embedding`.
+`EVAViT` (also train.py's tiny CLIP image tower), `ViTBlock`, `load_image`, and `SeedTokenizer`, whose `encode`/`embed`
+compose the differentiable steps train.py trains: `image_features` (ViT + ln_vision) -> `query_embeddings` ->
+`to_code_space` z -> `quantize` = (z_q straight-through, codes, loss) -> `from_code_space` -> `image_embedding`.
 
-Loading the official files (`from_official`): every size is read from tensor shapes, so reduced checkpoints in the
-official format load too; head counts, which shapes cannot tell, are keyword arguments defaulting to the official
-ones (ViT 16, Q-Former 12, decoder 12). Official names map to ours by `OFFICIAL_RENAMES` (the Q-Former only);
-`OFFICIAL_IGNORED` lists the keys dropped on purpose. A missing or mis-shaped key is an error naming it (with the
-unused keys, which usually show a rename); unused keys alone are allowed, as the official `strict=False` load allows
-them (the released `seed_quantizer.pt` holds ~146 unknown tensors), and are counted in one log line.
+Loading the official files (`from_official`): every size is read from tensor shapes (reduced checkpoints in the
+official format load too); head counts, which shapes cannot tell, are keywords defaulting to the official ones (ViT
+16, Q-Former 12, decoder 12). `OFFICIAL_RENAMES` maps official names to ours (the Q-Former only), `OFFICIAL_IGNORED`
+lists the keys dropped on purpose. A missing or mis-shaped key is an error naming it (with the unused keys, which
+usually show a rename); unused keys alone are allowed as by the official `strict=False` load (the released
+`seed_quantizer.pt` holds ~146 unknown tensors) and counted in one log line.
 
 Deviations: attention runs through `F.scaled_dot_product_attention` (EVA scales q before q k^T; SDPA scales the
 scores: equal up to rounding); the tokenizer does not build the training-only reconstruction branch
@@ -106,8 +105,7 @@ class SeedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SeedConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
+        if unknown := set(d) - {f.name for f in fields(cls)}:
             raise ValueError(f"SeedConfig: unknown fields {sorted(unknown)}")
         return cls(**{**d, "qformer": QFormerConfig(**d.get("qformer", {}))})
 
@@ -198,9 +196,8 @@ class EVAViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)  # includes the CLS position
         self.patch_embed = nn.Module()  # a bare container, so that the key is patch_embed.proj.* as in the file
         self.patch_embed.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-        self.blocks = nn.ModuleList(
-            ViTBlock(width, n_heads, mlp_hidden, eps=1e-6, attention=EVAAttention) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(ViTBlock(width, n_heads, mlp_hidden, eps=1e-6, attention=EVAAttention)
+                                    for _ in range(depth))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         S = self.image_size
@@ -362,8 +359,7 @@ class SeedTokenizer(nn.Module):
         kept = {k: found[k] for k in renames}
         unknown = [k for k in kept if k not in expected]
         if any(k not in kept or tuple(kept[k]) != shape for k, shape in expected.items()):
-            check_keys(expected, kept, source, "the SEED tokenizer", note=f"architecture inferred from the shapes: "
-                                                                          f"{config}")
+            check_keys(expected, kept, source, "the SEED tokenizer", f"architecture inferred from the shapes: {config}")
         log.info("%s: loaded %d tensors, ignored %d on purpose (training-only recon branch, text branch, position_ids,"
                  " ViT blocks >= %d), skipped %d unknown tensors%s", source, len(kept) - len(unknown),
                  len(found) - len(kept), config.vit_depth, len(unknown),
@@ -472,10 +468,9 @@ def ours_to_official(key: str) -> str:
 
 
 def _is_ignored(key: str, vit_depth: int) -> bool:
+    # BLIP-2 uses EVA-CLIP-g's penultimate layer: eva_vit_g.pth's block 39 (the 40th) is unused.
     m = re.match(r"^visual_encoder\.blocks\.(\d+)\.", key)
-    if m and int(m.group(1)) >= vit_depth:
-        return True  # BLIP-2 uses EVA-CLIP-g's penultimate layer: eva_vit_g.pth's block 39 (the 40th) is unused
-    return any(re.match(p, key) for p in OFFICIAL_IGNORED)
+    return bool(m and int(m.group(1)) >= vit_depth) or any(re.match(p, key) for p in OFFICIAL_IGNORED)
 
 
 def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, decoder_heads=12,
