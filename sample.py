@@ -627,9 +627,8 @@ def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries
 
 
 def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
-    """Open `url` from the end of `part` on: (response, total size or None, offset the body starts at, headers).
-    None when the attempt should be made again (a whole or longer partial file is deleted first; an unreachable
-    server gets a growing pause), a DownloadError when it is hopeless."""
+    """(response, total size or None, offset the body starts at, headers) of `url` from the end of `part` on; None to
+    retry (a whole or longer `part` is deleted, an unreachable server gets a growing pause), DownloadError: hopeless."""
     offset = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
     req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
