@@ -1,31 +1,21 @@
-"""sample.py: SEED-LLaMA end to end, from pixels to codes to words and back to pixels.
-
-    python sample.py --ckpt official                  # every task on a built-in test picture (~35 GB download, once)
-    python sample.py --ckpt official --task t2i --prompt "Can you generate an image of a dog on the green grass?"
-    python sample.py --ckpt out/tiny --task chat      # a checkpoint folder written by train.py
+"""sample.py: SEED-LLaMA end to end, from pixels to codes to words and back to pixels (examples: --help).
 
 What runs (paper: "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01218):
   image --SeedTokenizer.encode--> 32 codes --Llama--> text and/or 32 new codes --SeedTokenizer.embed--> 1024-d
   image embedding --UnCLIPDecoder--> image.
 The prompts are the official templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_8B.py / _14B.py,
-and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt as `<img>` + 32 `<img_xxxxx>` +
-`</img>`.
-
-Weights. `--ckpt official` fetches the released files with the standard library only (urllib) into a cache laid out
-as on the Hugging Face hub, then loads them with each model's `from_official`. `--ckpt PATH` loads a folder written by
-train.py: `PATH/seed/`, `PATH/llama/` (with the tokenizer files) and `PATH/decoder/`, each written by the model's
-`save_pretrained`. Every task works the same way with either source.
+and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt as `<img>` + 32 codes + `</img>`.
+`--ckpt official` fetches the released files (urllib only) into a cache laid out as on the Hugging Face hub;
+`--ckpt PATH` reads train.py's `PATH/seed/`, `PATH/llama/` and `PATH/decoder/`. Every task works with either.
 
 Deliberate deviations from the official scripts:
-  * Text-to-image and edit requests append `<img>` to the prompt ("force image generation", the flask demo's
-    `force_boi` option), so the answer is always an image; the scripts leave it to the model.
-  * `--constrained` restricts the 32 tokens after `<img>` to image codes and then forces `</img>`; the official code
-    samples freely and may produce a broken span (we print it as text and draw nothing, instead of decoding garbage).
-  * The generation length is capped so that prompt + answer fit the model's context window, and a chat forgets its
-    oldest exchanges when the history no longer leaves room for an answer.
-  * The negative image of the decoder's classifier-free guidance (the LLM's unconditional codes) is sampled once per
-    run. `--llm-cfg` (off by default, as officially) also guides the LLM's image codes, against the chat template
-    around an empty request; `--sampler ddim` replaces the official PNDM sampler of the decoder.
+  * t2i and edit append `<img>` to the prompt (the flask demo's `force_boi`), so the answer is always an image.
+  * `--constrained` restricts the 32 tokens after `<img>` to image codes, then forces `</img>`; the official code
+    samples freely and may write a broken span (printed as text, nothing drawn, instead of decoding garbage).
+  * The answer length is capped so that prompt + answer fit the context window; a chat forgets its oldest exchanges
+    when the history leaves no room for an answer.
+  * The decoder's negative image (the LLM's unconditional codes) is sampled once per run. `--llm-cfg` (off by
+    default, as officially) also guides the LLM's image codes; `--sampler ddim` replaces the official PNDM sampler.
 """
 import argparse
 import contextlib
@@ -40,7 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -50,23 +40,19 @@ from tqdm import tqdm
 from llama import GenerationConfig, Llama
 from tokenizer import CODES_PER_IMAGE, Tokenizer
 from seed import SeedTokenizer, load_image
-from unet import SAMPLERS, UnCLIPDecoder
+from unet import OFFICIAL_COMPONENTS, SAMPLERS, UnCLIPDecoder
 from weights import index_shards, pick_device, pick_dtype
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
 
-OFFICIAL_SAMPLING = GenerationConfig()  # the official decoding values live in llama.GenerationConfig, once
-
-
 @dataclass
 class Settings:
-    """How to generate: the LLM's decoding (the official values, from llama.GenerationConfig) and the decoder's.
-    The CLI's defaults are these fields."""
-    temperature: float = OFFICIAL_SAMPLING.temperature  # 0 = greedy
-    top_p: float = OFFICIAL_SAMPLING.top_p
-    top_k: int = OFFICIAL_SAMPLING.top_k                # 0 = all
-    max_new_tokens: int = OFFICIAL_SAMPLING.max_new_tokens
-    llm_guidance: float = OFFICIAL_SAMPLING.guidance_scale  # classifier-free guidance on image codes; 1 = off
+    """How to generate; the CLI's defaults are these fields (the LLM's: llama.GenerationConfig's official values)."""
+    temperature: float = GenerationConfig.temperature  # 0 = greedy
+    top_p: float = GenerationConfig.top_p
+    top_k: int = GenerationConfig.top_k                # 0 = all
+    max_new_tokens: int = GenerationConfig.max_new_tokens
+    llm_guidance: float = GenerationConfig.guidance_scale  # classifier-free guidance on image codes; 1 = off
     constrained: bool = False      # image spans always valid: only codes after <img>, then </img>
     steps: int = 20                # denoising steps of the unCLIP decoder
     guidance: float = 10.0         # classifier-free guidance scale of the unCLIP decoder
@@ -76,13 +62,8 @@ class Settings:
 
 
 class SeedLlama:
-    """The SEED tokenizer (`seed`), SEED-LLaMA (`llm`) with its text tokenizer, and the unCLIP decoder, with
-    `encode_image` (picture -> 32 codes), `generate` (prompt -> new token ids), `read` (ids -> text + codes of each
-    image) and `draw` (codes -> picture).
-
-    With `low_vram` every model stays in host memory and `running(model)` moves only the one at work to the device
-    and back, in pipeline order: tokenizer -> LLM -> decoder.
-    """
+    """The SEED tokenizer, SEED-LLaMA with its text tokenizer and the unCLIP decoder. With `low_vram` every model
+    stays in host memory and `running(model)` moves only the one at work to the device and back."""
 
     def __init__(self, seed, llm, tokenizer, decoder, device: torch.device, low_vram: bool = False,
                  template: str = "8B"):
@@ -125,9 +106,8 @@ class SeedLlama:
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
                  max_new_tokens: int | None = None, on_token=None) -> list[int]:
         """Sample the LLM's continuation of `prompt_ids` until `</s>` (or `<s>`: the 8B model's generation_config.json
-        names id 1 as its eos). `force_image` starts the answer with `<img>` and leaves room for the whole
-        span (32 codes + `</img>`); its codes are then guided by `settings.llm_guidance` (classifier-free, against
-        the chat template around an empty request), when that is not 1."""
+        names id 1 as its eos). `force_image` starts the answer with `<img>`, leaves room for the whole span (32 codes
+        + `</img>`) and guides its codes by `settings.llm_guidance`."""
         max_new_tokens = max_new_tokens or settings.max_new_tokens
         if force_image:
             max_new_tokens = max(max_new_tokens, CODES_PER_IMAGE + 1)
@@ -144,9 +124,8 @@ class SeedLlama:
 
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
         """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None).
-
-        A broken image span (not 32 codes, or never closed; an unconstrained model can write one) is not drawn:
-        the answer is then the raw decoded text, no picture, and the note says why."""
+        A broken image span (not 32 codes, or never closed: an unconstrained model can write one) is not drawn: the
+        answer is then the raw decoded text, and the note says why."""
         try:
             return *self.tokenizer.decode_with_images(new_ids), None
         except ValueError as e:
@@ -187,15 +166,14 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         template = model.upper()
     else:
         folder = Path(ckpt)
-        parts = {name: folder / name for name in ("seed", "llama", "decoder")}
-        missing = [str(p) for p in parts.values() if not p.is_dir()]
+        missing = [str(folder / name) for name in ("seed", "llama", "decoder") if not (folder / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"--ckpt {ckpt}: expected a folder written by train.py with seed/, llama/ and "
                                     f"decoder/ (or 'official'); missing: {', '.join(missing)}")
-        seed = SeedTokenizer.from_pretrained(parts["seed"], device=home, dtype=dtype)
-        llm = Llama.from_pretrained(parts["llama"], device=home, dtype=dtype)
-        tokenizer = Tokenizer(parts["llama"])
-        decoder = UnCLIPDecoder.from_pretrained(parts["decoder"], device=home, dtype=dtype)
+        seed = SeedTokenizer.from_pretrained(folder / "seed", device=home, dtype=dtype)
+        llm = Llama.from_pretrained(folder / "llama", device=home, dtype=dtype)
+        tokenizer = Tokenizer(folder / "llama")
+        decoder = UnCLIPDecoder.from_pretrained(folder / "decoder", device=home, dtype=dtype)
         template = "8B"  # train.py instruction-tunes in the official 8B chat template
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
 
@@ -231,11 +209,10 @@ def show_codes(label: str, codes: list[int]) -> None:
     print(f"  {label} codes ({len(codes)}): {' '.join(map(str, codes))}")
 
 
-def save(image: Image.Image, out: Path, name: str) -> Path:
+def save(image: Image.Image, out: Path, name: str) -> None:
     path = out / f"{name}.png"
     image.save(path)
     print(f"  saved {path}")
-    return path
 
 
 def input_image(args) -> tuple[Image.Image, str]:
@@ -363,7 +340,6 @@ class Chat:
 
 
 def run_chat(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
-    """Read turns from stdin: plain text, '/image PATH [text]', '/draw TEXT', '/reset', '/quit'."""
     chat = Chat(pipe, settings, out)
     interactive = sys.stdin.isatty()
     print("[chat] type a message; '/image PATH [text]' attaches a picture, '/draw TEXT' asks for one, "
@@ -420,14 +396,13 @@ RUNNERS = {"reconstruct": run_reconstruct, "caption": run_on_image("caption"), "
 
 TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
 DEFAULT_PROMPTS = {  # the vqa/t2i/edit questions are the official script's examples, adapted to the test picture
-    "caption": "Please describe the image in one sentence.",
-    "vqa": "What is in this picture?",
+    "caption": "Please describe the image in one sentence.", "vqa": "What is in this picture?",
     "t2i": "Can you generate an image of a dog on the green grass?",
-    "edit": "Can you make it a winter scene with snow?",
-}
+    "edit": "Can you make it a winter scene with snow?"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every default is a `Settings` field."""
     p = argparse.ArgumentParser(
         description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -439,44 +414,28 @@ def build_parser() -> argparse.ArgumentParser:
                "chat commands: '/image PATH [text]' attaches a picture, '/draw TEXT' asks for a picture,\n"
                "  '/reset' forgets the conversation, '/quit' (or end of input) leaves.\n"
                "environment: HF_ENDPOINT (hub mirror), SEED_EVA_VIT_URL, HF_HUB_OFFLINE=1, SEED_CACHE, XDG_CACHE_HOME.")
-    p.add_argument("--ckpt", required=True,
-                   help="'official' for the released weights (downloaded once into the cache), or a folder written "
-                        "by train.py holding seed/, llama/ and decoder/")
+    p.add_argument("--ckpt", required=True, help="'official' for the released weights (downloaded once into the "
+                   "cache), or a folder written by train.py holding seed/, llama/ and decoder/")
     p.add_argument("--task", default="all", choices=["all"] + TASKS,
-                   help="what to do (default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn "
-                        "chat, one after the other; 'chat' alone reads turns from the terminal)")
+                   help="default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn chat, one after "
+                        "the other; 'chat' alone reads turns from the terminal")
     p.add_argument("--image", help="input picture for reconstruct/caption/vqa/edit (default: a built-in test picture)")
-    p.add_argument("--prompt",
-                   help="request (caption), question (vqa), request (t2i) or instruction (edit); each has a default")
+    p.add_argument("--prompt", help="request (caption, t2i), question (vqa) or instruction (edit); each has a default")
     p.add_argument("--model", default="8b", choices=sorted(LLM_REPOS),
-                   help="which SEED-LLaMA to use with --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
-    p.add_argument("--weights", help="folder holding the official files laid out as on the hub (missing files are "
+                   help="the SEED-LLaMA of --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
+    p.add_argument("--weights", help="folder of the official files laid out as on the hub (missing files are "
                                      "downloaded into it); default: $SEED_CACHE or ~/.cache/seed-from-scratch")
     p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="weights and compute dtype (default: float16 on cuda/mps, float32 on cpu); half precision "
-                        "also selects the fp16 unCLIP files, half the download")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps, "
+                   "float32 on cpu; half precision also selects the fp16 unCLIP files, half the download")
     p.add_argument("--seed", type=int, default=Settings.seed, help="same seed, same outputs (default %(default)s)")
-    add_generation_options(p)
-    p.add_argument("--low-vram", action="store_true",
-                   help="keep every model in host memory and move only the running one to the GPU (tokenizer -> "
-                        "LLM -> decoder): SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
-    p.add_argument("--out", default="samples", help="folder for the PNG files (default ./samples)")
-    return p
-
-
-def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """The LLM's decoding and the decoder's drawing; every default is a `Settings` field (the LLM's: the official
-    values of llama.GenerationConfig)."""
-    p.add_argument("--temperature", type=float, default=Settings.temperature,
-                   help="sampling temperature; 0 = greedy (default %(default)s, the official scripts')")
-    p.add_argument("--top-p", type=float, default=Settings.top_p,
-                   help="nucleus sampling mass (default %(default)s, official)")
-    p.add_argument("--top-k", type=int, default=Settings.top_k,
-                   help="keep the k most likely tokens, 0 = all (default %(default)s, official HF generate's)")
+    # The LLM's decoding (defaults: the official values of llama.GenerationConfig), then the decoder's drawing.
+    p.add_argument("--temperature", type=float, default=Settings.temperature, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=Settings.top_p, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=Settings.top_k, help="0 = all tokens (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
-                   help="longest answer in tokens (default %(default)s, the official scripts'); capped by the context "
-                        "window, raised to 33 when an image is requested so that its span fits")
+                   help="longest answer in tokens (default %(default)s); capped by the context window, raised to 33 "
+                        "when an image is requested so that its span fits")
     p.add_argument("--llm-cfg", type=float, default=Settings.llm_guidance, metavar="SCALE", dest="llm_guidance",
                    help="classifier-free guidance of the LLM on the image codes of t2i, edit and chat /draw, against "
                         "the chat template around an empty request; 1 = off (default %(default)s, as officially)")
@@ -487,41 +446,39 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=Settings.guidance,
                    help="the unCLIP decoder's classifier-free guidance scale (default %(default)s)")
     p.add_argument("--negative", choices=["uncond", "none"], default="uncond",
-                   help="negative image for the guidance of generated images: 'uncond' = the embedding of codes the "
-                        "LLM samples from '<s><img>' alone (as the official evaluation), 'none' = a zero label "
-                        "(default uncond; reconstructions always use none)")
-    p.add_argument("--constrained", action="store_true",
-                   help="after <img>, allow only image codes for 32 tokens and then force </img>, so every image "
-                        "span is valid (the official code samples freely)")
-
-
-def check_arguments(args) -> None:
-    """Fail on bad arguments before minutes of loading."""
-    if args.image is not None and not Path(args.image).is_file():
-        raise FileNotFoundError(f"--image {args.image}: no such file")
-    if args.task == "chat" and args.image is not None:
-        raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
-    for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"), (args.top_k >= 0, "--top-k must be >= 0"),
-                     (0 < args.top_p <= 1, "--top-p must be in (0, 1]"), (args.steps >= 1, "--steps must be >= 1"),
-                     (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                     (args.llm_guidance >= 0, "--llm-cfg must be >= 0"),
-                     (args.guidance >= 0, "--guidance must be >= 0")]:
-        if not ok:
-            raise ValueError(what)
+                   help="negative image of generated images: 'uncond' = the codes the LLM samples from '<s><img>' "
+                        "alone (as the official evaluation), 'none' = a zero label (default uncond; reconstructions "
+                        "always use none)")
+    p.add_argument("--constrained", action="store_true", help="after <img>, only image codes for 32 tokens, then "
+                   "</img>: every image span is valid (the official code samples freely)")
+    p.add_argument("--low-vram", action="store_true", help="keep every model in host memory and move only the "
+                   "running one to the GPU: SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
+    p.add_argument("--out", default="samples", help="folder for the PNG files (default ./samples)")
+    return p
 
 
 def settings_from(args) -> Settings:
-    return Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    max_new_tokens=args.max_new_tokens, llm_guidance=args.llm_guidance, constrained=args.constrained,
-                    steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                    negative=args.negative == "uncond", seed=args.seed)
+    """Every `Settings` field is the flag of its name; --negative alone is a word."""
+    return Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "negative"},
+                    negative=args.negative == "uncond")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    try:  # fail on bad arguments before minutes of loading
         device = pick_device(args.device)  # an absent device is named, with the ones present
-        check_arguments(args)
+        if args.image is not None and not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image {args.image}: no such file")
+        if args.task == "chat" and args.image is not None:
+            raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
+        for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"),
+                         (args.top_k >= 0, "--top-k must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+                         (args.steps >= 1, "--steps must be >= 1"),
+                         (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+                         (args.llm_guidance >= 0, "--llm-cfg must be >= 0"),
+                         (args.guidance >= 0, "--guidance must be >= 0")]:
+            if not ok:
+                raise ValueError(what)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -530,17 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        pipe = load_pipeline(args.ckpt, device, dtype, model=args.model, weights=args.weights, low_vram=args.low_vram)
-    except (DownloadError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    settings = settings_from(args)
     tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
     try:
-        for task in tasks:
+        pipe = load_pipeline(args.ckpt, device, dtype, model=args.model, weights=args.weights, low_vram=args.low_vram)
+        settings = settings_from(args)
+        for task in tasks:  # a bad picture or a broken span ends the run with the error, not a traceback
             RUNNERS[task](pipe, settings, args, out)
-    except (FileNotFoundError, ValueError) as e:
+    except (DownloadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -561,18 +514,16 @@ LLM_FILES = ["config.json", "generation_config.json"]
 LLM_INDEX_FILES = ["pytorch_model.bin.index.json", "model.safetensors.index.json"]
 UNCLIP_REPO = "stabilityai/stable-diffusion-2-1-unclip"
 # SEED passes image embeddings straight to the pipeline, so `image_encoder/` and `feature_extractor/` (2.5 GB of
-# OpenCLIP ViT-H) are never run and never downloaded.
+# OpenCLIP ViT-H) are never run and never downloaded. The weights: `resolve_official`, from unet.OFFICIAL_COMPONENTS.
 UNCLIP_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                 "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
                 "tokenizer/tokenizer_config.json", "image_normalizer/config.json", "scheduler/scheduler_config.json",
                 "image_noising_scheduler/scheduler_config.json"]
-UNCLIP_WEIGHTS = ["unet/diffusion_pytorch_model{}.safetensors", "vae/diffusion_pytorch_model{}.safetensors",
-                  "text_encoder/model{}.safetensors", "image_normalizer/diffusion_pytorch_model{}.safetensors"]
 
 # (size, sha256) of two files as their Git LFS pointers publish them (seed_quantizer.pt: hf:AILab-CVC/SEED
 # seed_tokenizer/ @ b611080; tokenizer.model: the stock LLaMA SentencePiece model). Checked only at exactly that size:
 # a file of another size is not the official one (a mirror's reduced copy, as in the tests), which the server's size
-# and sha256 ETag still guard; so the tests serve a file of the official size with other contents.
+# and sha256 ETag still guard.
 KNOWN_FILES = {
     f"{TOKENIZER_REPO}/seed_quantizer.pt":
         (1_228_836_570, "322a9fba55cb0e97e1a633981fbbdff20577af69146a0f23fa7b14201459a13f"),
@@ -587,10 +538,8 @@ class DownloadError(RuntimeError):
 
 def weights_root(weights: str | None = None) -> Path:
     """Where the official files live: `--weights DIR`, else $SEED_CACHE, else the XDG cache folder."""
-    if weights:
-        return Path(weights).expanduser()
-    if os.environ.get("SEED_CACHE"):
-        return Path(os.environ["SEED_CACHE"]).expanduser()
+    if weights or os.environ.get("SEED_CACHE"):
+        return Path(weights or os.environ["SEED_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seed-from-scratch"
 
 
@@ -617,7 +566,7 @@ class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _request)
+        linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _open_resuming)
         if new is not None and linked is not None:
             linked.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")})
             new.linked = linked
@@ -645,36 +594,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _request(url: str, offset: int):
-    """Open `url` from byte `offset` on; returns (response, total size or None, offset the body starts at)."""
-    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
-    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
-    if offset:
-        req.add_header("Range", f"bytes={offset}-")
-    resp = _OPENER.open(req, timeout=60)
-    headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
-    if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
-        m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
-        if not m or int(m.group(1)) != offset:
-            resp.close()
-            raise DownloadError(f"{url}: the server answered the range request with a bad Content-Range "
-                                f"{headers.get('content-range')!r}")
-        total = int(m.group(2)) if m.group(2) != "*" else None
-    else:  # 200: the server ignored the range, the body is the whole file
-        offset = 0
-        total = int(headers["content-length"]) if "content-length" in headers else None
-    if total is None and "x-linked-size" in headers:
-        total = int(headers["x-linked-size"])
-    return resp, total, offset, headers
-
-
 def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3) -> Path:
-    """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic.
-
-    A dropped connection is retried `retries` times, each resuming where the last one stopped; an interrupted run
-    also resumes from the `.incomplete` file. A file whose hash does not match is moved to `dest.corrupt`, never
-    used, and the next run downloads it afresh.
-    """
+    """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic. A
+    dropped connection is retried `retries` times, each resuming where the last one stopped; an interrupted run also
+    resumes from the `.incomplete` file. A file whose hash does not match is moved to `dest.corrupt`, never used."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".incomplete")
     for attempt in range(retries + 1):
@@ -682,25 +605,37 @@ def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries
         opened = _open_resuming(url, dest, part, attempt, retry)
         if opened is None or not _receive(opened, dest, part, retry):
             continue
-        resp, total, offset, headers = opened
+        _, total, _, headers = opened
         size = part.stat().st_size
         if total is not None and size < total:  # the connection ended early without an error: resume
             if retry:
                 continue
             raise DownloadError(f"{url}: the transfer stopped at {size} of {total} bytes {retries + 1} times; run "
                                 f"again to resume from {part}.")
-        _verify(url, dest, part, size, total, _expected_sha256(headers, known, size))
+        # The published hash when the file has the official size (see KNOWN_FILES), else the server's.
+        expected = known[1] if known is not None and size == known[0] else _sha256_header(headers)
+        if (total is not None and size != total) or (expected and _sha256(part) != expected):
+            corrupt = dest.with_name(dest.name + ".corrupt")
+            os.replace(part, corrupt)
+            what = f"size {size} instead of {total}" if total is not None and size != total else \
+                f"SHA-256 differs from the expected {expected}"
+            raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
+                                f"run again to download it afresh.")
         os.replace(part, dest)
         return dest
     raise DownloadError(f"{url}: gave up after {retries + 1} attempts; run again to resume from {part}.")
 
 
 def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
-    """`_request` from the end of `part`; None when the attempt should be made again (a whole or longer partial
-    file is deleted first; an unreachable server gets a growing pause), a DownloadError when it is hopeless."""
+    """(response, total size or None, offset the body starts at, headers) of `url` from the end of `part` on; None to
+    retry (a whole or longer `part` is deleted, an unreachable server gets a growing pause), DownloadError: hopeless."""
     offset = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
+    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
     try:
-        return _request(url, offset)
+        resp = _OPENER.open(req, timeout=60)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # the partial file is already whole (or longer): start over
             part.unlink()
@@ -717,6 +652,20 @@ def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
         reason = getattr(e, "reason", e)
         raise DownloadError(f"cannot reach {url}: {reason}. Check the network, set HF_ENDPOINT to a mirror, or "
                             f"copy the files into {dest.parent} and set HF_HUB_OFFLINE=1.") from None
+    headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
+    if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
+        m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
+        if not m or int(m.group(1)) != offset:
+            resp.close()
+            raise DownloadError(f"{url}: the server answered the range request with a bad Content-Range "
+                                f"{headers.get('content-range')!r}")
+        total = int(m.group(2)) if m.group(2) != "*" else None
+    else:  # 200: the server ignored the range, the body is the whole file
+        offset = 0
+        total = int(headers["content-length"]) if "content-length" in headers else None
+    if total is None and "x-linked-size" in headers:
+        total = int(headers["x-linked-size"])
+    return resp, total, offset, headers
 
 
 def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
@@ -738,36 +687,14 @@ def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except (OSError, http.client.IncompleteRead) as e:
+            if getattr(e, "errno", None) == errno.ENOSPC:
                 raise DownloadError(f"the disk is full while writing {part}. Free some space and run again: "
                                     f"the download resumes where it stopped.") from None
-            if isinstance(e, (ConnectionError, socket.timeout)) and retry:
-                return False
-            raise
-        except http.client.IncompleteRead:
-            if retry:
+            if retry and isinstance(e, (ConnectionError, socket.timeout, http.client.IncompleteRead)):
                 return False
             raise
     return True
-
-
-def _expected_sha256(headers: dict, known: tuple[int, str] | None, size: int) -> str | None:
-    """The published hash when the file has the official size (see KNOWN_FILES), else the server's."""
-    if known is not None and size == known[0]:
-        return known[1]
-    return _sha256_header(headers)
-
-
-def _verify(url: str, dest: Path, part: Path, size: int, total: int | None, expected: str | None) -> None:
-    """A finished `part` of the wrong size or hash is moved to `dest.corrupt` (never used) and reported."""
-    if (total is not None and size != total) or (expected and _sha256(part) != expected):
-        corrupt = dest.with_name(dest.name + ".corrupt")
-        os.replace(part, corrupt)
-        what = f"size {size} instead of {total}" if total is not None and size != total else \
-            f"SHA-256 differs from the expected {expected}"
-        raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
-                            f"run again to download it afresh.")
 
 
 def fetch_files(root: Path, rels: list[str]) -> None:
@@ -793,7 +720,6 @@ class OfficialFiles:
 
 def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
     """Make sure the official files for `model` are under `root` (downloading what is missing) and say where.
-
     `variant="fp16"` picks the half-size unCLIP weights (what a fp16/bf16 run on a GPU loads)."""
     if model not in LLM_REPOS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(LLM_REPOS)}")
@@ -801,7 +727,7 @@ def resolve_official(root: Path, model: str = "8b", variant: str | None = None) 
     suffix = f".{variant}" if variant else ""
     fixed = ([f"{TOKENIZER_REPO}/{f}" for f in TOKENIZER_FILES] + [EVA_VIT_PATH] +
              [f"{llm}/{f}" for f in LLM_FILES] + [f"{UNCLIP_REPO}/{f}" for f in UNCLIP_FILES] +
-             [f"{UNCLIP_REPO}/{w.format(suffix)}" for w in UNCLIP_WEIGHTS])
+             [f"{UNCLIP_REPO}/{c}/{stems[0]}{suffix}.safetensors" for c, stems in OFFICIAL_COMPONENTS.items()])
     # The shard list is in the index; find an index that is already here, else fetch the official one.
     index = next((f"{llm}/{f}" for f in LLM_INDEX_FILES if (root / llm / f).is_file()), f"{llm}/{LLM_INDEX_FILES[0]}")
     if not offline():

@@ -17,26 +17,17 @@ Mirrors (AILab-CVC/SEED @ 93b3cf4) `models/seed_qformer/qformer_quantizer.py` (`
 (`Block`), and the preprocessing of `models/transforms.py` (`get_transform(type='clip')`).
 Official files: `AILab-CVC/seed-tokenizer-2/seed_quantizer.pt` and BLIP-2's `eva_vit_g.pth`.
 
-Public API (other modules rely on these names):
-  * `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")` = what train.py trains: 32x32
-    images, 8x8 patches; `causal=False` = the bidirectional Q-Former of the paper's ablation);
-  * `EVAViT(image_size, patch_size, width, depth, n_heads, mlp_hidden)`: pixels -> (B, 1+N, width), no final norm
-    (also the image tower of train.py's tiny CLIP); `ViTBlock(dim, n_heads, mlp_hidden, eps=1e-6,
-    attention=Attention)`: timm's pre-LN block of `blocks_image` (EVA's blocks use `attention=EVAAttention`);
-  * `SeedTokenizer(config=None)`: `encode(pixels) -> (B, 32) long`, `embed(codes) -> (B, E)`,
-    `preprocess(image) -> (3, S, S)`; the chain as differentiable steps, which `encode`/`embed` compose and train.py
-    trains: `image_features` (ViT + ln_vision) -> `query_embeddings` (B, 32, Dq) -> `to_code_space` z -> `quantize`
-    = (z_q straight-through, codes, loss) -> `from_code_space` (B, 32, Dq) -> `image_embedding` (B, E);
-    `from_official(quantizer_path, vit_path=None, device=None, dtype=None, ...)`, `save_pretrained(folder)`,
-    `from_pretrained(folder, device=None, dtype=None)`;
-  * `load_image(image) -> PIL RGB image` (path, bytes, PIL image or array), used by `preprocess`.
+Public API: `SeedConfig` (defaults = the official tokenizer; `SeedConfig.preset("tiny")` = what train.py trains),
+`EVAViT` (also train.py's tiny CLIP image tower), `ViTBlock`, `load_image`, and `SeedTokenizer`, whose `encode`/`embed`
+compose the differentiable steps train.py trains: `image_features` (ViT + ln_vision) -> `query_embeddings` ->
+`to_code_space` z -> `quantize` = (z_q straight-through, codes, loss) -> `from_code_space` -> `image_embedding`.
 
-Loading the official files (`from_official`): every size is read from tensor shapes, so reduced checkpoints in the
-official format load too; head counts, which shapes cannot tell, are keyword arguments defaulting to the official
-ones (ViT 16, Q-Former 12, decoder 12). Official names map to ours by `OFFICIAL_RENAMES` (the Q-Former only);
-`OFFICIAL_IGNORED` lists the keys dropped on purpose. A missing or mis-shaped key is an error naming it (with the
-unused keys, which usually show a rename); unused keys alone are allowed, as the official `strict=False` load allows
-them (the released `seed_quantizer.pt` holds ~146 unknown tensors), and are counted in one log line.
+Loading the official files (`from_official`): every size is read from tensor shapes (reduced checkpoints in the
+official format load too); head counts, which shapes cannot tell, are keywords defaulting to the official ones (ViT
+16, Q-Former 12, decoder 12). `OFFICIAL_RENAMES` maps official names to ours (the Q-Former only), `OFFICIAL_IGNORED`
+lists the keys dropped on purpose. A missing or mis-shaped key is an error naming it (with the unused keys, which
+usually show a rename); unused keys alone are allowed as by the official `strict=False` load (the released
+`seed_quantizer.pt` holds ~146 unknown tensors) and counted in one log line.
 
 Deviations: attention runs through `F.scaled_dot_product_attention` (EVA scales q before q k^T; SDPA scales the
 scores: equal up to rounding); the tokenizer does not build the training-only reconstruction branch
@@ -114,8 +105,7 @@ class SeedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SeedConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
+        if unknown := set(d) - {f.name for f in fields(cls)}:
             raise ValueError(f"SeedConfig: unknown fields {sorted(unknown)}")
         return cls(**{**d, "qformer": QFormerConfig(**d.get("qformer", {}))})
 
@@ -206,9 +196,8 @@ class EVAViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)  # includes the CLS position
         self.patch_embed = nn.Module()  # a bare container, so that the key is patch_embed.proj.* as in the file
         self.patch_embed.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-        self.blocks = nn.ModuleList(
-            ViTBlock(width, n_heads, mlp_hidden, eps=1e-6, attention=EVAAttention) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(ViTBlock(width, n_heads, mlp_hidden, eps=1e-6, attention=EVAAttention)
+                                    for _ in range(depth))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         S = self.image_size
@@ -240,9 +229,7 @@ class SeedTokenizer(nn.Module):
         self.pos_embed_image = nn.Parameter(torch.randn(1, Q, D) * 0.02)
         self.blocks_image = nn.ModuleList(ViTBlock(D, c.decoder_heads, c.decoder_mlp) for _ in range(c.decoder_depth))
         widths = (D, *c.image_down)
-        down = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            down += [nn.Linear(w_in, w_out, bias=False), nn.ReLU()]
+        down = [m for w_in, w_out in zip(widths, widths[1:]) for m in (nn.Linear(w_in, w_out, bias=False), nn.ReLU())]
         self.image_down = nn.Sequential(*down[:-1])  # no ReLU after the last Linear
         self.distill_image_proj = nn.Linear(Q * c.image_down[-1], c.embed_dim)
 
@@ -312,10 +299,7 @@ class SeedTokenizer(nn.Module):
     def from_pretrained(cls, folder, device=None, dtype=None) -> "SeedTokenizer":
         """Read a folder written by `save_pretrained`; every key must match exactly."""
         folder = Path(folder)
-        for name in ("config.json", "model.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} not found (expected a folder written by save_pretrained)")
-        try:
+        try:  # a missing file is an error naming it (weights.read_json, read_header)
             config = SeedConfig.from_dict(read_json(folder / "config.json"))
         except TypeError as e:
             raise ValueError(f"{folder / 'config.json'} is not a SeedConfig: {e}") from e
@@ -335,9 +319,8 @@ class SeedTokenizer(nn.Module):
                       decoder_heads: int = 12) -> "SeedTokenizer":
         """Load the released `seed_quantizer.pt` + BLIP-2's `eva_vit_g.pth` (`.pt`/`.pth` or `.safetensors`).
         A quantizer that holds `visual_encoder.*` keys (the released one does not) needs no `vit_path`, which is
-        then not read: the official code loads the quantizer after eva_vit_g.pth, overwriting it. The keywords are
-        what shapes cannot tell: head counts, and how many ViT blocks to use (BLIP-2 uses the first 39 of the
-        file's 40; a file with fewer uses all). Names and shapes are checked before any tensor is read."""
+        then not read: the official code loads the quantizer after eva_vit_g.pth, overwriting it. `vit_depth`: BLIP-2
+        uses the first 39 of the file's 40 blocks (a file with fewer uses all). Names and shapes are checked first."""
         parts = [(Path(quantizer_path), "", read_header(quantizer_path))]
         if not any(k.startswith("visual_encoder.") for k in parts[0][2]):
             if vit_path is None:
@@ -367,9 +350,7 @@ class SeedTokenizer(nn.Module):
     @classmethod
     def _check_official(cls, found: dict, source: str, **heads) -> tuple["SeedTokenizer", dict[str, str]]:
         """A meta-device model of the size the official shapes `found` describe, and official -> our name of every
-        tensor to load. Missing and mis-shaped keys are an error (in the file's names, with the unused keys, which
-        usually show a rename); unused keys alone are counted in one log line, as the official strict=False load
-        allows them."""
+        tensor to load; checks the keys as the module docstring says."""
         config = infer_config(found, source=source, **heads)
         renames = {k: official_to_ours(k) for k in found if not _is_ignored(k, config.vit_depth)}
         with torch.device("meta"):
@@ -378,8 +359,7 @@ class SeedTokenizer(nn.Module):
         kept = {k: found[k] for k in renames}
         unknown = [k for k in kept if k not in expected]
         if any(k not in kept or tuple(kept[k]) != shape for k, shape in expected.items()):
-            check_keys(expected, kept, source, "the SEED tokenizer", note=f"architecture inferred from the shapes: "
-                                                                          f"{config}")
+            check_keys(expected, kept, source, "the SEED tokenizer", f"architecture inferred from the shapes: {config}")
         log.info("%s: loaded %d tensors, ignored %d on purpose (training-only recon branch, text branch, position_ids,"
                  " ViT blocks >= %d), skipped %d unknown tensors%s", source, len(kept) - len(unknown),
                  len(found) - len(kept), config.vit_depth, len(unknown),
@@ -488,10 +468,9 @@ def ours_to_official(key: str) -> str:
 
 
 def _is_ignored(key: str, vit_depth: int) -> bool:
+    # BLIP-2 uses EVA-CLIP-g's penultimate layer: eva_vit_g.pth's block 39 (the 40th) is unused.
     m = re.match(r"^visual_encoder\.blocks\.(\d+)\.", key)
-    if m and int(m.group(1)) >= vit_depth:
-        return True  # BLIP-2 uses EVA-CLIP-g's penultimate layer: eva_vit_g.pth's block 39 (the 40th) is unused
-    return any(re.match(p, key) for p in OFFICIAL_IGNORED)
+    return bool(m and int(m.group(1)) >= vit_depth) or any(re.match(p, key) for p in OFFICIAL_IGNORED)
 
 
 def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, decoder_heads=12,
