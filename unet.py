@@ -2,20 +2,11 @@
 
 SEED (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01218) draws an image by handing
 its 1024-d image embedding to Stability AI's stable-diffusion-2-1-unclip (unCLIP: Ramesh et al. 2022,
-arXiv:2204.06125, on latent diffusion: Rombach et al. 2022, arXiv:2112.10752). This file is that decoder, read in
-the order of its name:
-  * the configs (`UNetConfig`, `VAEConfig`, `CLIPTextConfig`, `DecoderConfig` and its presets);
-  * the UNet (`UNet` = diffusers' UNet2DConditionModel in the SD-2.1-unclip configuration: the image condition
-    is a "projection" class embedding added to the time embedding), built bottom-up, and the VAE decoder;
-  * the text tower (`CLIPTextEncoder`, OpenCLIP ViT-H's text encoder cut at its penultimate layer), which SEED
-    only ever runs on the empty prompt, so the decoder runs it once, when its weights arrive;
-  * the noise schedules, the unCLIP noise augmentation of the image embedding (`ImageNoiseAugmentation`) and the
-    samplers, pure functions of `model_fn(x, t)`: PLMS/PNDM (`pndm_sample`, the official scheduler, v-prediction,
-    21 model calls for 20 steps) and DDIM (`ddim_sample`, one call per step), chosen by name in `SAMPLERS`;
-  * `UnCLIPDecoder`: embedding -> images exactly as SEED calls the official pipeline, with `from_official`
-    (the diffusers folder on the hub) and `save_pretrained` / `from_pretrained` (our own checkpoints).
-The same classes at the `tiny` preset (pixel space, 3 x 32 x 32, no VAE, no text) are train.py's decoder; its
-resnets take the embedding as FiLM (diffusers' `resnet_time_scale_shift="scale_shift"`, also implemented here).
+arXiv:2204.06125, on latent diffusion: Rombach et al. 2022, arXiv:2112.10752): a UNet whose image condition is a
+"projection" class embedding added to the time embedding, a VAE decoder, OpenCLIP ViT-H's text tower (run once,
+on the empty prompt), the unCLIP noise augmentation of the embedding, and the PNDM (official) or DDIM sampler.
+The same classes at the `tiny` preset (pixel space, 3 x 32 x 32, no VAE, no text, FiLM resnets) are train.py's
+decoder.
 
     decoder = UnCLIPDecoder.from_official("stable-diffusion-2-1-unclip")   # the diffusers folder
     images = decoder(image_embeds, steps=20, guidance_scale=10.0)          # (B, 1024) -> B PIL images, 768 x 768
@@ -25,7 +16,8 @@ StableUnCLIPImg2ImgPipeline, called by `models/seed_llama_tokenizer.py: ImageTok
 `models/unets/unet_2d_condition.py`, `models/unets/unet_2d_blocks.py`, `models/resnet.py`, `models/attention.py`,
 `models/transformers/transformer_2d.py`, `models/autoencoders/vae.py`, `models/embeddings.py`,
 `schedulers/scheduling_pndm.py`, `scheduling_ddim.py`, `scheduling_ddpm.py`; transformers==4.57.6
-`models/clip/modeling_clip.py`. Module names follow those checkpoints, so the official keys load unchanged.
+`models/clip/modeling_clip.py`. Module names follow those checkpoints, so the official keys load unchanged (all
+but the legacy VAE attention names, `VAE_LEGACY_NAMES`).
 
 Deliberate deviations:
   * no text tokenizer: the empty prompt's 77 token ids are a constant (`empty_prompt_ids`);
@@ -76,26 +68,23 @@ class UNetConfig:
             raise ValueError(f"resnet_time_scale_shift={self.resnet_time_scale_shift!r} (need 'default' or "
                              "'scale_shift')")
 
-    # Every option of diffusers' config that this implementation does not generalise over, with the value it
-    # implements; `from_diffusers` refuses a config that asks for anything else (absent keys take diffusers'
-    # default, which is given second when it differs from what we need).
-    FIXED = {"use_linear_projection": (True, False), "class_embed_type": ("projection", None),
-             "flip_sin_to_cos": (True, True), "freq_shift": (0, 0), "act_fn": ("silu", "silu"),
-             "transformer_layers_per_block": (1, 1),
-             "only_cross_attention": (False, False), "dual_cross_attention": (False, False),
-             "class_embeddings_concat": (False, False), "addition_embed_type": (None, None),
-             "time_embedding_type": ("positional", "positional"), "center_input_sample": (False, False),
-             "conv_in_kernel": (3, 3), "conv_out_kernel": (3, 3), "mid_block_scale_factor": (1, 1),
-             "downsample_padding": (1, 1), "encoder_hid_dim": (None, None), "time_cond_proj_dim": (None, None),
-             "num_class_embeds": (None, None), "time_embedding_dim": (None, None)}
+    # The options of diffusers' config that this implementation does not generalise over, with the one value it
+    # implements: diffusers' default, except for the first two, which the config must therefore set.
+    FIXED = dict(use_linear_projection=True, class_embed_type="projection", flip_sin_to_cos=True, freq_shift=0,
+                 act_fn="silu", transformer_layers_per_block=1, only_cross_attention=False, dual_cross_attention=False,
+                 class_embeddings_concat=False, addition_embed_type=None, time_embedding_type="positional",
+                 center_input_sample=False, conv_in_kernel=3, conv_out_kernel=3, mid_block_scale_factor=1,
+                 downsample_padding=1, encoder_hid_dim=None, time_cond_proj_dim=None, num_class_embeds=None,
+                 time_embedding_dim=None)
 
     @classmethod
     def from_diffusers(cls, raw: dict) -> "UNetConfig":
         """Read diffusers' unet/config.json; raise on any option this implementation does not have."""
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}  # a live diffusers config has tuples
-        bad = [f"{k}={cfg[k]!r} (need {want!r})" for k, (want, default) in cls.FIXED.items()
-               if cfg.get(k, default) != want]
+        bad = [f"{k}={cfg.get(k)!r} (need {want!r})" for k, want in cls.FIXED.items()
+               if cfg.get(k, None if k in ("use_linear_projection", "class_embed_type") else want) != want]
         down = cfg.get("down_block_types", [])
+
         cross = tuple(t == "CrossAttnDownBlock2D" for t in down)
         if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
             bad.append(f"down_block_types={down}")
@@ -162,7 +151,6 @@ class CLIPTextConfig:
     heads: int = 16
     mlp_width: int = 4096
     layer_norm_eps: float = 1e-5
-    # The activation is exact (erf) GELU, as OpenCLIP ViT-H; OpenAI's CLIP uses quick_gelu (not supported here).
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -236,27 +224,19 @@ def _dataclass_from_dict(cls, d: dict):
 
 
 # ---- 2. building blocks, bottom-up -----------------------------------------------------------------------------------
-# diffusers==0.39.0 models/embeddings.py, resnet.py, attention.py, attention_processor.py,
-# transformers/transformer_2d.py, unets/unet_2d_blocks.py.
 
-# The SD-2.1-unclip UNet is diffusers' UNet2DConditionModel in one configuration. Every module below is named as
-# in the diffusers checkpoint (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so the
-# official keys load unchanged; the only renames are the legacy VAE attention names (see VAE_LEGACY_NAMES).
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim): the UNet's `time_proj` (dim 320)
+    and the unCLIP noise level (dim 1024).
 
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0,
-                       max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim).
-
-    freq_i = exp(-ln(max_period) * i / (dim/2 - shift)), i < dim/2; the output is [cos(t f), sin(t f)] when
-    `flip_sin_to_cos` (what SD-2 uses everywhere), else [sin, cos]. Mirrors diffusers
-    `models/embeddings.py: get_timestep_embedding` (= ldm `timestep_embedding`), computed in fp32 in the same
-    order so that the results agree bit for bit. Used by the UNet's `time_proj` (dim 320) and by the unCLIP
-    noise augmentation (dim 1024, the noise level).
+    freq_i = 10000^(-i / (dim/2)), i < dim/2; the output is [cos(t f), sin(t f)] when `flip_sin_to_cos` (SD-2
+    everywhere), else [sin, cos]. Mirrors diffusers `models/embeddings.py: get_timestep_embedding` (freq shift 0),
+    computed in fp32 in the same order so that the results agree bit for bit.
     """
     if t.ndim != 1:
         raise ValueError(f"timestep_embedding expects a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, 1) * (1, half) -> (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
                     dim=-1)
@@ -266,11 +246,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
 
 
 class Attention(nn.Module):
-    """Multi-head (cross-)attention with diffusers' names to_q/to_k/to_v/to_out.0, computed with SDPA.
-
-    SDPA never materialises the (T, S) score matrix on CUDA (flash / memory-efficient kernels) and keeps the
-    softmax in fp32 there, which is what diffusers' `upcast_attention` flag asked for by hand.
-    """
+    """Multi-head (cross-)attention with diffusers' names to_q/to_k/to_v/to_out.0, computed with SDPA (which keeps
+    the softmax in fp32 on CUDA: what diffusers' `upcast_attention` asked for by hand)."""
 
     def __init__(self, dim: int, n_heads: int, context_dim: int | None = None, qkv_bias: bool = False):
         super().__init__()
@@ -314,9 +291,7 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        return self.net[2](self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -361,8 +336,7 @@ class ResnetBlock2D(nn.Module):
     """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut.
 
     With `scale_shift` the projected embedding is (scale, shift) instead, applied after the second GN:
-    GN(h) * (1 + scale) + shift. A per-channel gain lets the condition switch features on and off, not only
-    move them, which the tiny pixel decoder needs to draw shapes (train.py).
+    GN(h) * (1 + scale) + shift (FiLM, the tiny preset: see DECODER_PRESETS).
     """
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
@@ -561,8 +535,8 @@ class UNet(nn.Module):
             raise ValueError(f"class_labels must be (B={B}, {cfg.class_embed_dim}) (the noised image embedding ++ "
                              f"its noise-level embedding), got {got}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # a shared scalar or one per sample
-        # time_proj: sinusoid(320, flip_sin_to_cos, shift 0) in fp32, then the module dtype (diffusers casts too)
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], True, 0.0).to(x.dtype))
+        # time_proj: sinusoid(320) in fp32, then the module dtype (diffusers casts too)
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0]).to(x.dtype))
         emb = emb + self.class_embedding(class_labels.to(x.dtype))   # (B, 1280): time + image condition
         h = self.conv_in(x)
         skips = [h]
@@ -615,9 +589,7 @@ class VAEDecoder(nn.Module):
         """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w).
 
         One image at a time: at 768 x 768 one image's full-resolution activations are 0.3 GB per fp16 tensor (256
-        channels), so batching would multiply the peak; the mid attention over 96 x 96 = 9216 positions goes
-        through SDPA, which on CUDA never builds the 9216^2 score matrix (170 MB per image in fp16).
-        """
+        channels), and SDPA's CUDA kernels never build the mid attention's 9216^2 score matrix (170 MB in fp16)."""
         return torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
 
 
@@ -652,7 +624,7 @@ class CLIPMLP(nn.Module):
         self.fc2 = nn.Linear(config.mlp_width, config.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU ("gelu" in the HF config)
+        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU, as OpenCLIP ViT-H (OpenAI's CLIP: quick_gelu)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -807,29 +779,30 @@ class ImageNoiseAugmentation(nn.Module):
         x = (embeds - self.mean) / self.std  # image_normalizer.scale
         x = add_noise(x, noise, levels, alphas_cumprod)
         x = x * self.std + self.mean  # image_normalizer.unscale
-        level_emb = timestep_embedding(levels, self.embedding_dim, flip_sin_to_cos=True, shift=0).to(x.dtype)
+        level_emb = timestep_embedding(levels, self.embedding_dim).to(x.dtype)
         return torch.cat([x, level_emb], dim=1)  # (B, E) ++ (B, E) -> (B, 2E)
 
 
 # ---- 8. samplers -----------------------------------------------------------------------------------------------------
 # Pure functions over a `model_fn(x, t) -> v` (t a Python int; the function applies classifier-free
 # guidance itself, see `classifier_free_guidance`), in the style of k-diffusion. `callback`, if given, receives
-# dict(i=call index, t=timestep, x=sample after the update) after each model call.
+# dict(i=call index, t=timestep, x=sample after the update) after each model call. Both use the official
+# scheduler settings (leading spacing, steps_offset 1, set_alpha_to_one False: ᾱ_0 stands in for ᾱ below t = 0).
 
-def leading_timesteps(steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
-    """The "leading" spacing of diffusers, descending: k · (T // steps) + steps_offset, k = steps-1 ... 0.
+def leading_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The "leading" spacing of diffusers, descending: k · (T // steps) + 1, k = steps-1 ... 0 (steps_offset 1).
     20 steps -> [951, 901, ..., 51, 1]."""
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
     ratio = num_train_timesteps // steps
-    return [k * ratio + steps_offset for k in reversed(range(steps))]
+    return [k * ratio + 1 for k in reversed(range(steps))]
 
 
-def pndm_timesteps(steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
+def pndm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """PNDM with skip_prk_steps: the leading timesteps with the second one repeated, so `steps` steps take
     `steps + 1` model calls (20 -> [951, 901, 901, 851, ..., 1]; 1 -> [1]). Mirrors
     `PNDMScheduler.set_timesteps`: cat(_t[:-1], _t[-2:-1], _t[-1:]) reversed, _t ascending."""
-    ts = leading_timesteps(steps, num_train_timesteps, steps_offset)
+    ts = leading_timesteps(steps, num_train_timesteps)
     return ts[:1] + ts[1:2] + ts[1:] if steps > 1 else ts
 
 
@@ -847,26 +820,25 @@ def _pndm_transfer(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, a_prev: to
 
 @torch.no_grad()
 def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torch.Tensor | None = None,
-                final_alpha_cumprod: torch.Tensor | None = None, steps_offset: int = 1, callback=None) -> torch.Tensor:
+                callback=None) -> torch.Tensor:
     """PLMS, the pseudo linear multistep sampler of PNDM (Liu et al. 2022, arXiv:2202.09778), for a v-prediction
     model: the official scheduler of stable-diffusion-2-1-unclip. Mirrors diffusers `PNDMScheduler.step_plms` with
-    skip_prk_steps=True, timestep_spacing "leading", steps_offset=1, set_alpha_to_one=False.
+    skip_prk_steps=True.
 
     With δ = T // steps and the raw model outputs e_k (v, oldest first) the slope m used at call c is
         c = 0:  m = e_0                              (a plain step t -> t-δ; its result only feeds call 1)
         c = 1:  m = (v_1 + e_0) / 2, restarting from the sample of call 0, t+δ -> t   (a 2nd-order Heun-like step)
         then    m = (3 e_1 - e_0) / 2,  (23 e_2 - 16 e_1 + 5 e_0) / 12,
                 m = (55 e_3 - 59 e_2 + 37 e_1 - 9 e_0) / 24   (Adams-Bashforth, last four outputs)
-    and x <- φ(x, m, ᾱ_t, ᾱ_{t-δ}) (`_pndm_transfer`), with ᾱ_{<0} = `final_alpha_cumprod` (default ᾱ_0, since
-    set_alpha_to_one=False). The multistep combination is formed from v, and converted to ε only afterwards.
-    `x` is the initial noise (init_noise_sigma = 1); `alphas_cumprod` defaults to SD's scaled_linear schedule.
+    and x <- φ(x, m, ᾱ_t, ᾱ_{t-δ}) (`_pndm_transfer`). The multistep combination is formed from v, and converted
+    to ε only afterwards. `x` is the initial noise (init_noise_sigma = 1); `alphas_cumprod` defaults to SD's
+    scaled_linear schedule.
     """
     ac = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x.device)
-    final = ac[0] if final_alpha_cumprod is None else final_alpha_cumprod.to(x.device).reshape(())
     delta = len(ac) // steps
     history: list[torch.Tensor] = []  # raw model outputs of the calls that count as steps (not call 1)
     x_first = x
-    for i, t in enumerate(pndm_timesteps(steps, len(ac), steps_offset)):
+    for i, t in enumerate(pndm_timesteps(steps, len(ac))):
         v = model_fn(x, t)
         if i == 1:  # the repeated timestep: redo the first step from its start, with the averaged slope
             m, x_from, t_from, t_to = (v + history[-1]) / 2, x_first, t + delta, t
@@ -881,7 +853,7 @@ def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
                 m = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
             else:
                 m = (1 / 24) * (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4])
-        x = _pndm_transfer(x_from, m, ac[t_from], ac[t_to] if t_to >= 0 else final)
+        x = _pndm_transfer(x_from, m, ac[t_from], ac[max(t_to, 0)])
         if callback is not None:
             callback(dict(i=i, t=t, x=x))
     return x
@@ -889,22 +861,21 @@ def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
 
 @torch.no_grad()
 def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torch.Tensor | None = None,
-                final_alpha_cumprod: torch.Tensor | None = None, steps_offset: int = 1, callback=None) -> torch.Tensor:
+                callback=None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0; Song et al. 2020, arXiv:2010.02502) for a v-prediction model, mirroring
-    diffusers `DDIMScheduler.step` (leading spacing, steps_offset 1, set_alpha_to_one False, no clipping).
+    diffusers `DDIMScheduler.step` (no clipping).
 
     `UnCLIPDecoder(..., sampler="ddim")`: one model call per step, but not the official unclip scheduler, so
-    other images than `pndm_sample` gives. With a = ᾱ_t, a' = ᾱ_{t-δ} (ᾱ_0 below 0):
+    other images than `pndm_sample` gives. With a = ᾱ_t, a' = ᾱ_{t-δ}:
         x̂_0 = √a · x - √(1-a) · v,   ε̂ = √a · v + √(1-a) · x,   x' = √a' · x̂_0 + √(1-a') · ε̂
     The callback also receives `denoised` = x̂_0.
     """
     ac = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x.device)
-    final = ac[0] if final_alpha_cumprod is None else final_alpha_cumprod.to(x.device).reshape(())
     delta = len(ac) // steps
-    for i, t in enumerate(leading_timesteps(steps, len(ac), steps_offset)):
+    for i, t in enumerate(leading_timesteps(steps, len(ac))):
         v = model_fn(x, t)
-        a = ac[t]
-        a_prev = ac[t - delta] if t - delta >= 0 else final
+        a, a_prev = ac[t], ac[max(t - delta, 0)]
+
         x0 = a ** 0.5 * x - (1 - a) ** 0.5 * v
         eps = a ** 0.5 * v + (1 - a) ** 0.5 * x
         x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
@@ -1040,14 +1011,12 @@ class UnCLIPDecoder(nn.Module):
 
         if guided:  # one batched call per step on [uncond; cond], then v_u + s (v_c - v_u)
             model_fn = classifier_free_guidance(model_fn, guidance_scale)
-        # The sampler state stays fp32 even when the UNet runs in fp16 (the official keeps it in fp16).
-        x = SAMPLERS[sampler](model_fn, latents.to(device, torch.float32), steps)
+        x = SAMPLERS[sampler](model_fn, latents.to(device, torch.float32), steps)  # fp32 state (see the header)
         return self.to_pil(self.decode(x))
 
     def _draw_noise(self, B: int, draws: int, noise: torch.Tensor | None, latents: torch.Tensor | None,
                     seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmentation noise (draws, B, E) and the initial latents (B, C, h, w): checked when given, else
-        drawn on the CPU in the official order (noise first) from `seed` or the global RNG."""
+        """The augmentation noise (draws, B, E) and the initial latents (B, C, h, w), checked or drawn."""
         E, u = self.config.embed_dim, self.config.unet
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         if noise is None:
@@ -1226,8 +1195,8 @@ def _check_official_schedulers(folder: Path) -> None:
     for name, values in want.items():
         path = folder / name / "scheduler_config.json"
         settings = weights.read_json(path)
+        values = {**values, "timestep_spacing": "leading"}  # diffusers' default, what leading_timesteps implements
         bad = [f"{k}={settings.get(k)!r} (need {v!r})" for k, v in values.items() if settings.get(k, v) != v]
-        if settings.get("timestep_spacing", "leading") != "leading":
-            bad.append(f"timestep_spacing={settings['timestep_spacing']!r} (need 'leading')")
         if bad:
+
             raise ValueError(f"{path}: unsupported scheduler settings: {'; '.join(bad)}")
