@@ -364,25 +364,18 @@ class ResnetBlock2D(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class Downsample2D(nn.Module):
-    def __init__(self, ch: int):
+class Resample2D(nn.Module):
+    """Downsample2D (a stride-2 conv3x3) or Upsample2D (nearest x2, then a conv3x3)."""
+
+    def __init__(self, ch: int, down: bool):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.down = down
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        # Nearest x2, or to `size` (the matching skip's size, which diffusers passes as `upsample_size` when a
-        # side is not a multiple of 8 latents).
-        x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x)
+        if not self.down:  # x2, or to `size`: the next skip's, which diffusers passes as `upsample_size` (odd sides)
+            x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x)  # down: (B, C, H, W) -> (B, C, H/2, W/2)
 
 
 class SpatialSelfAttention(Attention):
@@ -412,7 +405,7 @@ class DownBlock(nn.Module):
                                                     scale_shift) for i in range(n_layers)])
         self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
                                          for _ in range(n_layers)]) if attention else None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
+        self.downsamplers = nn.ModuleList([Resample2D(out_ch, down=True)]) if downsample else None
 
     def forward(self, x, temb, context):
         skips = []
@@ -440,7 +433,8 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(c, out_ch, temb_ch, groups, eps, scale_shift) for c in in_chs])
         self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
                                          for _ in in_chs]) if attention else None
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+        self.upsamplers = nn.ModuleList([Resample2D(out_ch, down=False)]) if upsample else None
+
 
     def forward(self, x, temb=None, context=None, skips=(), size=None):
         for i, resnet in enumerate(self.resnets):
@@ -509,17 +503,14 @@ class UNet(nn.Module):
             for i in range(n))
         mid_attn = Transformer2D(ch[-1], cfg.attention_head_dim[-1], cfg.cross_attention_dim, G)
         self.mid_block = MidBlock(ch[-1], temb, G, eps, mid_attn if cfg.mid_attention else None, film)
-        # Up level j mirrors down level i = n-1-j. Its skips, newest first, come from: the downsampler of level
+        # Up levels mirror down levels i = n-1 ... 0. Their skips, newest first, come from: the downsampler of level
         # i-1 (or conv_in) last, the resnets of level i before; diffusers' prev_output / res_skip channels.
         self.up_blocks = nn.ModuleList()
-        prev = ch[-1]
-        for j in range(n):
-            i = n - 1 - j
+        for i in reversed(range(n)):
             skip_chs = [ch[i]] * cfg.layers_per_block + [ch[max(i - 1, 0)]]
-            in_chs = [(prev if k == 0 else ch[i]) + s for k, s in enumerate(skip_chs)]
+            in_chs = [(ch[min(i + 1, n - 1)] if k == 0 else ch[i]) + s for k, s in enumerate(skip_chs)]
             self.up_blocks.append(UpBlock(in_chs, ch[i], temb, cfg.attention_head_dim[i], cfg.cross_attention_dim,
-                                          G, eps, cfg.cross_attention[i], upsample=j < n - 1, scale_shift=film))
-            prev = ch[i]
+                                          G, eps, cfg.cross_attention[i], upsample=i > 0, scale_shift=film))
         self.conv_norm_out = nn.GroupNorm(G, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
