@@ -636,9 +636,8 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPTextEncoder(nn.Module):
     """ids (B, T<=77) -> last_hidden_state (B, T, D): the text conditioning of every UNet cross-attention.
 
-    Module names follow transformers' `CLIPTextModel`, so the official `text_encoder/model.safetensors` loads
-    without renaming: `text_model.embeddings.{token,position}_embedding`, `text_model.encoder.layers.N.*`,
-    `text_model.final_layer_norm`. The ModuleDicts only reproduce that key layout (as nanoGPT's `transformer`).
+    The ModuleDicts reproduce the key layout of transformers' `CLIPTextModel` (`text_model.encoder.layers.N.*`,
+    ...; as nanoGPT's `transformer`), so the official `text_encoder/model.safetensors` loads without renaming.
     """
 
     # transformers <= 4.30 saved the (1, 77) int64 buffer `position_ids` = arange(77); we use arange directly.
@@ -672,16 +671,13 @@ class CLIPTextEncoder(nn.Module):
 def empty_prompt_ids(vocab_size: int = 49408, context_length: int = 77) -> list[int]:
     """The token ids of the empty prompt "", the only text SEED conditions on, as the SD-2 pipelines tokenize it
     (transformers' CLIPTokenizer, padding="max_length", max_length=77): <|startoftext|>, <|endoftext|>, then the
-    pad token up to `context_length`. For stabilityai/stable-diffusion-2-1-unclip that is
-
-        [49406, 49407] + [0] * 75
-
-    from its tokenizer/special_tokens_map.json (bos "<|startoftext|>", eos "<|endoftext|>", pad "!") and
-    tokenizer/vocab.json ("<|startoftext|>": 49406, "<|endoftext|>": 49407, "!": 0). A CLIP vocabulary lists the
-    256 byte symbols ("!" first), their "</w>" forms, one token per merge, then the two special tokens, so they
-    are the last two ids of any vocabulary size (the reduced BPE of tests/fixtures/text_encoder/tokenizer, 1514
-    tokens: 1512, 1513, 0, ...). With no padding mask the pad states reach the UNet too, so the pad id matters.
+    pad token up to `context_length`. For stabilityai/stable-diffusion-2-1-unclip that is [49406, 49407] + [0] * 75
+    (tokenizer/special_tokens_map.json: pad "!"; tokenizer/vocab.json: "<|startoftext|>": 49406, "<|endoftext|>":
+    49407, "!": 0). A CLIP vocabulary lists the 256 byte symbols ("!" first), their "</w>" forms, one token per
+    merge, then the two special tokens, so they are the last two ids of any vocabulary size (the reduced BPE of
+    tests/fixtures/text_encoder/tokenizer, 1514 tokens: 1512, 1513, 0, ...).
     """
+
     return [vocab_size - 2, vocab_size - 1] + [0] * (context_length - 2)
 
 
@@ -725,11 +721,8 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
 
 
 def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The v-prediction target (Salimans & Ho 2022, arXiv:2202.00512): v = √ᾱ_t ε - √(1-ᾱ_t) x_0.
-
-    SD-2 UNets predict v. Training a tiny one: t ~ U{0..999}, x_t = add_noise(x0, ε, t, ᾱ),
-    loss = mse(unet(x_t, t, ...), v_target(x0, ε, t, ᾱ)) with ᾱ = scaled_linear_alphas_cumprod().
-    """
+    """The target of SD-2's v-prediction UNets (Salimans & Ho 2022, arXiv:2202.00512): v = √ᾱ_t ε - √(1-ᾱ_t) x_0;
+    training minimises mse(unet(add_noise(x0, ε, t, ᾱ), t, ...), v_target(x0, ε, t, ᾱ)), t ~ U{0..999}."""
     a = _alpha_bar(alphas_cumprod, t, x0)
     return a ** 0.5 * noise - (1 - a) ** 0.5 * x0
 
@@ -741,8 +734,7 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cump
 class ImageNoiseAugmentation(nn.Module):
     """Noise an image embedding to `noise_level` and append the level's sinusoidal embedding: (B, E) -> (B, 2E).
 
-    Parameters `mean`, `std` (1, E) = the official `image_normalizer/diffusion_pytorch_model.safetensors` (same
-    key names). For SD-2.1-unclip-h they are 0 and 1: the H config has no `clip_stats_path`.
+    `mean`, `std` (1, E) = the official image_normalizer's tensors, 0 and 1 for SD-2.1-unclip-h (no clip_stats_path).
     """
 
     def __init__(self, embedding_dim: int = 1024, num_train_timesteps: int = 1000):
@@ -754,9 +746,8 @@ class ImageNoiseAugmentation(nn.Module):
 
     def noise_image_embeddings(self, embeds: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
         """embeds (B, E) noised with the draw `noise` (B, E) to `noise_level`, ++ the level's embedding (B, E).
+        Even at noise_level 0 this adds √(1-ᾱ_0) = 0.0064 times the noise in fp32 (ᾱ_0 rounds to 1 in fp16)."""
 
-        Even at noise_level 0 this adds √(1-ᾱ_0) = 0.0064 times the noise in fp32 (ᾱ_0 rounds to 1 in fp16).
-        """
         if embeds.ndim != 2 or embeds.shape[1] != self.embedding_dim:
             raise ValueError(f"image embeddings must have shape (B, {self.embedding_dim}), got {tuple(embeds.shape)}")
         if not 0 <= noise_level < self.num_train_timesteps:
