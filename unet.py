@@ -272,26 +272,18 @@ class Attention(nn.Module):
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))       # (B, nh, T, hs) -> (B, T, C)
 
 
-class GEGLU(nn.Module):
-    """proj: C -> 2 * 4C, then value * gelu(gate) (exact gelu): the feed-forward gate of SD's transformer."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)  # diffusers: hidden_states, gate (value first)
-        return value * F.gelu(gate)
-
-
 class FeedForward(nn.Module):
+    """The GEGLU feed-forward of SD's transformer: C -> 2 * 4C, value * gelu(gate) (exact gelu), 4C -> C."""
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        # Indices mirror diffusers' `net` = [GEGLU, Dropout, Linear]: the checkpoint names net.0.proj and net.2.
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+        # diffusers' `net` = [GEGLU, Dropout, Linear]; the containers only give the checkpoint's net.0.proj, net.2
+        self.net = nn.ModuleList([nn.ModuleDict(dict(proj=nn.Linear(dim, 2 * mult * dim))), nn.Identity(),
+                                  nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+        value, gate = self.net[0]["proj"](x).chunk(2, dim=-1)  # diffusers: hidden_states, gate (value first)
+        return self.net[2](value * F.gelu(gate))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -608,29 +600,22 @@ class CLIPAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
 
-class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.width, config.mlp_width)
-        self.fc2 = nn.Linear(config.mlp_width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU, as OpenCLIP ViT-H (OpenAI's CLIP: quick_gelu)
-
-
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)), mlp = fc2(gelu(fc1(.)))."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.self_attn = CLIPAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.mlp = CLIPMLP(config)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(config.width, config.mlp_width),  # HF's CLIPMLP names
+                                      fc2=nn.Linear(config.mlp_width, config.width)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        h = F.gelu(self.mlp["fc1"](self.layer_norm2(x)))  # exact erf GELU, as OpenCLIP ViT-H (OpenAI's: quick_gelu)
+        return x + self.mlp["fc2"](h)
+
 
 
 class CLIPTextEncoder(nn.Module):
@@ -870,11 +855,8 @@ SAMPLERS = {"pndm": pndm_sample, "ddim": ddim_sample}  # name -> sampler; PNDM i
 
 
 def classifier_free_guidance(model_fn, guidance_scale: float):
-    """Wrap a model over the doubled batch [uncond; cond] into a guided one: v = v_u + s (v_c - v_u).
-
-    `model_fn(x2, t)` sees cat([x, x]) and must put the unconditional conditioning first (as the diffusers
-    pipelines do); one batched call per step, then `chunk(2)`.
-    """
+    """Wrap a model over the doubled batch [uncond; cond] into a guided one: v = v_u + s (v_c - v_u), with one
+    batched call per step: `model_fn(x2, t)` sees cat([x, x]) and puts the unconditional conditioning first."""
     def guided(x: torch.Tensor, t: int) -> torch.Tensor:
         v_uncond, v_cond = model_fn(torch.cat([x, x]), t).chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -905,8 +887,8 @@ class UnCLIPDecoder(nn.Module):
         if (any(u.cross_attention) or u.mid_attention) != (config.text is not None):
             raise ValueError("a UNet with cross-attention needs a text encoder config, and one without needs none")
         if config.text is not None and config.text.width != u.cross_attention_dim:
-            raise ValueError(f"text width {config.text.width} != UNet cross_attention_dim "
-                             f"{u.cross_attention_dim}")
+            raise ValueError(f"text width {config.text.width} != UNet cross_attention_dim {u.cross_attention_dim}")
+
         self.unet = UNet(u)
         self.vae = VAEDecoder(config.vae) if config.vae is not None else None
         self.text_encoder = CLIPTextEncoder(config.text) if config.text is not None else None
@@ -991,7 +973,8 @@ class UnCLIPDecoder(nn.Module):
         def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:  # with CFG x is cat([x, x]): (2B, C, h, w)
             return self.unet(x.to(dtype), t, context, labels).float()
 
-        if guided:  # one batched call per step on [uncond; cond], then v_u + s (v_c - v_u)
+        if guided:
+
             model_fn = classifier_free_guidance(model_fn, guidance_scale)
         x = SAMPLERS[sampler](model_fn, latents.to(device, torch.float32), steps)  # fp32 state (see the header)
         return self.to_pil(self.decode(x))
@@ -1014,15 +997,12 @@ class UnCLIPDecoder(nn.Module):
                 raise ValueError(f"{name} contains NaN or inf values")
         return noise, latents
 
-    def _check_embeds(self, e: torch.Tensor, neg: torch.Tensor | None):
+    def _check_embeds(self, e: torch.Tensor, neg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         E = self.config.embed_dim
         for name, t in (("image_embeds", e), ("negative_image_embeds", neg)):
-            if t is None:
-                continue
-            if t.ndim != 2 or t.shape[1] != E:
-                raise ValueError(f"{name} must be (B, {E}) (this decoder's image-embedding width), "
-                                 f"got {tuple(t.shape)}")
-            if not torch.isfinite(t).all():
+            if t is not None and (t.ndim != 2 or t.shape[1] != E):
+                raise ValueError(f"{name} must be (B, {E}) (the decoder's embedding width), got {tuple(t.shape)}")
+            if t is not None and not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or inf values")
         if neg is not None and neg.shape != e.shape:
             raise ValueError(f"negative_image_embeds {tuple(neg.shape)} must match image_embeds {tuple(e.shape)}")
@@ -1039,8 +1019,8 @@ class UnCLIPDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device=None, dtype: torch.dtype | None = None) -> "UnCLIPDecoder":
-        """Read what save_pretrained wrote, strictly (every key present with its shape, nothing extra).
-        `device` defaults to weights.pick_device(), `dtype` to weights.pick_dtype (fp32 on the CPU)."""
+        """Read what save_pretrained wrote, strictly (every key present with its shape, nothing extra); `device`,
+        `dtype` default as in `from_official`."""
         folder = Path(folder)
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
@@ -1059,14 +1039,11 @@ class UnCLIPDecoder(nn.Module):
     @classmethod
     def from_official(cls, folder: str | Path, device=None, dtype: torch.dtype | None = None,
                       variant: str | None = None) -> "UnCLIPDecoder":
-        """Load `stabilityai/stable-diffusion-2-1-unclip` in its diffusers layout (one folder per component; the
-        tokenizer/ files are not read, see `empty_prompt_ids`).
-
-        Weights: `<name>[.<variant>].safetensors`, else `.bin` (variant "fp16" for the half-size files); both
-        VAE attention namings. Every key and shape is checked before any tensor is read; the model is built on
-        the meta device and filled tensor by tensor, cast as it goes, so the peak memory is the model in `dtype`
-        (`device` defaults to weights.pick_device(), `dtype` to weights.pick_dtype: fp16 on an accelerator).
-        """
+        """Load `stabilityai/stable-diffusion-2-1-unclip` in its diffusers layout (one folder per component; not
+        tokenizer/, see `empty_prompt_ids`): `<name>[.<variant>].safetensors`, else `.bin` (variant "fp16": the
+        half-size files), both VAE attention namings. Every key and shape is checked before any tensor is read,
+        then the meta-device model is filled tensor by tensor, cast as it goes, so the peak memory is the model in
+        `dtype` (default weights.pick_dtype: fp16 on an accelerator; `device` default weights.pick_device())."""
         folder = Path(folder)
         needed = [*OFFICIAL_COMPONENTS, "scheduler", "image_noising_scheduler"]
         missing = [c for c in needed if not (folder / c).is_dir()]
