@@ -84,7 +84,6 @@ class UNetConfig:
         bad = [f"{k}={cfg.get(k)!r} (need {want!r})" for k, want in cls.FIXED.items()
                if cfg.get(k, None if k in ("use_linear_projection", "class_embed_type") else want) != want]
         down = cfg.get("down_block_types", [])
-
         cross = tuple(t == "CrossAttnDownBlock2D" for t in down)
         if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
             bad.append(f"down_block_types={down}")
@@ -427,7 +426,6 @@ class UpBlock(nn.Module):
                                          for _ in in_chs]) if attention else None
         self.upsamplers = nn.ModuleList([Resample2D(out_ch, down=False)]) if upsample else None
 
-
     def forward(self, x, temb=None, context=None, skips=(), size=None):
         for i, resnet in enumerate(self.resnets):
             if skips:  # the UNet pops its skips newest first: (B, C, H, W) ++ (B, Cs, H, W) on channels
@@ -617,7 +615,6 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp["fc2"](h)
 
 
-
 class CLIPTextEncoder(nn.Module):
     """ids (B, T<=77) -> last_hidden_state (B, T, D): the text conditioning of every UNet cross-attention.
 
@@ -662,7 +659,6 @@ def empty_prompt_ids(vocab_size: int = 49408, context_length: int = 77) -> list[
     merge, then the two special tokens, so they are the last two ids of any vocabulary size (the reduced BPE of
     tests/fixtures/text_encoder/tokenizer, 1514 tokens: 1512, 1513, 0, ...).
     """
-
     return [vocab_size - 2, vocab_size - 1] + [0] * (context_length - 2)
 
 
@@ -842,7 +838,6 @@ def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
     for i, t in enumerate(leading_timesteps(steps, len(ac))):
         v = model_fn(x, t)
         a, a_prev = ac[t], ac[max(t - delta, 0)]
-
         x0 = a ** 0.5 * x - (1 - a) ** 0.5 * v
         eps = a ** 0.5 * v + (1 - a) ** 0.5 * x
         x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
@@ -888,7 +883,6 @@ class UnCLIPDecoder(nn.Module):
             raise ValueError("a UNet with cross-attention needs a text encoder config, and one without needs none")
         if config.text is not None and config.text.width != u.cross_attention_dim:
             raise ValueError(f"text width {config.text.width} != UNet cross_attention_dim {u.cross_attention_dim}")
-
         self.unet = UNet(u)
         self.vae = VAEDecoder(config.vae) if config.vae is not None else None
         self.text_encoder = CLIPTextEncoder(config.text) if config.text is not None else None
@@ -974,7 +968,6 @@ class UnCLIPDecoder(nn.Module):
             return self.unet(x.to(dtype), t, context, labels).float()
 
         if guided:
-
             model_fn = classifier_free_guidance(model_fn, guidance_scale)
         x = SAMPLERS[sampler](model_fn, latents.to(device, torch.float32), steps)  # fp32 state (see the header)
         return self.to_pil(self.decode(x))
@@ -1157,5 +1150,4 @@ def _check_official_schedulers(folder: Path) -> None:
         values = {**values, "timestep_spacing": "leading"}  # diffusers' default, what leading_timesteps implements
         bad = [f"{k}={settings.get(k)!r} (need {v!r})" for k, v in values.items() if settings.get(k, v) != v]
         if bad:
-
             raise ValueError(f"{path}: unsupported scheduler settings: {'; '.join(bad)}")
