@@ -97,15 +97,12 @@ class UNetConfig:
             raise ValueError("unsupported UNet config: " + "; ".join(bad))
         # diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` (the historical misnomer)
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-        n = len(down)
-        return cls(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-                   block_out_channels=tuple(cfg["block_out_channels"]), cross_attention=cross,
-                   mid_attention=mid == "UNetMidBlock2DCrossAttn", layers_per_block=cfg["layers_per_block"],
-                   attention_head_dim=tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n,
-                   cross_attention_dim=cfg["cross_attention_dim"],
+        same = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups",
+                "norm_eps", "sample_size")  # the fields that keep diffusers' names
+        return cls(**{k: cfg[k] for k in same}, block_out_channels=tuple(cfg["block_out_channels"]),
+                   cross_attention=cross, mid_attention=mid == "UNetMidBlock2DCrossAttn",
+                   attention_head_dim=tuple(heads) if isinstance(heads, list) else (heads,) * len(down),
                    class_embed_dim=cfg["projection_class_embeddings_input_dim"],
-                   norm_num_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
-                   sample_size=cfg["sample_size"],
                    resnet_time_scale_shift=cfg.get("resnet_time_scale_shift", "default"))
 
 
@@ -129,19 +126,17 @@ class VAEConfig:
         bad = [f"{k}={cfg[k]!r} (need {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
         if bad:
             raise ValueError("unsupported VAE config: " + "; ".join(bad))
-        return cls(latent_channels=cfg["latent_channels"], out_channels=cfg["out_channels"],
-                   block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
-                   norm_num_groups=cfg["norm_num_groups"], scaling_factor=cfg.get("scaling_factor", 0.18215))
+        same = ("latent_channels", "out_channels", "layers_per_block", "norm_num_groups")
+        return cls(**{k: cfg[k] for k in same}, block_out_channels=tuple(cfg["block_out_channels"]),
+                   scaling_factor=cfg.get("scaling_factor", 0.18215))
 
 
 @dataclass
 class CLIPTextConfig:
-    """The text tower of OpenCLIP ViT-H/14 cut at its penultimate layer, as SD-2 uses it (HF `CLIPTextModel`).
-
-    Defaults = `stabilityai/stable-diffusion-2-1-unclip: text_encoder/config.json`: OpenCLIP has 24 layers, but
-    diffusers' converter (diffusers==0.39.0 pipelines/stable_diffusion/convert_from_ckpt.py:
-    convert_open_clip_checkpoint) drops the last one because SD-2 conditions on the penultimate layer
-    (`FrozenOpenCLIPEmbedder(layer="penultimate")`), then applies ln_final.
+    """The text tower of OpenCLIP ViT-H/14 cut at its penultimate layer, as SD-2 uses it (HF `CLIPTextModel`);
+    defaults = stable-diffusion-2-1-unclip text_encoder/config.json. SD-2 conditions on the penultimate layer
+    (`FrozenOpenCLIPEmbedder(layer="penultimate")`), so diffusers' converter (diffusers==0.39.0 pipelines/
+    stable_diffusion/convert_from_ckpt.py: convert_open_clip_checkpoint) keeps 23 of the 24 layers, then ln_final.
     """
     vocab_size: int = 49408
     context_length: int = 77  # positions; every prompt is padded / truncated to this
@@ -193,9 +188,14 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderConfig":
-        return cls(unet=_dataclass_from_dict(UNetConfig, d["unet"]),
-                   vae=None if d["vae"] is None else _dataclass_from_dict(VAEConfig, d["vae"]),
-                   text=None if d["text"] is None else _dataclass_from_dict(CLIPTextConfig, d["text"]))
+        """The inverse of `asdict` (save_pretrained's config.json: lists back to tuples); unknown keys are an error."""
+        def part(kind, values: dict | None):
+            unknown = set(values or ()) - {f.name for f in fields(kind)}
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} fields in config.json: {sorted(unknown)}")
+            return None if values is None else kind(**{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in values.items()})
+        return cls(part(UNetConfig, d["unet"]), part(VAEConfig, d["vae"]), part(CLIPTextConfig, d["text"]))
 
 
 DECODER_PRESETS = {
@@ -212,14 +212,6 @@ DECODER_PRESETS = {
                         norm_num_groups=8, sample_size=32, resnet_time_scale_shift="scale_shift"),
         vae=None, text=None),
 }
-
-
-def _dataclass_from_dict(cls, d: dict):
-    """Rebuild a config dataclass from its JSON form (lists back to tuples); unknown keys are an error."""
-    names = {f.name for f in fields(cls)}
-    if set(d) - names:
-        raise ValueError(f"unknown {cls.__name__} fields in config.json: {sorted(set(d) - names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # ---- 2. building blocks, bottom-up -----------------------------------------------------------------------------------
@@ -1086,10 +1078,8 @@ OFFICIAL_IGNORED = (
 # Files written by diffusers < 0.18 (the official VAE, Mar 2023) name the VAE mid-block attention
 # `query/key/value/proj_attn`; current diffusers (and this file) use `to_q/to_k/to_v/to_out.0`, the same
 # Linear shapes (diffusers==0.39.0 models/modeling_utils.py: `_fix_state_dict_keys_on_load`).
-VAE_LEGACY_NAMES = {".attentions.0.query.": ".attentions.0.to_q.",
-                    ".attentions.0.key.": ".attentions.0.to_k.",
-                    ".attentions.0.value.": ".attentions.0.to_v.",
-                    ".attentions.0.proj_attn.": ".attentions.0.to_out.0."}
+VAE_LEGACY_NAMES = {f".attentions.0.{old}.": f".attentions.0.{new}." for old, new in
+                    (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))}
 
 
 def official_key(component: str, key: str) -> str | None:
