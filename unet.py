@@ -4,20 +4,18 @@ SEED (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.012
 its 1024-d image embedding to Stability AI's stable-diffusion-2-1-unclip (unCLIP: Ramesh et al. 2022,
 arXiv:2204.06125, on latent diffusion: Rombach et al. 2022, arXiv:2112.10752): a UNet whose image condition is a
 "projection" class embedding added to the time embedding, a VAE decoder, OpenCLIP ViT-H's text tower (run once,
-on the empty prompt), the unCLIP noise augmentation of the embedding, and the PNDM (official) or DDIM sampler.
-The same classes at the `tiny` preset (pixel space, 3 x 32 x 32, no VAE, no text, FiLM resnets) are train.py's
-decoder.
+on the empty prompt), the unCLIP noise augmentation of the embedding, and the PNDM (official) or DDIM sampler;
+at the `tiny` preset (pixel space, 3 x 32 x 32, no VAE, no text, FiLM resnets) the same classes are train.py's.
 
     decoder = UnCLIPDecoder.from_official("stable-diffusion-2-1-unclip")   # the diffusers folder
     images = decoder(image_embeds, steps=20, guidance_scale=10.0)          # (B, 1024) -> B PIL images, 768 x 768
 
 Mirrors: AILab-CVC/SEED @ 93b3cf4 `models/pipeline_stable_unclip_img2img.py` (SEED's copy of diffusers'
 StableUnCLIPImg2ImgPipeline, called by `models/seed_llama_tokenizer.py: ImageTokenizer.decode`); diffusers==0.39.0
-`models/unets/unet_2d_condition.py`, `models/unets/unet_2d_blocks.py`, `models/resnet.py`, `models/attention.py`,
-`models/transformers/transformer_2d.py`, `models/autoencoders/vae.py`, `models/embeddings.py`,
-`schedulers/scheduling_pndm.py`, `scheduling_ddim.py`, `scheduling_ddpm.py`; transformers==4.57.6
-`models/clip/modeling_clip.py`. Module names follow those checkpoints, so the official keys load unchanged (all
-but the legacy VAE attention names, `VAE_LEGACY_NAMES`).
+`models/`: `unets/unet_2d_condition.py`, `unets/unet_2d_blocks.py`, `resnet.py`, `attention.py`, `embeddings.py`,
+`transformers/transformer_2d.py`, `autoencoders/vae.py`, and `schedulers/scheduling_{pndm,ddim,ddpm}.py`;
+transformers==4.57.6 `models/clip/modeling_clip.py`. Module names follow those checkpoints, so the official keys
+load unchanged (all but the legacy VAE attention names, `VAE_LEGACY_NAMES`).
 
 Deliberate deviations:
   * no text tokenizer: the empty prompt's 77 token ids are a constant (`empty_prompt_ids`);
@@ -858,13 +856,10 @@ def _encode_after_load(decoder: "UnCLIPDecoder", incompatible_keys) -> None:
 
 
 class UnCLIPDecoder(nn.Module):
-    """SEED's image decoder: a (B, E) image embedding -> images, as StableUnCLIPImg2ImgPipeline with
-    `image_embeds` and no prompt (AILab-CVC/SEED @ 93b3cf4 models/pipeline_stable_unclip_img2img.py, as
-    models/seed_llama_tokenizer.py: `ImageTokenizer.decode` calls it).
-
-    The only text it conditions on is the empty prompt, so the text encoder runs once, whenever weights are
-    loaded (`from_official`, `from_pretrained`, any `load_state_dict`) or at construction, and its output E("")
-    is kept in the buffer `empty_prompt_states` (not saved: it is recomputed from the text encoder's weights).
+    """SEED's image decoder: a (B, E) image embedding -> images, as SEED's StableUnCLIPImg2ImgPipeline with
+    `image_embeds` and no prompt. The only text it conditions on is the empty prompt, so the text encoder runs
+    once, at construction and whenever weights are loaded (any `load_state_dict`), into the buffer
+    `empty_prompt_states` E("") (not saved: it is recomputed from the text encoder's weights).
     """
 
     def __init__(self, config: DecoderConfig):
@@ -1092,9 +1087,8 @@ def official_key(component: str, key: str) -> str | None:
 
 
 def file_key(component: str, name: str, legacy: bool = False) -> str | None:
-    """The inverse of `official_key`, from the same tables: the key in the official folder `component` of our
-    state-dict `name` (None when `name` belongs to another component); `legacy`: the file uses the VAE names of
-    diffusers < 0.18."""
+    """The inverse of `official_key`: the key in the official folder `component` of our state-dict `name` (None
+    when `name` belongs to another component); `legacy`: the file uses the VAE names of diffusers < 0.18."""
     prefix = COMPONENT_ATTRIBUTES[component] + "."
     if not name.startswith(prefix):
         return None
