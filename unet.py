@@ -198,11 +198,10 @@ class DecoderConfig:
 
 DECODER_PRESETS = {
     "sd21-unclip": DecoderConfig,
-    # Pixel space, 3 x 32 x 32, no VAE, no text: exactly the shapes-world decoder train.py trains (channels
-    # 16-32-64, one resnet per level, no attention); class_embed_dim 256 = 2E for E = 128, the embed_dim of
-    # seed.SeedConfig.preset("tiny"). FiLM resnets ("scale_shift") because the condition must scale the features,
-    # not only shift them: a per-channel gain can switch a shape's features on and off, an added bias only moves
-    # them, and at this size the additive embedding of SD-2.1 draws every shape alike.
+    # Pixel space, 3 x 32 x 32, no VAE, no text: the shapes-world decoder train.py trains (channels 16-32-64, one
+    # resnet per level, no attention); class_embed_dim 256 = 2E for seed.SeedConfig.preset("tiny")'s E = 128. FiLM
+    # resnets ("scale_shift") because the condition must scale the features, not only shift them: a per-channel
+    # gain can switch a shape's features on and off, while at this size SD-2.1's added bias draws every shape alike.
     "tiny": lambda: DecoderConfig(
         unet=UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
                         cross_attention=(False, False, False), mid_attention=False, layers_per_block=1,
@@ -665,11 +664,9 @@ def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: fl
 
 
 def squaredcos_cap_v2_alphas_cumprod(num_train_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
-    """ᾱ of the cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672): the unCLIP image-embedding noiser.
-
+    """ᾱ of the cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672), the unCLIP image-embedding noiser:
     f(s) = cos²((s + 0.008) / 1.008 · π/2), β_i = min(1 - f((i+1)/T) / f(i/T), max_beta); the betas are formed in
-    float64 and rounded to fp32 before the cumulative product (diffusers `betas_for_alpha_bar`).
-    """
+    float64 and rounded to fp32 before the cumulative product (diffusers `betas_for_alpha_bar`)."""
     def f(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -737,10 +734,10 @@ class ImageNoiseAugmentation(nn.Module):
 
 
 # ---- 8. samplers -----------------------------------------------------------------------------------------------------
-# Pure functions over a `model_fn(x, t) -> v` (t a Python int; the function applies classifier-free
-# guidance itself, see `classifier_free_guidance`), in the style of k-diffusion. `callback`, if given, receives
-# dict(i=call index, t=timestep, x=sample after the update) after each model call. Both use the official
-# scheduler settings (leading spacing, steps_offset 1, set_alpha_to_one False: ᾱ_0 stands in for ᾱ below t = 0).
+# Pure functions over a `model_fn(x, t) -> v` (t a Python int; guidance is the model's, see
+# `classifier_free_guidance`), as in k-diffusion; `callback(dict(i=call index, t=timestep, x=sample after the
+# update))` after each model call. The official scheduler settings: leading spacing, steps_offset 1,
+# set_alpha_to_one False (ᾱ_0 stands in for ᾱ below t = 0).
 
 def leading_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """The "leading" spacing of diffusers, descending: k · (T // steps) + 1, k = steps-1 ... 0 (steps_offset 1).
@@ -774,18 +771,16 @@ def _pndm_transfer(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, a_prev: to
 @torch.no_grad()
 def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torch.Tensor | None = None,
                 callback=None) -> torch.Tensor:
-    """PLMS, the pseudo linear multistep sampler of PNDM (Liu et al. 2022, arXiv:2202.09778), for a v-prediction
-    model: the official scheduler of stable-diffusion-2-1-unclip. Mirrors diffusers `PNDMScheduler.step_plms` with
-    skip_prk_steps=True.
+    """PLMS, the pseudo linear multistep sampler of PNDM (Liu et al. 2022, arXiv:2202.09778) for a v-prediction
+    model, the official scheduler of SD-2.1-unclip: diffusers `PNDMScheduler.step_plms` with skip_prk_steps=True.
 
     With δ = T // steps and the raw model outputs e_k (v, oldest first) the slope m used at call c is
         c = 0:  m = e_0                              (a plain step t -> t-δ; its result only feeds call 1)
         c = 1:  m = (v_1 + e_0) / 2, restarting from the sample of call 0, t+δ -> t   (a 2nd-order Heun-like step)
         then    m = (3 e_1 - e_0) / 2,  (23 e_2 - 16 e_1 + 5 e_0) / 12,
                 m = (55 e_3 - 59 e_2 + 37 e_1 - 9 e_0) / 24   (Adams-Bashforth, last four outputs)
-    and x <- φ(x, m, ᾱ_t, ᾱ_{t-δ}) (`_pndm_transfer`). The multistep combination is formed from v, and converted
-    to ε only afterwards. `x` is the initial noise (init_noise_sigma = 1); `alphas_cumprod` defaults to SD's
-    scaled_linear schedule.
+    and x <- φ(x, m, ᾱ_t, ᾱ_{t-δ}) (`_pndm_transfer`): the combination is formed from v, converted to ε only
+    afterwards. `x` is the initial noise (init_noise_sigma = 1).
     """
     ac = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x.device)
     delta = len(ac) // steps
@@ -850,11 +845,6 @@ def classifier_free_guidance(model_fn, guidance_scale: float):
 
 # ---- 9. the pipeline: UnCLIPDecoder = text encoder + noise augmentation + UNet + sampler + VAE decoder ---------------
 
-def _encode_after_load(decoder: "UnCLIPDecoder", incompatible_keys) -> None:
-    """load_state_dict post-hook (a named function, so that the module still pickles): recompute E("")."""
-    decoder.encode_empty_prompt()
-
-
 class UnCLIPDecoder(nn.Module):
     """SEED's image decoder: a (B, E) image embedding -> images, as SEED's StableUnCLIPImg2ImgPipeline with
     `image_embeds` and no prompt. The only text it conditions on is the empty prompt, so the text encoder runs
@@ -878,7 +868,7 @@ class UnCLIPDecoder(nn.Module):
         self.register_buffer("empty_prompt_states", None, persistent=False)  # E(""), (1, 77, D)
         if self.text_encoder is not None:
             # after every load_state_dict (also the assign=True of the loaders): E("") of the new weights
-            self.register_load_state_dict_post_hook(_encode_after_load)
+            self.register_load_state_dict_post_hook(UnCLIPDecoder._encode_after_load)
             self.encode_empty_prompt()
 
     @torch.no_grad()
@@ -889,6 +879,9 @@ class UnCLIPDecoder(nn.Module):
         device = self.text_encoder.text_model["final_layer_norm"].weight.device
         ids = torch.tensor([empty_prompt_ids(text.vocab_size, text.context_length)], device=device)  # (1, 77)
         self.empty_prompt_states = self.text_encoder(ids)  # (1, 77, D)
+
+    def _encode_after_load(self, incompatible_keys) -> None:  # a method, not a lambda, so the module still pickles
+        self.encode_empty_prompt()
 
     # -- the steps of the official __call__, in order ------------------------------------------------------
 
@@ -927,11 +920,10 @@ class UnCLIPDecoder(nn.Module):
         return [Image.fromarray(im) for im in (images * 255).round().astype("uint8")]
 
     @torch.no_grad()
-    def __call__(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None = None,
-                 steps: int = 20, guidance_scale: float = 10.0, noise_level: int = 0,
-                 latents: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 seed: int | None = None, sampler: str = "pndm") -> list[Image.Image]:
-        """image_embeds (B, E) -> B images (768 x 768 for the official model).
+    def __call__(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None = None, steps: int = 20,
+                 guidance_scale: float = 10.0, noise_level: int = 0, latents: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, seed: int | None = None, sampler: str = "pndm") -> list:
+        """image_embeds (B, E) -> B PIL images (768 x 768 for the official model).
 
         `sampler`: "pndm" (the official PNDMScheduler) or "ddim" (deterministic DDIM over the same timesteps).
         `latents` (B, C, h, w) replaces the initial noise; `noise` (draws, B, E) replaces the noise-augmentation
