@@ -118,9 +118,8 @@ class VAEConfig:
     def from_diffusers(cls, raw: dict) -> "VAEConfig":
         """Read diffusers' vae/config.json; raise on any option this implementation does not have."""
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}  # a live diffusers config has tuples
-        n = len(cfg["block_out_channels"])
-        want = {"act_fn": "silu", "up_block_types": ["UpDecoderBlock2D"] * n, "use_post_quant_conv": True,
-                "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None}
+        want = dict(act_fn="silu", up_block_types=["UpDecoderBlock2D"] * len(cfg["block_out_channels"]),
+                    use_post_quant_conv=True, mid_block_add_attention=True, shift_factor=None, latents_mean=None)
         bad = [f"{k}={cfg[k]!r} (need {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
         if bad:
             raise ValueError("unsupported VAE config: " + "; ".join(bad))
@@ -215,12 +214,9 @@ DECODER_PRESETS = {
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim): the UNet's `time_proj` (dim 320)
-    and the unCLIP noise level (dim 1024).
-
-    freq_i = 10000^(-i / (dim/2)), i < dim/2; the output is [cos(t f), sin(t f)] when `flip_sin_to_cos` (SD-2
-    everywhere), else [sin, cos]. Mirrors diffusers `models/embeddings.py: get_timestep_embedding` (freq shift 0),
-    computed in fp32 in the same order so that the results agree bit for bit.
-    """
+    and the unCLIP noise level (dim 1024). freq_i = 10000^(-i / (dim/2)), i < dim/2; the output is
+    [cos(t f), sin(t f)] when `flip_sin_to_cos` (SD-2 everywhere), else [sin, cos]. Mirrors diffusers
+    `models/embeddings.py: get_timestep_embedding` (freq shift 0), in fp32 in the same order, so bit for bit."""
     if t.ndim != 1:
         raise ValueError(f"timestep_embedding expects a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
     half = dim // 2
@@ -313,11 +309,9 @@ class Transformer2D(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut.
-
-    With `scale_shift` the projected embedding is (scale, shift) instead, applied after the second GN:
-    GN(h) * (1 + scale) + shift (FiLM, the tiny preset: see DECODER_PRESETS).
-    """
+    """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut. With
+    `scale_shift` the projected embedding is (scale, shift) instead, applied after the second GN:
+    GN(h) * (1 + scale) + shift (FiLM, the tiny preset: see DECODER_PRESETS)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
                  scale_shift: bool = False):
@@ -373,10 +367,8 @@ class SpatialSelfAttention(Attention):
 
 
 class DownBlock(nn.Module):
-    """CrossAttnDownBlock2D (`attention` > 0 heads) or DownBlock2D: resnets [+ transformers], then stride-2 conv.
-
-    Returns the output and the skip tensors the up path will concatenate (one per resnet, plus the downsampled).
-    """
+    """CrossAttnDownBlock2D (`attention`) or DownBlock2D: resnets [+ transformers], then a stride-2 conv; returns
+    the output and the skip tensors the up path will concatenate (one per resnet, plus the downsampled)."""
 
     def __init__(self, in_ch, out_ch, temb_ch, n_layers, n_heads, context_dim, groups, eps, attention, downsample,
                  scale_shift=False):
@@ -401,11 +393,8 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """CrossAttnUpBlock2D / UpBlock2D (UNet) and UpDecoderBlock2D (VAE, no skips, no time embedding).
-
-    Resnet i takes the previous output concatenated with skip i (channel counts as in diffusers'
-    `res_skip_channels`), then an optional transformer; then nearest x2 + conv3x3.
-    """
+    """CrossAttnUpBlock2D / UpBlock2D (UNet) and UpDecoderBlock2D (VAE, no skips, no time embedding): resnet i
+    takes the previous output ++ skip i (diffusers' `res_skip_channels`), [then a transformer]; then x2 + conv."""
 
     def __init__(self, in_chs, out_ch, temb_ch, n_heads, context_dim, groups, eps, attention, upsample,
                  scale_shift=False):
@@ -461,10 +450,8 @@ class TimestepEmbedding(nn.Module):
 
 class UNet(nn.Module):
     """UNet2DConditionModel (diffusers models/unets/unet_2d_condition.py) for unCLIP: v = unet(x_t, t, text, label).
-
     emb = MLP(sinusoid(t)) + MLP(class_label): the image condition enters only through the time embedding that
-    every resnet adds; the text (E("") for SEED) enters through the cross-attention of every transformer.
-    """
+    every resnet adds; the text (E("") for SEED) enters through the cross-attention of every transformer."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -556,9 +543,8 @@ class VAEDecoder(nn.Module):
         self.decoder = Decoder(config)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w).
-
-        One image at a time: at 768 x 768 one image's full-resolution activations are 0.3 GB per fp16 tensor (256
+        """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w). One
+        image at a time: at 768 x 768 one image's full-resolution activations are 0.3 GB per fp16 tensor (256
         channels), and SDPA's CUDA kernels never build the mid attention's 9216^2 score matrix (170 MB in fp16)."""
         return torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
 
@@ -894,11 +880,9 @@ class UnCLIPDecoder(nn.Module):
     def class_labels(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None,
                      noise_level: int, noise: torch.Tensor, guided: bool) -> torch.Tensor:
         """The UNet's class labels: (2B, 2E) = cat([uncond, cond]) when `guided` (CFG), else cond (B, 2E).
-
         cond = noise_augment(e) ++ sinusoid(noise_level). uncond = zeros over the WHOLE 2E label (also the
         noise-level half), as the official pipeline and the training-time label dropout; with negative
-        embeddings it is their noise augmentation (SEED's pipeline copy), using the second noise draw.
-        """
+        embeddings it is their noise augmentation (SEED's pipeline copy), using the second noise draw."""
         augment = self.noise_augmentation.noise_image_embeddings
         cond = augment(image_embeds, noise_level, noise[0])
         if not guided:
@@ -1056,11 +1040,8 @@ COMPONENT_ATTRIBUTES = {"unet": "unet", "vae": "vae", "text_encoder": "text_enco
                         "image_normalizer": "noise_augmentation"}
 
 # Official tensors we deliberately do not load (the official pipeline does not use them either), in our names.
-OFFICIAL_IGNORED = (
-    "vae.encoder.",       # the VAE encoder: unCLIP decoding only ever decodes
-    "vae.quant_conv.",    # the encoder's moment projection
-    *(f"text_encoder.{key}" for key in CLIPTextEncoder.IGNORED_KEYS),  # the position_ids buffer
-)
+OFFICIAL_IGNORED = ("vae.encoder.", "vae.quant_conv.",  # the VAE encoder and its moment projection: unCLIP decodes
+                    *(f"text_encoder.{key}" for key in CLIPTextEncoder.IGNORED_KEYS))  # the position_ids buffer
 
 # Files written by diffusers < 0.18 (the official VAE, Mar 2023) name the VAE mid-block attention
 # `query/key/value/proj_attn`; current diffusers (and this file) use `to_q/to_k/to_v/to_out.0`, the same
