@@ -2,30 +2,20 @@
 
 SEED (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01218) draws an image by handing
 its 1024-d image embedding to Stability AI's stable-diffusion-2-1-unclip (unCLIP: Ramesh et al. 2022,
-arXiv:2204.06125, on latent diffusion: Rombach et al. 2022, arXiv:2112.10752). This file is that decoder, read in
-the order of its name:
-  * the configs (`UNetConfig`, `VAEConfig`, `CLIPTextConfig`, `DecoderConfig` and its presets);
-  * the UNet (`UNet` = diffusers' UNet2DConditionModel in the SD-2.1-unclip configuration: the image condition
-    is a "projection" class embedding added to the time embedding), built bottom-up, and the VAE decoder;
-  * the text tower (`CLIPTextEncoder`, OpenCLIP ViT-H's text encoder cut at its penultimate layer), which SEED
-    only ever runs on the empty prompt, so the decoder runs it once, when its weights arrive;
-  * the noise schedules, the unCLIP noise augmentation of the image embedding (`ImageNoiseAugmentation`) and the
-    samplers, pure functions of `model_fn(x, t)`: PLMS/PNDM (`pndm_sample`, the official scheduler, v-prediction,
-    21 model calls for 20 steps) and DDIM (`ddim_sample`, one call per step), chosen by name in `SAMPLERS`;
-  * `UnCLIPDecoder`: embedding -> images exactly as SEED calls the official pipeline, with `from_official`
-    (the diffusers folder on the hub) and `save_pretrained` / `from_pretrained` (our own checkpoints).
-The same classes at the `tiny` preset (pixel space, 3 x 32 x 32, no VAE, no text) are train.py's decoder; its
-resnets take the embedding as FiLM (diffusers' `resnet_time_scale_shift="scale_shift"`, also implemented here).
+arXiv:2204.06125, on latent diffusion: Rombach et al. 2022, arXiv:2112.10752): a UNet whose image condition is a
+"projection" class embedding added to the time embedding, a VAE decoder, OpenCLIP ViT-H's text tower (run once,
+on the empty prompt), the unCLIP noise augmentation of the embedding, and the PNDM (official) or DDIM sampler;
+at the `tiny` preset (pixel space, 3 x 32 x 32, no VAE, no text, FiLM resnets) the same classes are train.py's.
 
     decoder = UnCLIPDecoder.from_official("stable-diffusion-2-1-unclip")   # the diffusers folder
     images = decoder(image_embeds, steps=20, guidance_scale=10.0)          # (B, 1024) -> B PIL images, 768 x 768
 
 Mirrors: AILab-CVC/SEED @ 93b3cf4 `models/pipeline_stable_unclip_img2img.py` (SEED's copy of diffusers'
 StableUnCLIPImg2ImgPipeline, called by `models/seed_llama_tokenizer.py: ImageTokenizer.decode`); diffusers==0.39.0
-`models/unets/unet_2d_condition.py`, `models/unets/unet_2d_blocks.py`, `models/resnet.py`, `models/attention.py`,
-`models/transformers/transformer_2d.py`, `models/autoencoders/vae.py`, `models/embeddings.py`,
-`schedulers/scheduling_pndm.py`, `scheduling_ddim.py`, `scheduling_ddpm.py`; transformers==4.57.6
-`models/clip/modeling_clip.py`. Module names follow those checkpoints, so the official keys load unchanged.
+`models/`: `unets/unet_2d_condition.py`, `unets/unet_2d_blocks.py`, `resnet.py`, `attention.py`, `embeddings.py`,
+`transformers/transformer_2d.py`, `autoencoders/vae.py`, and `schedulers/scheduling_{pndm,ddim,ddpm}.py`;
+transformers==4.57.6 `models/clip/modeling_clip.py`. Module names follow those checkpoints, so the official keys
+load unchanged (all but the legacy VAE attention names, `VAE_LEGACY_NAMES`).
 
 Deliberate deviations:
   * no text tokenizer: the empty prompt's 77 token ids are a constant (`empty_prompt_ids`);
@@ -76,25 +66,21 @@ class UNetConfig:
             raise ValueError(f"resnet_time_scale_shift={self.resnet_time_scale_shift!r} (need 'default' or "
                              "'scale_shift')")
 
-    # Every option of diffusers' config that this implementation does not generalise over, with the value it
-    # implements; `from_diffusers` refuses a config that asks for anything else (absent keys take diffusers'
-    # default, which is given second when it differs from what we need).
-    FIXED = {"use_linear_projection": (True, False), "class_embed_type": ("projection", None),
-             "flip_sin_to_cos": (True, True), "freq_shift": (0, 0), "act_fn": ("silu", "silu"),
-             "transformer_layers_per_block": (1, 1),
-             "only_cross_attention": (False, False), "dual_cross_attention": (False, False),
-             "class_embeddings_concat": (False, False), "addition_embed_type": (None, None),
-             "time_embedding_type": ("positional", "positional"), "center_input_sample": (False, False),
-             "conv_in_kernel": (3, 3), "conv_out_kernel": (3, 3), "mid_block_scale_factor": (1, 1),
-             "downsample_padding": (1, 1), "encoder_hid_dim": (None, None), "time_cond_proj_dim": (None, None),
-             "num_class_embeds": (None, None), "time_embedding_dim": (None, None)}
+    # The options of diffusers' config that this implementation does not generalise over, with the one value it
+    # implements: diffusers' default, except for the first two, which the config must therefore set.
+    FIXED = dict(use_linear_projection=True, class_embed_type="projection", flip_sin_to_cos=True, freq_shift=0,
+                 act_fn="silu", transformer_layers_per_block=1, only_cross_attention=False, dual_cross_attention=False,
+                 class_embeddings_concat=False, addition_embed_type=None, time_embedding_type="positional",
+                 center_input_sample=False, conv_in_kernel=3, conv_out_kernel=3, mid_block_scale_factor=1,
+                 downsample_padding=1, encoder_hid_dim=None, time_cond_proj_dim=None, num_class_embeds=None,
+                 time_embedding_dim=None)
 
     @classmethod
     def from_diffusers(cls, raw: dict) -> "UNetConfig":
         """Read diffusers' unet/config.json; raise on any option this implementation does not have."""
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}  # a live diffusers config has tuples
-        bad = [f"{k}={cfg[k]!r} (need {want!r})" for k, (want, default) in cls.FIXED.items()
-               if cfg.get(k, default) != want]
+        bad = [f"{k}={cfg.get(k)!r} (need {want!r})" for k, want in cls.FIXED.items()
+               if cfg.get(k, None if k in ("use_linear_projection", "class_embed_type") else want) != want]
         down = cfg.get("down_block_types", [])
         cross = tuple(t == "CrossAttnDownBlock2D" for t in down)
         if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
@@ -109,15 +95,12 @@ class UNetConfig:
             raise ValueError("unsupported UNet config: " + "; ".join(bad))
         # diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` (the historical misnomer)
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-        n = len(down)
-        return cls(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-                   block_out_channels=tuple(cfg["block_out_channels"]), cross_attention=cross,
-                   mid_attention=mid == "UNetMidBlock2DCrossAttn", layers_per_block=cfg["layers_per_block"],
-                   attention_head_dim=tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n,
-                   cross_attention_dim=cfg["cross_attention_dim"],
+        same = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups",
+                "norm_eps", "sample_size")  # the fields that keep diffusers' names
+        return cls(**{k: cfg[k] for k in same}, block_out_channels=tuple(cfg["block_out_channels"]),
+                   cross_attention=cross, mid_attention=mid == "UNetMidBlock2DCrossAttn",
+                   attention_head_dim=tuple(heads) if isinstance(heads, list) else (heads,) * len(down),
                    class_embed_dim=cfg["projection_class_embeddings_input_dim"],
-                   norm_num_groups=cfg["norm_num_groups"], norm_eps=cfg["norm_eps"],
-                   sample_size=cfg["sample_size"],
                    resnet_time_scale_shift=cfg.get("resnet_time_scale_shift", "default"))
 
 
@@ -135,25 +118,22 @@ class VAEConfig:
     def from_diffusers(cls, raw: dict) -> "VAEConfig":
         """Read diffusers' vae/config.json; raise on any option this implementation does not have."""
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}  # a live diffusers config has tuples
-        n = len(cfg["block_out_channels"])
-        want = {"act_fn": "silu", "up_block_types": ["UpDecoderBlock2D"] * n, "use_post_quant_conv": True,
-                "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None}
+        want = dict(act_fn="silu", up_block_types=["UpDecoderBlock2D"] * len(cfg["block_out_channels"]),
+                    use_post_quant_conv=True, mid_block_add_attention=True, shift_factor=None, latents_mean=None)
         bad = [f"{k}={cfg[k]!r} (need {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
         if bad:
             raise ValueError("unsupported VAE config: " + "; ".join(bad))
-        return cls(latent_channels=cfg["latent_channels"], out_channels=cfg["out_channels"],
-                   block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
-                   norm_num_groups=cfg["norm_num_groups"], scaling_factor=cfg.get("scaling_factor", 0.18215))
+        same = ("latent_channels", "out_channels", "layers_per_block", "norm_num_groups")
+        return cls(**{k: cfg[k] for k in same}, block_out_channels=tuple(cfg["block_out_channels"]),
+                   scaling_factor=cfg.get("scaling_factor", 0.18215))
 
 
 @dataclass
 class CLIPTextConfig:
-    """The text tower of OpenCLIP ViT-H/14 cut at its penultimate layer, as SD-2 uses it (HF `CLIPTextModel`).
-
-    Defaults = `stabilityai/stable-diffusion-2-1-unclip: text_encoder/config.json`: OpenCLIP has 24 layers, but
-    diffusers' converter (diffusers==0.39.0 pipelines/stable_diffusion/convert_from_ckpt.py:
-    convert_open_clip_checkpoint) drops the last one because SD-2 conditions on the penultimate layer
-    (`FrozenOpenCLIPEmbedder(layer="penultimate")`), then applies ln_final.
+    """The text tower of OpenCLIP ViT-H/14 cut at its penultimate layer, as SD-2 uses it (HF `CLIPTextModel`);
+    defaults = stable-diffusion-2-1-unclip text_encoder/config.json. SD-2 conditions on the penultimate layer
+    (`FrozenOpenCLIPEmbedder(layer="penultimate")`), so diffusers' converter (diffusers==0.39.0 pipelines/
+    stable_diffusion/convert_from_ckpt.py: convert_open_clip_checkpoint) keeps 23 of the 24 layers, then ln_final.
     """
     vocab_size: int = 49408
     context_length: int = 77  # positions; every prompt is padded / truncated to this
@@ -162,7 +142,6 @@ class CLIPTextConfig:
     heads: int = 16
     mlp_width: int = 4096
     layer_norm_eps: float = 1e-5
-    # The activation is exact (erf) GELU, as OpenCLIP ViT-H; OpenAI's CLIP uses quick_gelu (not supported here).
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -206,18 +185,22 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderConfig":
-        return cls(unet=_dataclass_from_dict(UNetConfig, d["unet"]),
-                   vae=None if d["vae"] is None else _dataclass_from_dict(VAEConfig, d["vae"]),
-                   text=None if d["text"] is None else _dataclass_from_dict(CLIPTextConfig, d["text"]))
+        """The inverse of `asdict` (save_pretrained's config.json: lists back to tuples); unknown keys are an error."""
+        def part(kind, values: dict | None):
+            unknown = set(values or ()) - {f.name for f in fields(kind)}
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} fields in config.json: {sorted(unknown)}")
+            return None if values is None else kind(**{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in values.items()})
+        return cls(part(UNetConfig, d["unet"]), part(VAEConfig, d["vae"]), part(CLIPTextConfig, d["text"]))
 
 
 DECODER_PRESETS = {
     "sd21-unclip": DecoderConfig,
-    # Pixel space, 3 x 32 x 32, no VAE, no text: exactly the shapes-world decoder train.py trains (channels
-    # 16-32-64, one resnet per level, no attention); class_embed_dim 256 = 2E for E = 128, the embed_dim of
-    # seed.SeedConfig.preset("tiny"). FiLM resnets ("scale_shift") because the condition must scale the features,
-    # not only shift them: a per-channel gain can switch a shape's features on and off, an added bias only moves
-    # them, and at this size the additive embedding of SD-2.1 draws every shape alike.
+    # Pixel space, 3 x 32 x 32, no VAE, no text: the shapes-world decoder train.py trains (channels 16-32-64, one
+    # resnet per level, no attention); class_embed_dim 256 = 2E for seed.SeedConfig.preset("tiny")'s E = 128. FiLM
+    # resnets ("scale_shift") because the condition must scale the features, not only shift them: a per-channel
+    # gain can switch a shape's features on and off, while at this size SD-2.1's added bias draws every shape alike.
     "tiny": lambda: DecoderConfig(
         unet=UNetConfig(in_channels=3, out_channels=3, block_out_channels=(16, 32, 64),
                         cross_attention=(False, False, False), mid_attention=False, layers_per_block=1,
@@ -227,36 +210,17 @@ DECODER_PRESETS = {
 }
 
 
-def _dataclass_from_dict(cls, d: dict):
-    """Rebuild a config dataclass from its JSON form (lists back to tuples); unknown keys are an error."""
-    names = {f.name for f in fields(cls)}
-    if set(d) - names:
-        raise ValueError(f"unknown {cls.__name__} fields in config.json: {sorted(set(d) - names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 # ---- 2. building blocks, bottom-up -----------------------------------------------------------------------------------
-# diffusers==0.39.0 models/embeddings.py, resnet.py, attention.py, attention_processor.py,
-# transformers/transformer_2d.py, unets/unet_2d_blocks.py.
 
-# The SD-2.1-unclip UNet is diffusers' UNet2DConditionModel in one configuration. Every module below is named as
-# in the diffusers checkpoint (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...), so the
-# official keys load unchanged; the only renames are the legacy VAE attention names (see VAE_LEGACY_NAMES).
-
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0,
-                       max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim).
-
-    freq_i = exp(-ln(max_period) * i / (dim/2 - shift)), i < dim/2; the output is [cos(t f), sin(t f)] when
-    `flip_sin_to_cos` (what SD-2 uses everywhere), else [sin, cos]. Mirrors diffusers
-    `models/embeddings.py: get_timestep_embedding` (= ldm `timestep_embedding`), computed in fp32 in the same
-    order so that the results agree bit for bit. Used by the UNet's `time_proj` (dim 320) and by the unCLIP
-    noise augmentation (dim 1024, the noise level).
-    """
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim): the UNet's `time_proj` (dim 320)
+    and the unCLIP noise level (dim 1024). freq_i = 10000^(-i / (dim/2)), i < dim/2; the output is
+    [cos(t f), sin(t f)] when `flip_sin_to_cos` (SD-2 everywhere), else [sin, cos]. Mirrors diffusers
+    `models/embeddings.py: get_timestep_embedding` (freq shift 0), in fp32 in the same order, so bit for bit."""
     if t.ndim != 1:
         raise ValueError(f"timestep_embedding expects a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     args = t[:, None].float() * torch.exp(exponent)[None, :]  # (B, 1) * (1, half) -> (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
                     dim=-1)
@@ -266,11 +230,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
 
 
 class Attention(nn.Module):
-    """Multi-head (cross-)attention with diffusers' names to_q/to_k/to_v/to_out.0, computed with SDPA.
-
-    SDPA never materialises the (T, S) score matrix on CUDA (flash / memory-efficient kernels) and keeps the
-    softmax in fp32 there, which is what diffusers' `upcast_attention` flag asked for by hand.
-    """
+    """Multi-head (cross-)attention with diffusers' names to_q/to_k/to_v/to_out.0, computed with SDPA (which keeps
+    the softmax in fp32 on CUDA: what diffusers' `upcast_attention` asked for by hand)."""
 
     def __init__(self, dim: int, n_heads: int, context_dim: int | None = None, qkv_bias: bool = False):
         super().__init__()
@@ -295,28 +256,18 @@ class Attention(nn.Module):
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))       # (B, nh, T, hs) -> (B, T, C)
 
 
-class GEGLU(nn.Module):
-    """proj: C -> 2 * 4C, then value * gelu(gate) (exact gelu): the feed-forward gate of SD's transformer."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)  # diffusers: hidden_states, gate (value first)
-        return value * F.gelu(gate)
-
-
 class FeedForward(nn.Module):
+    """The GEGLU feed-forward of SD's transformer: C -> 2 * 4C, value * gelu(gate) (exact gelu), 4C -> C."""
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        # Indices mirror diffusers' `net` = [GEGLU, Dropout, Linear]: the checkpoint names net.0.proj and net.2.
-        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+        # diffusers' `net` = [GEGLU, Dropout, Linear]; the containers only give the checkpoint's net.0.proj, net.2
+        self.net = nn.ModuleList([nn.ModuleDict(dict(proj=nn.Linear(dim, 2 * mult * dim))), nn.Identity(),
+                                  nn.Linear(mult * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        value, gate = self.net[0]["proj"](x).chunk(2, dim=-1)  # diffusers: hidden_states, gate (value first)
+        return self.net[2](value * F.gelu(gate))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -358,12 +309,9 @@ class Transformer2D(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut.
-
-    With `scale_shift` the projected embedding is (scale, shift) instead, applied after the second GN:
-    GN(h) * (1 + scale) + shift. A per-channel gain lets the condition switch features on and off, not only
-    move them, which the tiny pixel decoder needs to draw shapes (train.py).
-    """
+    """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut. With
+    `scale_shift` the projected embedding is (scale, shift) instead, applied after the second GN:
+    GN(h) * (1 + scale) + shift (FiLM, the tiny preset: see DECODER_PRESETS)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int, eps: float,
                  scale_shift: bool = False):
@@ -390,25 +338,18 @@ class ResnetBlock2D(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
-class Downsample2D(nn.Module):
-    def __init__(self, ch: int):
+class Resample2D(nn.Module):
+    """Downsample2D (a stride-2 conv3x3) or Upsample2D (nearest x2, then a conv3x3)."""
+
+    def __init__(self, ch: int, down: bool):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
-
-
-class Upsample2D(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.down = down
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2 if down else 1, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        # Nearest x2, or to `size` (the matching skip's size, which diffusers passes as `upsample_size` when a
-        # side is not a multiple of 8 latents).
-        x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x)
+        if not self.down:  # x2, or to `size`: the next skip's, which diffusers passes as `upsample_size` (odd sides)
+            x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x)  # down: (B, C, H, W) -> (B, C, H/2, W/2)
 
 
 class SpatialSelfAttention(Attention):
@@ -426,10 +367,8 @@ class SpatialSelfAttention(Attention):
 
 
 class DownBlock(nn.Module):
-    """CrossAttnDownBlock2D (`attention` > 0 heads) or DownBlock2D: resnets [+ transformers], then stride-2 conv.
-
-    Returns the output and the skip tensors the up path will concatenate (one per resnet, plus the downsampled).
-    """
+    """CrossAttnDownBlock2D (`attention`) or DownBlock2D: resnets [+ transformers], then a stride-2 conv; returns
+    the output and the skip tensors the up path will concatenate (one per resnet, plus the downsampled)."""
 
     def __init__(self, in_ch, out_ch, temb_ch, n_layers, n_heads, context_dim, groups, eps, attention, downsample,
                  scale_shift=False):
@@ -438,7 +377,7 @@ class DownBlock(nn.Module):
                                                     scale_shift) for i in range(n_layers)])
         self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
                                          for _ in range(n_layers)]) if attention else None
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
+        self.downsamplers = nn.ModuleList([Resample2D(out_ch, down=True)]) if downsample else None
 
     def forward(self, x, temb, context):
         skips = []
@@ -454,11 +393,8 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """CrossAttnUpBlock2D / UpBlock2D (UNet) and UpDecoderBlock2D (VAE, no skips, no time embedding).
-
-    Resnet i takes the previous output concatenated with skip i (channel counts as in diffusers'
-    `res_skip_channels`), then an optional transformer; then nearest x2 + conv3x3.
-    """
+    """CrossAttnUpBlock2D / UpBlock2D (UNet) and UpDecoderBlock2D (VAE, no skips, no time embedding): resnet i
+    takes the previous output ++ skip i (diffusers' `res_skip_channels`), [then a transformer]; then x2 + conv."""
 
     def __init__(self, in_chs, out_ch, temb_ch, n_heads, context_dim, groups, eps, attention, upsample,
                  scale_shift=False):
@@ -466,7 +402,7 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(c, out_ch, temb_ch, groups, eps, scale_shift) for c in in_chs])
         self.attentions = nn.ModuleList([Transformer2D(out_ch, n_heads, context_dim, groups)
                                          for _ in in_chs]) if attention else None
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+        self.upsamplers = nn.ModuleList([Resample2D(out_ch, down=False)]) if upsample else None
 
     def forward(self, x, temb=None, context=None, skips=(), size=None):
         for i, resnet in enumerate(self.resnets):
@@ -514,10 +450,8 @@ class TimestepEmbedding(nn.Module):
 
 class UNet(nn.Module):
     """UNet2DConditionModel (diffusers models/unets/unet_2d_condition.py) for unCLIP: v = unet(x_t, t, text, label).
-
     emb = MLP(sinusoid(t)) + MLP(class_label): the image condition enters only through the time embedding that
-    every resnet adds; the text (E("") for SEED) enters through the cross-attention of every transformer.
-    """
+    every resnet adds; the text (E("") for SEED) enters through the cross-attention of every transformer."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -535,17 +469,14 @@ class UNet(nn.Module):
             for i in range(n))
         mid_attn = Transformer2D(ch[-1], cfg.attention_head_dim[-1], cfg.cross_attention_dim, G)
         self.mid_block = MidBlock(ch[-1], temb, G, eps, mid_attn if cfg.mid_attention else None, film)
-        # Up level j mirrors down level i = n-1-j. Its skips, newest first, come from: the downsampler of level
+        # Up levels mirror down levels i = n-1 ... 0. Their skips, newest first, come from: the downsampler of level
         # i-1 (or conv_in) last, the resnets of level i before; diffusers' prev_output / res_skip channels.
         self.up_blocks = nn.ModuleList()
-        prev = ch[-1]
-        for j in range(n):
-            i = n - 1 - j
+        for i in reversed(range(n)):
             skip_chs = [ch[i]] * cfg.layers_per_block + [ch[max(i - 1, 0)]]
-            in_chs = [(prev if k == 0 else ch[i]) + s for k, s in enumerate(skip_chs)]
+            in_chs = [(ch[min(i + 1, n - 1)] if k == 0 else ch[i]) + s for k, s in enumerate(skip_chs)]
             self.up_blocks.append(UpBlock(in_chs, ch[i], temb, cfg.attention_head_dim[i], cfg.cross_attention_dim,
-                                          G, eps, cfg.cross_attention[i], upsample=j < n - 1, scale_shift=film))
-            prev = ch[i]
+                                          G, eps, cfg.cross_attention[i], upsample=i > 0, scale_shift=film))
         self.conv_norm_out = nn.GroupNorm(G, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
@@ -561,8 +492,8 @@ class UNet(nn.Module):
             raise ValueError(f"class_labels must be (B={B}, {cfg.class_embed_dim}) (the noised image embedding ++ "
                              f"its noise-level embedding), got {got}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)  # a shared scalar or one per sample
-        # time_proj: sinusoid(320, flip_sin_to_cos, shift 0) in fp32, then the module dtype (diffusers casts too)
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], True, 0.0).to(x.dtype))
+        # time_proj: sinusoid(320) in fp32, then the module dtype (diffusers casts too)
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0]).to(x.dtype))
         emb = emb + self.class_embedding(class_labels.to(x.dtype))   # (B, 1280): time + image condition
         h = self.conv_in(x)
         skips = [h]
@@ -612,12 +543,9 @@ class VAEDecoder(nn.Module):
         self.decoder = Decoder(config)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w).
-
-        One image at a time: at 768 x 768 one image's full-resolution activations are 0.3 GB per fp16 tensor (256
-        channels), so batching would multiply the peak; the mid attention over 96 x 96 = 9216 positions goes
-        through SDPA, which on CUDA never builds the 9216^2 score matrix (170 MB per image in fp16).
-        """
+        """Latents (B, 4, h, w), already divided by `scaling_factor` -> image in about [-1, 1] (B, 3, 8h, 8w). One
+        image at a time: at 768 x 768 one image's full-resolution activations are 0.3 GB per fp16 tensor (256
+        channels), and SDPA's CUDA kernels never build the mid attention's 9216^2 score matrix (170 MB in fp16)."""
         return torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
 
 
@@ -645,37 +573,28 @@ class CLIPAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
 
-class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.width, config.mlp_width)
-        self.fc2 = nn.Linear(config.mlp_width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact erf GELU ("gelu" in the HF config)
-
-
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)), mlp = fc2(gelu(fc1(.)))."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.self_attn = CLIPAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.mlp = CLIPMLP(config)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(config.width, config.mlp_width),  # HF's CLIPMLP names
+                                      fc2=nn.Linear(config.mlp_width, config.width)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        h = F.gelu(self.mlp["fc1"](self.layer_norm2(x)))  # exact erf GELU, as OpenCLIP ViT-H (OpenAI's: quick_gelu)
+        return x + self.mlp["fc2"](h)
 
 
 class CLIPTextEncoder(nn.Module):
     """ids (B, T<=77) -> last_hidden_state (B, T, D): the text conditioning of every UNet cross-attention.
 
-    Module names follow transformers' `CLIPTextModel`, so the official `text_encoder/model.safetensors` loads
-    without renaming: `text_model.embeddings.{token,position}_embedding`, `text_model.encoder.layers.N.*`,
-    `text_model.final_layer_norm`. The ModuleDicts only reproduce that key layout (as nanoGPT's `transformer`).
+    The ModuleDicts reproduce the key layout of transformers' `CLIPTextModel` (`text_model.encoder.layers.N.*`,
+    ...; as nanoGPT's `transformer`), so the official `text_encoder/model.safetensors` loads without renaming.
     """
 
     # transformers <= 4.30 saved the (1, 77) int64 buffer `position_ids` = arange(77); we use arange directly.
@@ -709,15 +628,11 @@ class CLIPTextEncoder(nn.Module):
 def empty_prompt_ids(vocab_size: int = 49408, context_length: int = 77) -> list[int]:
     """The token ids of the empty prompt "", the only text SEED conditions on, as the SD-2 pipelines tokenize it
     (transformers' CLIPTokenizer, padding="max_length", max_length=77): <|startoftext|>, <|endoftext|>, then the
-    pad token up to `context_length`. For stabilityai/stable-diffusion-2-1-unclip that is
-
-        [49406, 49407] + [0] * 75
-
-    from its tokenizer/special_tokens_map.json (bos "<|startoftext|>", eos "<|endoftext|>", pad "!") and
-    tokenizer/vocab.json ("<|startoftext|>": 49406, "<|endoftext|>": 49407, "!": 0). A CLIP vocabulary lists the
-    256 byte symbols ("!" first), their "</w>" forms, one token per merge, then the two special tokens, so they
-    are the last two ids of any vocabulary size (the reduced BPE of tests/fixtures/text_encoder/tokenizer, 1514
-    tokens: 1512, 1513, 0, ...). With no padding mask the pad states reach the UNet too, so the pad id matters.
+    pad token up to `context_length`. For stabilityai/stable-diffusion-2-1-unclip that is [49406, 49407] + [0] * 75
+    (tokenizer/special_tokens_map.json: pad "!"; tokenizer/vocab.json: "<|startoftext|>": 49406, "<|endoftext|>":
+    49407, "!": 0). A CLIP vocabulary lists the 256 byte symbols ("!" first), their "</w>" forms, one token per
+    merge, then the two special tokens, so they are the last two ids of any vocabulary size (the reduced BPE of
+    tests/fixtures/text_encoder/tokenizer, 1514 tokens: 1512, 1513, 0, ...).
     """
     return [vocab_size - 2, vocab_size - 1] + [0] * (context_length - 2)
 
@@ -735,11 +650,9 @@ def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: fl
 
 
 def squaredcos_cap_v2_alphas_cumprod(num_train_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
-    """ᾱ of the cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672): the unCLIP image-embedding noiser.
-
+    """ᾱ of the cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672), the unCLIP image-embedding noiser:
     f(s) = cos²((s + 0.008) / 1.008 · π/2), β_i = min(1 - f((i+1)/T) / f(i/T), max_beta); the betas are formed in
-    float64 and rounded to fp32 before the cumulative product (diffusers `betas_for_alpha_bar`).
-    """
+    float64 and rounded to fp32 before the cumulative product (diffusers `betas_for_alpha_bar`)."""
     def f(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -762,11 +675,8 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
 
 
 def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """The v-prediction target (Salimans & Ho 2022, arXiv:2202.00512): v = √ᾱ_t ε - √(1-ᾱ_t) x_0.
-
-    SD-2 UNets predict v. Training a tiny one: t ~ U{0..999}, x_t = add_noise(x0, ε, t, ᾱ),
-    loss = mse(unet(x_t, t, ...), v_target(x0, ε, t, ᾱ)) with ᾱ = scaled_linear_alphas_cumprod().
-    """
+    """The target of SD-2's v-prediction UNets (Salimans & Ho 2022, arXiv:2202.00512): v = √ᾱ_t ε - √(1-ᾱ_t) x_0;
+    training minimises mse(unet(add_noise(x0, ε, t, ᾱ), t, ...), v_target(x0, ε, t, ᾱ)), t ~ U{0..999}."""
     a = _alpha_bar(alphas_cumprod, t, x0)
     return a ** 0.5 * noise - (1 - a) ** 0.5 * x0
 
@@ -778,8 +688,7 @@ def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cump
 class ImageNoiseAugmentation(nn.Module):
     """Noise an image embedding to `noise_level` and append the level's sinusoidal embedding: (B, E) -> (B, 2E).
 
-    Parameters `mean`, `std` (1, E) = the official `image_normalizer/diffusion_pytorch_model.safetensors` (same
-    key names). For SD-2.1-unclip-h they are 0 and 1: the H config has no `clip_stats_path`.
+    `mean`, `std` (1, E) = the official image_normalizer's tensors, 0 and 1 for SD-2.1-unclip-h (no clip_stats_path).
     """
 
     def __init__(self, embedding_dim: int = 1024, num_train_timesteps: int = 1000):
@@ -791,9 +700,8 @@ class ImageNoiseAugmentation(nn.Module):
 
     def noise_image_embeddings(self, embeds: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
         """embeds (B, E) noised with the draw `noise` (B, E) to `noise_level`, ++ the level's embedding (B, E).
+        Even at noise_level 0 this adds √(1-ᾱ_0) = 0.0064 times the noise in fp32 (ᾱ_0 rounds to 1 in fp16)."""
 
-        Even at noise_level 0 this adds √(1-ᾱ_0) = 0.0064 times the noise in fp32 (ᾱ_0 rounds to 1 in fp16).
-        """
         if embeds.ndim != 2 or embeds.shape[1] != self.embedding_dim:
             raise ValueError(f"image embeddings must have shape (B, {self.embedding_dim}), got {tuple(embeds.shape)}")
         if not 0 <= noise_level < self.num_train_timesteps:
@@ -807,29 +715,30 @@ class ImageNoiseAugmentation(nn.Module):
         x = (embeds - self.mean) / self.std  # image_normalizer.scale
         x = add_noise(x, noise, levels, alphas_cumprod)
         x = x * self.std + self.mean  # image_normalizer.unscale
-        level_emb = timestep_embedding(levels, self.embedding_dim, flip_sin_to_cos=True, shift=0).to(x.dtype)
+        level_emb = timestep_embedding(levels, self.embedding_dim).to(x.dtype)
         return torch.cat([x, level_emb], dim=1)  # (B, E) ++ (B, E) -> (B, 2E)
 
 
 # ---- 8. samplers -----------------------------------------------------------------------------------------------------
-# Pure functions over a `model_fn(x, t) -> v` (t a Python int; the function applies classifier-free
-# guidance itself, see `classifier_free_guidance`), in the style of k-diffusion. `callback`, if given, receives
-# dict(i=call index, t=timestep, x=sample after the update) after each model call.
+# Pure functions over a `model_fn(x, t) -> v` (t a Python int; guidance is the model's, see
+# `classifier_free_guidance`), as in k-diffusion; `callback(dict(i=call index, t=timestep, x=sample after the
+# update))` after each model call. The official scheduler settings: leading spacing, steps_offset 1,
+# set_alpha_to_one False (ᾱ_0 stands in for ᾱ below t = 0).
 
-def leading_timesteps(steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
-    """The "leading" spacing of diffusers, descending: k · (T // steps) + steps_offset, k = steps-1 ... 0.
+def leading_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The "leading" spacing of diffusers, descending: k · (T // steps) + 1, k = steps-1 ... 0 (steps_offset 1).
     20 steps -> [951, 901, ..., 51, 1]."""
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
     ratio = num_train_timesteps // steps
-    return [k * ratio + steps_offset for k in reversed(range(steps))]
+    return [k * ratio + 1 for k in reversed(range(steps))]
 
 
-def pndm_timesteps(steps: int, num_train_timesteps: int = 1000, steps_offset: int = 1) -> list[int]:
+def pndm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """PNDM with skip_prk_steps: the leading timesteps with the second one repeated, so `steps` steps take
     `steps + 1` model calls (20 -> [951, 901, 901, 851, ..., 1]; 1 -> [1]). Mirrors
     `PNDMScheduler.set_timesteps`: cat(_t[:-1], _t[-2:-1], _t[-1:]) reversed, _t ascending."""
-    ts = leading_timesteps(steps, num_train_timesteps, steps_offset)
+    ts = leading_timesteps(steps, num_train_timesteps)
     return ts[:1] + ts[1:2] + ts[1:] if steps > 1 else ts
 
 
@@ -847,26 +756,23 @@ def _pndm_transfer(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, a_prev: to
 
 @torch.no_grad()
 def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torch.Tensor | None = None,
-                final_alpha_cumprod: torch.Tensor | None = None, steps_offset: int = 1, callback=None) -> torch.Tensor:
-    """PLMS, the pseudo linear multistep sampler of PNDM (Liu et al. 2022, arXiv:2202.09778), for a v-prediction
-    model: the official scheduler of stable-diffusion-2-1-unclip. Mirrors diffusers `PNDMScheduler.step_plms` with
-    skip_prk_steps=True, timestep_spacing "leading", steps_offset=1, set_alpha_to_one=False.
+                callback=None) -> torch.Tensor:
+    """PLMS, the pseudo linear multistep sampler of PNDM (Liu et al. 2022, arXiv:2202.09778) for a v-prediction
+    model, the official scheduler of SD-2.1-unclip: diffusers `PNDMScheduler.step_plms` with skip_prk_steps=True.
 
     With δ = T // steps and the raw model outputs e_k (v, oldest first) the slope m used at call c is
         c = 0:  m = e_0                              (a plain step t -> t-δ; its result only feeds call 1)
         c = 1:  m = (v_1 + e_0) / 2, restarting from the sample of call 0, t+δ -> t   (a 2nd-order Heun-like step)
         then    m = (3 e_1 - e_0) / 2,  (23 e_2 - 16 e_1 + 5 e_0) / 12,
                 m = (55 e_3 - 59 e_2 + 37 e_1 - 9 e_0) / 24   (Adams-Bashforth, last four outputs)
-    and x <- φ(x, m, ᾱ_t, ᾱ_{t-δ}) (`_pndm_transfer`), with ᾱ_{<0} = `final_alpha_cumprod` (default ᾱ_0, since
-    set_alpha_to_one=False). The multistep combination is formed from v, and converted to ε only afterwards.
-    `x` is the initial noise (init_noise_sigma = 1); `alphas_cumprod` defaults to SD's scaled_linear schedule.
+    and x <- φ(x, m, ᾱ_t, ᾱ_{t-δ}) (`_pndm_transfer`): the combination is formed from v, converted to ε only
+    afterwards. `x` is the initial noise (init_noise_sigma = 1).
     """
     ac = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x.device)
-    final = ac[0] if final_alpha_cumprod is None else final_alpha_cumprod.to(x.device).reshape(())
     delta = len(ac) // steps
     history: list[torch.Tensor] = []  # raw model outputs of the calls that count as steps (not call 1)
     x_first = x
-    for i, t in enumerate(pndm_timesteps(steps, len(ac), steps_offset)):
+    for i, t in enumerate(pndm_timesteps(steps, len(ac))):
         v = model_fn(x, t)
         if i == 1:  # the repeated timestep: redo the first step from its start, with the averaged slope
             m, x_from, t_from, t_to = (v + history[-1]) / 2, x_first, t + delta, t
@@ -881,7 +787,7 @@ def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
                 m = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
             else:
                 m = (1 / 24) * (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4])
-        x = _pndm_transfer(x_from, m, ac[t_from], ac[t_to] if t_to >= 0 else final)
+        x = _pndm_transfer(x_from, m, ac[t_from], ac[max(t_to, 0)])
         if callback is not None:
             callback(dict(i=i, t=t, x=x))
     return x
@@ -889,22 +795,20 @@ def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
 
 @torch.no_grad()
 def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torch.Tensor | None = None,
-                final_alpha_cumprod: torch.Tensor | None = None, steps_offset: int = 1, callback=None) -> torch.Tensor:
+                callback=None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0; Song et al. 2020, arXiv:2010.02502) for a v-prediction model, mirroring
-    diffusers `DDIMScheduler.step` (leading spacing, steps_offset 1, set_alpha_to_one False, no clipping).
+    diffusers `DDIMScheduler.step` (no clipping).
 
     `UnCLIPDecoder(..., sampler="ddim")`: one model call per step, but not the official unclip scheduler, so
-    other images than `pndm_sample` gives. With a = ᾱ_t, a' = ᾱ_{t-δ} (ᾱ_0 below 0):
+    other images than `pndm_sample` gives. With a = ᾱ_t, a' = ᾱ_{t-δ}:
         x̂_0 = √a · x - √(1-a) · v,   ε̂ = √a · v + √(1-a) · x,   x' = √a' · x̂_0 + √(1-a') · ε̂
     The callback also receives `denoised` = x̂_0.
     """
     ac = (scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x.device)
-    final = ac[0] if final_alpha_cumprod is None else final_alpha_cumprod.to(x.device).reshape(())
     delta = len(ac) // steps
-    for i, t in enumerate(leading_timesteps(steps, len(ac), steps_offset)):
+    for i, t in enumerate(leading_timesteps(steps, len(ac))):
         v = model_fn(x, t)
-        a = ac[t]
-        a_prev = ac[t - delta] if t - delta >= 0 else final
+        a, a_prev = ac[t], ac[max(t - delta, 0)]
         x0 = a ** 0.5 * x - (1 - a) ** 0.5 * v
         eps = a ** 0.5 * v + (1 - a) ** 0.5 * x
         x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
@@ -917,11 +821,8 @@ SAMPLERS = {"pndm": pndm_sample, "ddim": ddim_sample}  # name -> sampler; PNDM i
 
 
 def classifier_free_guidance(model_fn, guidance_scale: float):
-    """Wrap a model over the doubled batch [uncond; cond] into a guided one: v = v_u + s (v_c - v_u).
-
-    `model_fn(x2, t)` sees cat([x, x]) and must put the unconditional conditioning first (as the diffusers
-    pipelines do); one batched call per step, then `chunk(2)`.
-    """
+    """Wrap a model over the doubled batch [uncond; cond] into a guided one: v = v_u + s (v_c - v_u), with one
+    batched call per step: `model_fn(x2, t)` sees cat([x, x]) and puts the unconditional conditioning first."""
     def guided(x: torch.Tensor, t: int) -> torch.Tensor:
         v_uncond, v_cond = model_fn(torch.cat([x, x]), t).chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
@@ -930,19 +831,11 @@ def classifier_free_guidance(model_fn, guidance_scale: float):
 
 # ---- 9. the pipeline: UnCLIPDecoder = text encoder + noise augmentation + UNet + sampler + VAE decoder ---------------
 
-def _encode_after_load(decoder: "UnCLIPDecoder", incompatible_keys) -> None:
-    """load_state_dict post-hook (a named function, so that the module still pickles): recompute E("")."""
-    decoder.encode_empty_prompt()
-
-
 class UnCLIPDecoder(nn.Module):
-    """SEED's image decoder: a (B, E) image embedding -> images, as StableUnCLIPImg2ImgPipeline with
-    `image_embeds` and no prompt (AILab-CVC/SEED @ 93b3cf4 models/pipeline_stable_unclip_img2img.py, as
-    models/seed_llama_tokenizer.py: `ImageTokenizer.decode` calls it).
-
-    The only text it conditions on is the empty prompt, so the text encoder runs once, whenever weights are
-    loaded (`from_official`, `from_pretrained`, any `load_state_dict`) or at construction, and its output E("")
-    is kept in the buffer `empty_prompt_states` (not saved: it is recomputed from the text encoder's weights).
+    """SEED's image decoder: a (B, E) image embedding -> images, as SEED's StableUnCLIPImg2ImgPipeline with
+    `image_embeds` and no prompt. The only text it conditions on is the empty prompt, so the text encoder runs
+    once, at construction and whenever weights are loaded (any `load_state_dict`), into the buffer
+    `empty_prompt_states` E("") (not saved: it is recomputed from the text encoder's weights).
     """
 
     def __init__(self, config: DecoderConfig):
@@ -952,8 +845,7 @@ class UnCLIPDecoder(nn.Module):
         if (any(u.cross_attention) or u.mid_attention) != (config.text is not None):
             raise ValueError("a UNet with cross-attention needs a text encoder config, and one without needs none")
         if config.text is not None and config.text.width != u.cross_attention_dim:
-            raise ValueError(f"text width {config.text.width} != UNet cross_attention_dim "
-                             f"{u.cross_attention_dim}")
+            raise ValueError(f"text width {config.text.width} != UNet cross_attention_dim {u.cross_attention_dim}")
         self.unet = UNet(u)
         self.vae = VAEDecoder(config.vae) if config.vae is not None else None
         self.text_encoder = CLIPTextEncoder(config.text) if config.text is not None else None
@@ -962,7 +854,7 @@ class UnCLIPDecoder(nn.Module):
         self.register_buffer("empty_prompt_states", None, persistent=False)  # E(""), (1, 77, D)
         if self.text_encoder is not None:
             # after every load_state_dict (also the assign=True of the loaders): E("") of the new weights
-            self.register_load_state_dict_post_hook(_encode_after_load)
+            self.register_load_state_dict_post_hook(UnCLIPDecoder._encode_after_load)
             self.encode_empty_prompt()
 
     @torch.no_grad()
@@ -973,6 +865,9 @@ class UnCLIPDecoder(nn.Module):
         device = self.text_encoder.text_model["final_layer_norm"].weight.device
         ids = torch.tensor([empty_prompt_ids(text.vocab_size, text.context_length)], device=device)  # (1, 77)
         self.empty_prompt_states = self.text_encoder(ids)  # (1, 77, D)
+
+    def _encode_after_load(self, incompatible_keys) -> None:  # a method, not a lambda, so the module still pickles
+        self.encode_empty_prompt()
 
     # -- the steps of the official __call__, in order ------------------------------------------------------
 
@@ -985,11 +880,9 @@ class UnCLIPDecoder(nn.Module):
     def class_labels(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None,
                      noise_level: int, noise: torch.Tensor, guided: bool) -> torch.Tensor:
         """The UNet's class labels: (2B, 2E) = cat([uncond, cond]) when `guided` (CFG), else cond (B, 2E).
-
         cond = noise_augment(e) ++ sinusoid(noise_level). uncond = zeros over the WHOLE 2E label (also the
         noise-level half), as the official pipeline and the training-time label dropout; with negative
-        embeddings it is their noise augmentation (SEED's pipeline copy), using the second noise draw.
-        """
+        embeddings it is their noise augmentation (SEED's pipeline copy), using the second noise draw."""
         augment = self.noise_augmentation.noise_image_embeddings
         cond = augment(image_embeds, noise_level, noise[0])
         if not guided:
@@ -1011,11 +904,10 @@ class UnCLIPDecoder(nn.Module):
         return [Image.fromarray(im) for im in (images * 255).round().astype("uint8")]
 
     @torch.no_grad()
-    def __call__(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None = None,
-                 steps: int = 20, guidance_scale: float = 10.0, noise_level: int = 0,
-                 latents: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 seed: int | None = None, sampler: str = "pndm") -> list[Image.Image]:
-        """image_embeds (B, E) -> B images (768 x 768 for the official model).
+    def __call__(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None = None, steps: int = 20,
+                 guidance_scale: float = 10.0, noise_level: int = 0, latents: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, seed: int | None = None, sampler: str = "pndm") -> list:
+        """image_embeds (B, E) -> B PIL images (768 x 768 for the official model).
 
         `sampler`: "pndm" (the official PNDMScheduler) or "ddim" (deterministic DDIM over the same timesteps).
         `latents` (B, C, h, w) replaces the initial noise; `noise` (draws, B, E) replaces the noise-augmentation
@@ -1038,16 +930,14 @@ class UnCLIPDecoder(nn.Module):
         def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:  # with CFG x is cat([x, x]): (2B, C, h, w)
             return self.unet(x.to(dtype), t, context, labels).float()
 
-        if guided:  # one batched call per step on [uncond; cond], then v_u + s (v_c - v_u)
+        if guided:
             model_fn = classifier_free_guidance(model_fn, guidance_scale)
-        # The sampler state stays fp32 even when the UNet runs in fp16 (the official keeps it in fp16).
-        x = SAMPLERS[sampler](model_fn, latents.to(device, torch.float32), steps)
+        x = SAMPLERS[sampler](model_fn, latents.to(device, torch.float32), steps)  # fp32 state (see the header)
         return self.to_pil(self.decode(x))
 
     def _draw_noise(self, B: int, draws: int, noise: torch.Tensor | None, latents: torch.Tensor | None,
                     seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmentation noise (draws, B, E) and the initial latents (B, C, h, w): checked when given, else
-        drawn on the CPU in the official order (noise first) from `seed` or the global RNG."""
+        """The augmentation noise (draws, B, E) and the initial latents (B, C, h, w), checked or drawn."""
         E, u = self.config.embed_dim, self.config.unet
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         if noise is None:
@@ -1063,15 +953,12 @@ class UnCLIPDecoder(nn.Module):
                 raise ValueError(f"{name} contains NaN or inf values")
         return noise, latents
 
-    def _check_embeds(self, e: torch.Tensor, neg: torch.Tensor | None):
+    def _check_embeds(self, e: torch.Tensor, neg: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         E = self.config.embed_dim
         for name, t in (("image_embeds", e), ("negative_image_embeds", neg)):
-            if t is None:
-                continue
-            if t.ndim != 2 or t.shape[1] != E:
-                raise ValueError(f"{name} must be (B, {E}) (this decoder's image-embedding width), "
-                                 f"got {tuple(t.shape)}")
-            if not torch.isfinite(t).all():
+            if t is not None and (t.ndim != 2 or t.shape[1] != E):
+                raise ValueError(f"{name} must be (B, {E}) (the decoder's embedding width), got {tuple(t.shape)}")
+            if t is not None and not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or inf values")
         if neg is not None and neg.shape != e.shape:
             raise ValueError(f"negative_image_embeds {tuple(neg.shape)} must match image_embeds {tuple(e.shape)}")
@@ -1088,8 +975,8 @@ class UnCLIPDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device=None, dtype: torch.dtype | None = None) -> "UnCLIPDecoder":
-        """Read what save_pretrained wrote, strictly (every key present with its shape, nothing extra).
-        `device` defaults to weights.pick_device(), `dtype` to weights.pick_dtype (fp32 on the CPU)."""
+        """Read what save_pretrained wrote, strictly (every key present with its shape, nothing extra); `device`,
+        `dtype` default as in `from_official`."""
         folder = Path(folder)
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
@@ -1108,14 +995,11 @@ class UnCLIPDecoder(nn.Module):
     @classmethod
     def from_official(cls, folder: str | Path, device=None, dtype: torch.dtype | None = None,
                       variant: str | None = None) -> "UnCLIPDecoder":
-        """Load `stabilityai/stable-diffusion-2-1-unclip` in its diffusers layout (one folder per component; the
-        tokenizer/ files are not read, see `empty_prompt_ids`).
-
-        Weights: `<name>[.<variant>].safetensors`, else `.bin` (variant "fp16" for the half-size files); both
-        VAE attention namings. Every key and shape is checked before any tensor is read; the model is built on
-        the meta device and filled tensor by tensor, cast as it goes, so the peak memory is the model in `dtype`
-        (`device` defaults to weights.pick_device(), `dtype` to weights.pick_dtype: fp16 on an accelerator).
-        """
+        """Load `stabilityai/stable-diffusion-2-1-unclip` in its diffusers layout (one folder per component; not
+        tokenizer/, see `empty_prompt_ids`): `<name>[.<variant>].safetensors`, else `.bin` (variant "fp16": the
+        half-size files), both VAE attention namings. Every key and shape is checked before any tensor is read,
+        then the meta-device model is filled tensor by tensor, cast as it goes, so the peak memory is the model in
+        `dtype` (default weights.pick_dtype: fp16 on an accelerator; `device` default weights.pick_device())."""
         folder = Path(folder)
         needed = [*OFFICIAL_COMPONENTS, "scheduler", "image_noising_scheduler"]
         missing = [c for c in needed if not (folder / c).is_dir()]
@@ -1156,19 +1040,14 @@ COMPONENT_ATTRIBUTES = {"unet": "unet", "vae": "vae", "text_encoder": "text_enco
                         "image_normalizer": "noise_augmentation"}
 
 # Official tensors we deliberately do not load (the official pipeline does not use them either), in our names.
-OFFICIAL_IGNORED = (
-    "vae.encoder.",       # the VAE encoder: unCLIP decoding only ever decodes
-    "vae.quant_conv.",    # the encoder's moment projection
-    *(f"text_encoder.{key}" for key in CLIPTextEncoder.IGNORED_KEYS),  # the position_ids buffer
-)
+OFFICIAL_IGNORED = ("vae.encoder.", "vae.quant_conv.",  # the VAE encoder and its moment projection: unCLIP decodes
+                    *(f"text_encoder.{key}" for key in CLIPTextEncoder.IGNORED_KEYS))  # the position_ids buffer
 
 # Files written by diffusers < 0.18 (the official VAE, Mar 2023) name the VAE mid-block attention
 # `query/key/value/proj_attn`; current diffusers (and this file) use `to_q/to_k/to_v/to_out.0`, the same
 # Linear shapes (diffusers==0.39.0 models/modeling_utils.py: `_fix_state_dict_keys_on_load`).
-VAE_LEGACY_NAMES = {".attentions.0.query.": ".attentions.0.to_q.",
-                    ".attentions.0.key.": ".attentions.0.to_k.",
-                    ".attentions.0.value.": ".attentions.0.to_v.",
-                    ".attentions.0.proj_attn.": ".attentions.0.to_out.0."}
+VAE_LEGACY_NAMES = {f".attentions.0.{old}.": f".attentions.0.{new}." for old, new in
+                    (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))}
 
 
 def official_key(component: str, key: str) -> str | None:
@@ -1181,9 +1060,8 @@ def official_key(component: str, key: str) -> str | None:
 
 
 def file_key(component: str, name: str, legacy: bool = False) -> str | None:
-    """The inverse of `official_key`, from the same tables: the key in the official folder `component` of our
-    state-dict `name` (None when `name` belongs to another component); `legacy`: the file uses the VAE names of
-    diffusers < 0.18."""
+    """The inverse of `official_key`: the key in the official folder `component` of our state-dict `name` (None
+    when `name` belongs to another component); `legacy`: the file uses the VAE names of diffusers < 0.18."""
     prefix = COMPONENT_ATTRIBUTES[component] + "."
     if not name.startswith(prefix):
         return None
@@ -1226,8 +1104,7 @@ def _check_official_schedulers(folder: Path) -> None:
     for name, values in want.items():
         path = folder / name / "scheduler_config.json"
         settings = weights.read_json(path)
+        values = {**values, "timestep_spacing": "leading"}  # diffusers' default, what leading_timesteps implements
         bad = [f"{k}={settings.get(k)!r} (need {v!r})" for k, v in values.items() if settings.get(k, v) != v]
-        if settings.get("timestep_spacing", "leading") != "leading":
-            bad.append(f"timestep_spacing={settings['timestep_spacing']!r} (need 'leading')")
         if bad:
             raise ValueError(f"{path}: unsupported scheduler settings: {'; '.join(bad)}")
