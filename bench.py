@@ -1,13 +1,10 @@
 """bench.py: speed of our models against the reference implementations, on CPU, random weights.
 
-    python bench.py                 # every benchmark
-    python bench.py llama           # only the named ones
-    python bench.py llama --threads 2 --repeats 5
+    python bench.py [llama] [llama_load] [unet] [--threads 2] [--repeats 3]     # default: every benchmark
 
-Each `bench_<name>(args)` builds both implementations with the same weights, checks that they agree, times them
-and prints a table; `llama_load` measures the peak host RAM of the official-checkpoint loader instead. A benchmark
-whose reference library (transformers, diffusers: dev dependencies) is absent says so and is skipped. Other load
-on the machine matters: run it on a quiet machine and report the best of a few runs.
+Each `bench_<name>(args)` builds both implementations with the same weights, checks that they agree, times them and
+prints a table (`llama_load` measures the loader's peak host RAM instead); one whose reference library is absent
+says so and is skipped. Run it on a quiet machine: other load matters.
 """
 import argparse
 import os
@@ -23,7 +20,6 @@ import llama
 import unet
 from weights import write_json
 
-
 def best_times(runs: dict, repeats: int) -> dict:
     """Best wall time (s) of each function in `runs` over `repeats` rounds after a warm-up round. The functions
     take turns within a round, so a burst of load from other processes hits them alike."""
@@ -35,7 +31,6 @@ def best_times(runs: dict, repeats: int) -> dict:
             if round_ > 0:
                 times[name].append(time.perf_counter() - t0)
     return {name: min(t) for name, t in times.items()}
-
 
 def bench_llama(args):
     """Our Llama vs transformers' LlamaForCausalLM: prefill of a 256-token prompt and greedy decode of 64 tokens,
@@ -79,7 +74,6 @@ def bench_llama(args):
         print(f"{name:14s} {prefill:18.1f} {decode:18.1f}")
     print(f"{'ratio':14s} {rows[0][1] / rows[1][1]:17.2f}x {rows[0][2] / rows[1][2]:17.2f}x")
 
-
 # Run in a fresh process per load: peak RSS growth while Llama.from_official reads a folder and the weights are used.
 _LOAD_AND_REPORT_PEAK_RSS = """
 import sys, torch
@@ -92,7 +86,6 @@ for p in model.parameters():  # read every weight: memory-mapped pages only coun
     p.sum()
 print(sum(p.numel() * p.element_size() for p in model.parameters()), status("VmHWM:") - before)
 """
-
 
 def bench_llama_load(args):
     """Peak host RAM of Llama.from_official: a reduced SEED-LLaMA (463M parameters) written in the two official
@@ -128,7 +121,6 @@ def bench_llama_load(args):
                                      text=True, check=True).stdout.split()
                 weights, peak = (int(v) / 2**30 for v in out)
                 print(f"{str(stored).removeprefix('torch.') + ' .bin':12s} {target:10s} {weights:8.2f} {peak:9.2f}")
-
 
 def bench_unet(args):
     """One classifier-free-guidance step of the unCLIP UNet (batch 2 = [uncond; cond]) against diffusers'
@@ -169,7 +161,6 @@ def bench_unet(args):
     print(f"{'':14s} {'s / CFG step':>14s}")
     print(f"{'ours':14s} {t['ours']:14.3f}\n{'diffusers':14s} {t['diffusers']:14.3f}")
     print(f"{'ratio':14s} {t['diffusers'] / t['ours']:13.2f}x")
-
 
 BENCHMARKS = {"llama": bench_llama, "llama_load": bench_llama_load, "unet": bench_unet}
 

@@ -33,7 +33,6 @@ from safetensors.torch import save_file
 from weights import (atomic_write, check_keys, find_weights, pick_device, pick_dtype, read_header, read_json,
                      read_weights, shapes, write_json)
 
-
 @dataclass
 class LlamaConfig:
     """Architecture of SEED-LLaMA. Defaults = seed-llama-8b (Vicuna-7B with the image tokens added),
@@ -82,7 +81,6 @@ class LlamaConfig:
             raise ValueError(f"config.json head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
         return config
 
-
 # transformers' LlamaConfig names -> ours (num_key_value_heads and rope_theta are optional there)
 HF_CONFIG_NAMES = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
                    "num_attention_heads": "n_heads", "intermediate_size": "ffn_dim", "rms_norm_eps": "norm_eps",
@@ -95,7 +93,6 @@ LLAMA_PRESETS = {
     "seed-llama-14b": dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824, norm_eps=1e-5),
     "tiny": dict(vocab_size=730, dim=128, n_layers=4, n_heads=4, ffn_dim=344, norm_eps=1e-5, max_seq_len=256),
 }
-
 
 @dataclass
 class GenerationConfig:
@@ -114,7 +111,6 @@ class GenerationConfig:
     force_image: bool = False          # append <img> to the prompt (returned as the first new token)
     guidance_scale: float = 1.0        # classifier-free guidance on the image-code logits; 1 = off
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -127,7 +123,6 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-
 def rope_tables(config: LlamaConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position, (max_seq_len, head_dim) in fp32, in the rotate_half layout of the HF
     checkpoints: frequency j drives dimensions j and j + head_dim/2 (Meta's layout pairs 2j and 2j+1 instead)."""
@@ -137,13 +132,11 @@ def rope_tables(config: LlamaConfig, device=None) -> tuple[torch.Tensor, torch.T
     emb = torch.cat((freqs, freqs), dim=-1)                                                   # (S, hs)
     return emb.cos(), emb.sin()
 
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x (B, nh, T, hs); cos, sin (T, hs) shared by the batch, or (B, 1, T, hs) with per-row positions.
     # HF's rotate_half: the first half of each head pairs with the second, (x1, x2) -> (-x2, x1).
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
 
 class KVCache(nn.Module):
     """Keys and values of the positions seen so far, preallocated once (gpt-fast style) and written in place."""
@@ -160,7 +153,6 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # views (B, nkv, end, hs): no copy
-
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -188,7 +180,6 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
-
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -198,7 +189,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-
 
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -211,7 +201,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, start_pos):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, start_pos)  # pre-norm residual blocks
         return x + self.mlp(self.post_attention_layernorm(x))
-
 
 class Llama(nn.Module):
     """LLaMA decoder. Submodules are named as in HF `LlamaForCausalLM` (`model.layers.3.self_attn.q_proj`,
@@ -389,9 +378,7 @@ class Llama(nn.Module):
         stored = getattr(torch, name) if name in ("float32", "float16", "bfloat16") else None
         return _load(LlamaConfig.from_hf(hf), find_weights(folder, OFFICIAL_WEIGHT_FILES), device, dtype, stored)
 
-
 # ---- sampling and the image-span options ----------------------------------------------------------------
-
 def batch_rows(prompts: Sequence[Sequence[int]], cfg: GenerationConfig, image_vocab,
                uncond_prompt, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rows generate() runs, left-padded into one (B', T) tensor: the prompts, then (guidance on) one copy of
@@ -414,7 +401,6 @@ def batch_rows(prompts: Sequence[Sequence[int]], cfg: GenerationConfig, image_vo
     pad = torch.tensor([T - len(r) for r in rows], device=device)
     return idx, (pad if pad.any() else None)
 
-
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids: argmax, or sampling after HF's warpers in HF's order
     (temperature -> top-k -> top-p; transformers 4.30.2 generation/utils.py `_get_logits_warper`)."""
@@ -429,12 +415,10 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator=None) -> 
         logits = top_p_filter(logits, cfg.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
-
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties with the k-th kept too, as HF TopKLogitsWarper)."""
     kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[:, -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
-
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter as HF TopPLogitsWarper: sort ascending and drop the tokens whose cumulative probability
@@ -443,7 +427,6 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
     drop[:, -1] = False
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-
 
 class _SpanTracker:
     """Where each row stands in an image span, for constrained decoding and guidance on image codes.
@@ -475,9 +458,7 @@ class _SpanTracker:
         where = (self.state >= 0)[:, None] & self.is_code
         return torch.where(where, uncond + scale * (cond - uncond), cond)
 
-
 # ---- loading -------------------------------------------------------------------------------------------
-
 # Keys of the official checkpoints that are deliberately not loaded, as the official code ignores them too:
 # transformers <= 4.30 saved RoPE's inverse frequencies as a persistent buffer, one per layer (both SEED-LLaMA
 # checkpoints have them); they are a function of rope_theta, recomputed by `rope_tables`.
@@ -486,7 +467,6 @@ IGNORED_OFFICIAL_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.
 # An official folder holds one of these (the first found wins): shards with their index, or a single file.
 OFFICIAL_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
                          "pytorch_model.bin")
-
 
 def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype=None) -> Llama:
     """Build on the meta device, check every key and shape of every file against the config before any data

@@ -13,16 +13,11 @@ no position embedding, only the embedding LayerNorm. Inference sequence of one l
     h = LN(h + CrossAttn(h, image))            # crossattention.*, only when l % cross_attention_freq == 0
     x = LN(h + W2 gelu(W1 h))                  # intermediate_query / output_query
 
-Public API (other modules rely on these names):
-  * `QFormerConfig` (defaults = the official model; `text_vocab_size=0` means no text branch);
-  * `CausalQFormer(config, causal=True)`: `forward(image_feats (B, N, vision_width)) -> (B, n_queries, width)`;
-    `encode_text(ids (B, T), attention_mask (B, T)) -> (B, T, width)` when the text branch is built;
-    `vision_proj` / `text_proj` project the last query / the [CLS] token for contrastive training.
-  * Submodules are named after the official keys, simplified where BERT splits one concept over two modules (the
-    loader in seed.py holds the rename table): `layers.N.attention.{query,key,value,out,norm}` for
-    `Qformer.bert.encoder.layer.N.attention.{self.*, output.*}`, `layers.N.ffn_query.{up,down,norm}` for
-    `intermediate_query.dense` / `output_query.{dense,LayerNorm}`, `input_norm` for `bert.embeddings.LayerNorm`;
-    `query_tokens` (a top-level tensor of the official quantizer) lives here, with the queries it defines.
+`CausalQFormer(config, causal=True)`: image features (B, N, vision_width) -> (B, n_queries, width); with a text
+branch (`text_vocab_size > 0`), `encode_text(ids, attention_mask)` and the contrastive projections `vision_proj` /
+`text_proj`. Submodules are named after the official keys, simplified where BERT splits one concept over two
+modules (seed.py's rename table maps them): `layers.N.attention.{query,key,value,out,norm}`,
+`layers.N.ffn_query.{up,down,norm}`, `input_norm`, and `query_tokens` (a top-level tensor of the official file).
 
 The text branch (word and position embeddings, each layer's text feed-forward `ffn_text`, the projections) exists only
 for training the tiny model (BLIP-2 style: text tokens run through the same self-attention weights, with a padding
@@ -37,7 +32,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 @dataclass
 class QFormerConfig:
@@ -56,7 +50,6 @@ class QFormerConfig:
     def __post_init__(self):
         if self.width % self.n_heads:
             raise ValueError(f"Q-Former width {self.width} is not divisible by n_heads {self.n_heads}")
-
 
 class QFormerAttention(nn.Module):
     """BERT attention + its output block (post-LN): LN(x + out(softmax(q k^T / sqrt(hs)) v))."""
@@ -86,7 +79,6 @@ class QFormerAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.norm(x + self.out(y))
 
-
 class QFormerFFN(nn.Module):
     """BERT feed-forward + output block (post-LN): LN(x + down(gelu(up(x)))), exact GELU."""
 
@@ -98,7 +90,6 @@ class QFormerFFN(nn.Module):
 
     def forward(self, x):
         return self.norm(x + self.down(F.gelu(self.up(x))))
-
 
 class QFormerLayer(nn.Module):
     def __init__(self, config: QFormerConfig, has_cross_attention: bool):
@@ -119,7 +110,6 @@ class QFormerLayer(nn.Module):
     def forward_text(self, x, key_mask):
         # Text tokens share the self-attention weights with the queries, but not the feed-forward (BLIP-2).
         return self.ffn_text(self.attention(x, key_mask=key_mask))
-
 
 class CausalQFormer(nn.Module):
     def __init__(self, config: QFormerConfig | None = None, causal: bool = True):

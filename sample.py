@@ -44,7 +44,6 @@ from unet import OFFICIAL_COMPONENTS, SAMPLERS, UnCLIPDecoder
 from weights import index_shards, pick_device, pick_dtype
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
-
 @dataclass
 class Settings:
     """How to generate; the CLI's defaults are these fields (the LLM's: llama.GenerationConfig's official values)."""
@@ -59,7 +58,6 @@ class Settings:
     sampler: str = "pndm"          # the decoder's sampler: "pndm" (official) or "ddim" (unet.SAMPLERS)
     negative: bool = True          # generated images: the LLM's unconditional codes as the negative image
     seed: int = 0
-
 
 class SeedLlama:
     """The SEED tokenizer, SEED-LLaMA with its text tokenizer and the unCLIP decoder. With `low_vram` every model
@@ -150,7 +148,6 @@ class SeedLlama:
             return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
                                 guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
 
-
 def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: str = "8b", weights: str | None = None,
                   low_vram: bool = False) -> SeedLlama:
     """`ckpt` = "official" (the released weights, fetched into the cache) or a folder written by train.py."""
@@ -177,9 +174,7 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         template = "8B"  # train.py instruction-tunes in the official 8B chat template
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
 
-
 # ---- The built-in test picture -------------------------------------------------------------------------------------
-
 def test_picture(size: int = 448) -> Image.Image:
     """A house on a meadow under a blue sky with a sun, drawn with PIL: something every task can talk about when no
     `--image` is given (deterministic, no file needed)."""
@@ -202,24 +197,19 @@ def test_picture(size: int = 448) -> Image.Image:
     draw.rectangle(at(230, 225, 265, 255), fill=(120, 180, 230))
     return image
 
-
 # ---- The tasks. Each prints what it did, the 32 codes of every image, and where each picture was saved. ------------
-
 def show_codes(label: str, codes: list[int]) -> None:
     print(f"  {label} codes ({len(codes)}): {' '.join(map(str, codes))}")
-
 
 def save(image: Image.Image, out: Path, name: str) -> None:
     path = out / f"{name}.png"
     image.save(path)
     print(f"  saved {path}")
 
-
 def input_image(args) -> tuple[Image.Image, str]:
     if args.image is None:
         return test_picture(), "the built-in test picture (a house on a meadow, a sun)"
     return load_image(args.image), args.image
-
 
 def run_reconstruct(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     image, name = input_image(args)
@@ -227,7 +217,6 @@ def run_reconstruct(pipe: SeedLlama, settings: Settings, args, out: Path) -> Non
     codes = pipe.encode_image(image)
     show_codes("input", codes)
     save(pipe.draw(codes, settings), out, "reconstruct")
-
 
 def ask(pipe: SeedLlama, settings: Settings, out: Path, task: str, question: str, codes: list[int] | None,
         force_image: bool = False) -> None:
@@ -244,7 +233,6 @@ def ask(pipe: SeedLlama, settings: Settings, out: Path, task: str, question: str
         negative = pipe.unconditional_codes(settings) if settings.negative else None
         save(pipe.draw(image_codes, settings, negative), out, task if k == 0 else f"{task}_{k}")
 
-
 def run_on_image(task: str, what: str = "prompt", force_image: bool = False):
     """caption / vqa / edit: the image first, then the text, as the official scripts ask."""
     def run(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
@@ -256,14 +244,12 @@ def run_on_image(task: str, what: str = "prompt", force_image: bool = False):
         ask(pipe, settings, out, task, question, codes, force_image)
     return run
 
-
 def run_t2i(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     request = args.prompt or DEFAULT_PROMPTS["t2i"]
     print(f"[t2i] {request}")
     if settings.negative:
         show_codes("unconditional (negative)", pipe.unconditional_codes(settings))
     ask(pipe, settings, out, "t2i", request, None, force_image=True)
-
 
 class TextStream:
     """The LLM's `on_token` callback for the chat: prints the answer's text as it is generated, up to its first
@@ -287,7 +273,6 @@ class TextStream:
     def finish(self, answer: str) -> None:
         """End the line with whatever the stream did not show (the text after an image, `[image]` marks)."""
         print(answer[len(self.shown):] if answer.startswith(self.shown) else f" | {answer}")
-
 
 class Chat:
     """A multi-turn conversation as the official demo keeps it: the messages as text with `<image>` placeholders
@@ -338,7 +323,6 @@ class Chat:
     def reset(self) -> None:
         self.messages, self.images = [], []
 
-
 def run_chat(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     chat = Chat(pipe, settings, out)
     interactive = sys.stdin.isatty()
@@ -374,7 +358,6 @@ def run_chat(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
         except (FileNotFoundError, ValueError) as e:  # a bad path or a broken span ends the turn, not the chat
             print(f"  error: {e}")
 
-
 def run_chat_demo(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     """`--task all`: a scripted two-turn chat on the input picture; the second turn asks for a new picture, so the
     history ends up holding one image of each origin."""
@@ -386,20 +369,16 @@ def run_chat_demo(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
     print("you> /draw Now draw the same scene at night.")
     chat.turn("Now draw the same scene at night.", draw=True)
 
-
 RUNNERS = {"reconstruct": run_reconstruct, "caption": run_on_image("caption"), "vqa": run_on_image("vqa"),
            "t2i": run_t2i, "edit": run_on_image("edit", "instruction", force_image=True), "chat": run_chat,
            "chat-demo": run_chat_demo}
 
-
 # ---- The CLI -------------------------------------------------------------------------------------------------------
-
 TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
 DEFAULT_PROMPTS = {  # the vqa/t2i/edit questions are the official script's examples, adapted to the test picture
     "caption": "Please describe the image in one sentence.", "vqa": "What is in this picture?",
     "t2i": "Can you generate an image of a dog on the green grass?",
     "edit": "Can you make it a winter scene with snow?"}
-
 
 def build_parser() -> argparse.ArgumentParser:
     """Every default is a `Settings` field."""
@@ -456,12 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples", help="folder for the PNG files (default ./samples)")
     return p
 
-
 def settings_from(args) -> Settings:
     """Every `Settings` field is the flag of its name; --negative alone is a word."""
     return Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "negative"},
                     negative=args.negative == "uncond")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -498,9 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
 # ---- The official files, laid out as on the hub (https://huggingface.co/<repo>/resolve/main/<file>) ----------------
-
 TOKENIZER_REPO = "AILab-CVC/seed-tokenizer-2"
 TOKENIZER_FILES = ["seed_quantizer.pt", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",
                    "tokenizer_config.json"]
@@ -531,10 +506,8 @@ KNOWN_FILES = {
         (499_723, "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"),
 }
 
-
 class DownloadError(RuntimeError):
     """A weight file could not be fetched or verified; the message says why and what to do."""
-
 
 def weights_root(weights: str | None = None) -> Path:
     """Where the official files live: `--weights DIR`, else $SEED_CACHE, else the XDG cache folder."""
@@ -542,10 +515,8 @@ def weights_root(weights: str | None = None) -> Path:
         return Path(weights or os.environ["SEED_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seed-from-scratch"
 
-
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
 
 def hub_url(rel: str) -> str:
     """The URL of a file given by its path in the layout (`owner/repo/file`); EVA has its own."""
@@ -555,10 +526,8 @@ def hub_url(rel: str) -> str:
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     return f"{endpoint}/{owner}/{name}/resolve/main/{file}"
 
-
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} B"
-
 
 class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
     """The hub answers a large (LFS) file with a redirect to its CDN; the redirect, not the final answer, carries the
@@ -572,9 +541,7 @@ class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
             new.linked = linked
         return new
 
-
 _OPENER = urllib.request.build_opener(_KeepLinkedHeaders())
-
 
 def _sha256_header(headers: dict) -> str | None:
     """The sha256 the server vouches for, if any: the hub sends it as the (quoted) ETag of LFS files. A 40-hex ETag is
@@ -585,14 +552,12 @@ def _sha256_header(headers: dict) -> str | None:
             return value
     return None
 
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
 
 def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3) -> Path:
     """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic. A
@@ -624,7 +589,6 @@ def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries
         os.replace(part, dest)
         return dest
     raise DownloadError(f"{url}: gave up after {retries + 1} attempts; run again to resume from {part}.")
-
 
 def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
     """(response, total size or None, offset the body starts at, headers) of `url` from the end of `part` on; None to
@@ -667,7 +631,6 @@ def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
         total = int(headers["x-linked-size"])
     return resp, total, offset, headers
 
-
 def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
     """Append the body of an open response to `part` (after checking the disk can hold the rest); False when the
     connection broke and the attempt should be made again."""
@@ -696,7 +659,6 @@ def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
             raise
     return True
 
-
 def fetch_files(root: Path, rels: list[str]) -> None:
     """Make sure every file of `rels` (paths in the hub layout) is under `root`: download only the missing ones."""
     missing = [rel for rel in rels if not (root / rel).is_file()]
@@ -707,7 +669,6 @@ def fetch_files(root: Path, rels: list[str]) -> None:
         print(f"downloading {rel}", file=sys.stderr)
         download(hub_url(rel), root / rel, known=KNOWN_FILES.get(rel))
 
-
 @dataclass
 class OfficialFiles:
     """Where each part of the official release is, once `resolve_official` has made sure it is there."""
@@ -716,7 +677,6 @@ class OfficialFiles:
     tokenizer: Path   # the folder with tokenizer.model and the added-token files
     llm: Path         # the SEED-LLaMA folder (config.json, index, shards)
     unclip: Path      # the stable-diffusion-2-1-unclip folder
-
 
 def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
     """Make sure the official files for `model` are under `root` (downloading what is missing) and say where.
@@ -736,7 +696,6 @@ def resolve_official(root: Path, model: str = "8b", variant: str | None = None) 
     fetch_files(root, fixed + ([] if offline() else [index]) + shards)
     return OfficialFiles(quantizer=root / TOKENIZER_REPO / "seed_quantizer.pt", vit=root / EVA_VIT_PATH,
                          tokenizer=root / TOKENIZER_REPO, llm=root / llm, unclip=root / UNCLIP_REPO)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-
 @dataclass
 class SeedConfig:
     # EVA ViT-g/14 as BLIP-2 builds it: 16 heads of 88, MLP int(1408 * 4.3637), the penultimate of 40 blocks.
@@ -109,7 +108,6 @@ class SeedConfig:
             raise ValueError(f"SeedConfig: unknown fields {sorted(unknown)}")
         return cls(**{**d, "qformer": QFormerConfig(**d.get("qformer", {}))})
 
-
 def _tiny() -> SeedConfig:
     # What `train.py --tiny` trains on its 32x32 shapes world: 8x8 patches (16 tokens + CLS; four times cheaper
     # than 4x4 on two CPU cores), width 128. Still 32 queries, so an image is 32 tokens for the LLM, as officially.
@@ -121,12 +119,9 @@ def _tiny() -> SeedConfig:
         n_codes=256, code_dim=16, decoder_depth=2, decoder_heads=4, decoder_mlp=512, image_down=(64, 32, 8),
         embed_dim=128)
 
-
 PRESETS = {"seed-tokenizer-2": SeedConfig, "tiny": _tiny}
 
-
 # ---- ViT building blocks (timm `vit.Block`; EVA's variant of its attention) ----------------------------------------
-
 class Attention(nn.Module):
     """timm ViT self-attention: one fused qkv projection (rows q | k | v, heads contiguous), no mask."""
 
@@ -146,7 +141,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
-
 class EVAAttention(Attention):
     """EVA's attention: the qkv bias is cat(q_bias, 0, v_bias), stored as two parameters (k has no bias)."""
 
@@ -159,7 +153,6 @@ class EVAAttention(Attention):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         return F.linear(x, self.qkv.weight, bias)
 
-
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -168,7 +161,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as nn.GELU()
-
 
 class ViTBlock(nn.Module):
     """Pre-LN transformer block: x += attn(norm1(x)); x += mlp(norm2(x)). No layer scale, no drop path."""
@@ -183,7 +175,6 @@ class ViTBlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
 
 class EVAViT(nn.Module):
     """EVA ViT-g/14 as BLIP-2 uses it: patch embedding + CLS + absolute positions + pre-LN blocks, no final norm."""
@@ -210,9 +201,7 @@ class EVAViT(nn.Module):
             x = block(x)
         return x
 
-
 # ---- The tokenizer -------------------------------------------------------------------------------------------------
-
 class SeedTokenizer(nn.Module):
     """Image -> 32 codes (`encode`) and codes -> unCLIP image embedding (`embed`), module names as the official keys."""
 
@@ -366,9 +355,7 @@ class SeedTokenizer(nn.Module):
                  (": " + ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")) if unknown else "")
         return model, {k: ours for k, ours in renames.items() if k in expected}
 
-
 # ---- Images --------------------------------------------------------------------------------------------------------
-
 def load_image(image) -> Image.Image:
     """A path, bytes, PIL image or array (H, W[, C], uint8 or uint16) as an RGB PIL image; ValueError if unreadable."""
     if isinstance(image, np.ndarray):
@@ -391,7 +378,6 @@ def load_image(image) -> Image.Image:
     # Like the official `Image.open(p).convert('RGB')`: alpha is dropped, palette / grey / CMYK are converted.
     return image.convert("RGB")
 
-
 def _open(source, name: str) -> Image.Image:
     try:
         image = Image.open(source)
@@ -399,7 +385,6 @@ def _open(source, name: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read {name} as an image: {e}") from e
     return image
-
 
 def _array_to_pil(a: np.ndarray) -> Image.Image:
     if a.size == 0:
@@ -415,9 +400,7 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
         raise ValueError(f"image arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
     return Image.fromarray(a)
 
-
 # ---- Official checkpoint format: names, ignore list, size inference ------------------------------------------------
-
 # Official -> our name, as key fragments ("." first: whole segments inside the key, else a prefix). Only the Q-Former
 # differs: our attention and feed-forward are one module each (BERT splits them into self/output and intermediate/
 # output), and query_tokens lives in the Q-Former. Each fragment is unique in its model's keys, so the table read
@@ -448,7 +431,6 @@ OFFICIAL_IGNORED = [
     r"^Qformer\.cls\.",
 ]
 
-
 def _rename(key: str, pairs) -> str:
     """`key` with each (old, new) fragment replaced in turn (see OFFICIAL_RENAMES)."""
     for old, new in pairs:
@@ -458,20 +440,16 @@ def _rename(key: str, pairs) -> str:
             key = new + key[len(old):]
     return key
 
-
 def official_to_ours(key: str) -> str:
     return _rename(key, OFFICIAL_RENAMES)
 
-
 def ours_to_official(key: str) -> str:
     return _rename(key, [(ours, official) for official, ours in reversed(OFFICIAL_RENAMES)])
-
 
 def _is_ignored(key: str, vit_depth: int) -> bool:
     # BLIP-2 uses EVA-CLIP-g's penultimate layer: eva_vit_g.pth's block 39 (the 40th) is unused.
     m = re.match(r"^visual_encoder\.blocks\.(\d+)\.", key)
     return bool(m and int(m.group(1)) >= vit_depth) or any(re.match(p, key) for p in OFFICIAL_IGNORED)
-
 
 def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, decoder_heads=12,
                  source="official state dict") -> SeedConfig:
@@ -511,7 +489,6 @@ def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, d
             embed_dim=shape("distill_image_proj.weight")[0])
     except (ValueError, IndexError) as e:
         raise ValueError(f"{source}: the tensor shapes do not describe a SEED tokenizer: {e}") from e
-
 
 def _placement(device, dtype, specs) -> tuple[torch.device, torch.dtype]:
     """weights.pick_device and pick_dtype (from the first float dtype among the file's (shape, dtype) `specs`);

@@ -45,9 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-
 # --- protobuf wire format, read (https://protobuf.dev/programming-guides/encoding/) ------------------------------
-
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     value = 0
     for shift in range(0, 70, 7):
@@ -58,7 +56,6 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         if buf[pos - 1] < 0x80:
             return value, pos
     raise ValueError("varint longer than 10 bytes")
-
 
 def _proto_fields(buf: bytes, message: str):
     """Yield (field number, value) of one message: an int for varints, bytes for length-delimited and fixed fields."""
@@ -80,13 +77,10 @@ def _proto_fields(buf: bytes, message: str):
             raise ValueError(f"{message}: field number 0 is invalid")
         yield number, value
 
-
 # --- SentencePiece BPE -------------------------------------------------------------------------------------------
-
 _WORD_START = re.compile("(?<=[^\u2581])(?=\u2581)")  # before a '▁' that follows another character
 _AFTER_CHAR_SPACE = re.compile("[^\u2581]\u2581")
 PIECE_TYPES = {1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
-
 
 def _parse_model(data: bytes, source: str) -> tuple[list[tuple[str, float, int]], dict, dict]:
     """ModelProto -> (pieces as (piece, score, type), TrainerSpec fields, NormalizerSpec fields), keyed by the
@@ -105,7 +99,6 @@ def _parse_model(data: bytes, source: str) -> tuple[list[tuple[str, float, int]]
         return pieces, dict(_proto_fields(specs[2], "TrainerSpec")), dict(_proto_fields(specs[3], "NormalizerSpec"))
     except (ValueError, UnicodeDecodeError, struct.error, TypeError, AttributeError) as e:
         raise ValueError(f"{source} is not a SentencePiece model (cannot parse its protobuf: {e})") from None
-
 
 def _refuse_unsupported(types: list[int], pieces: list[str], spec: dict, norm: dict, source: str) -> None:
     """Refuse by name what LLaMA's tokenizer.model (and `train_bpe`'s) never has, rather than half-support it."""
@@ -126,7 +119,6 @@ def _refuse_unsupported(types: list[int], pieces: list[str], spec: dict, norm: d
                          f"is not supported (only the identity normaliser, as LLaMA's)")
     if spec.get(24, 0):
         raise ValueError(f"{source}: treat_whitespace_as_suffix is not supported")
-
 
 class SentencePieceModel:
     """A SentencePiece BPE `tokenizer.model` (LLaMA's kind, and `train_bpe`'s): its protobuf parsed by hand."""
@@ -247,19 +239,15 @@ class SentencePieceModel:
                 first = False
         return "".join(out)
 
-
 # UTF-8 with one U+FFFD per invalid byte, as sentencepiece (Python's 'replace' gives one per bad sequence)
 codecs.register_error("sentencepiece", lambda e: ("\ufffd" * (e.end - e.start), e.end))
 
-
 # --- the tokenizer SEED-LLaMA uses --------------------------------------------------------------------------------
-
 def _token_spec(value: str | dict | None, default: str) -> tuple[str, bool, bool]:
     """(content, lstrip, rstrip) of a token as special_tokens_map.json writes it: a string or an AddedToken dict."""
     if isinstance(value, dict):
         return value["content"], bool(value.get("lstrip", False)), bool(value.get("rstrip", False))
     return (value or default), False, False
-
 
 class Tokenizer:
     """SEED-LLaMA's tokenizer: LLaMA's SentencePiece model plus the added image tokens, as transformers 4.30.2.
@@ -453,17 +441,13 @@ class Tokenizer:
                 f.write(data)
             os.replace(tmp, folder / name)
 
-
 # --- image tokens and spans ---------------------------------------------------------------------------------------
-
 CODES_PER_IMAGE = 32  # SEED's causal Q-Former emits 32 codes per image
 BOI_TOKEN, EOI_TOKEN = "<img>", "</img>"
 IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a chat message (gradio_demo/conversation.py)
 
-
 def image_token(code: int) -> str:
     return f"<img_{code:05d}>"
-
 
 def check_image_codes(codes: Sequence[int], n_codes: int = 8192) -> list[int]:
     """The codes of one image as a list of ints, or a ValueError naming what is wrong with them."""
@@ -475,11 +459,9 @@ def check_image_codes(codes: Sequence[int], n_codes: int = 8192) -> list[int]:
             raise ValueError(f"image code {code} at index {k} is outside [0, {n_codes})")
     return [int(c) for c in codes]
 
-
 def image_span_text(codes: Sequence[int], n_codes: int = 8192) -> str:
     """`<img><img_00012>...</img>`: the text SEED writes for one image (32 codes)."""
     return BOI_TOKEN + "".join(image_token(c) for c in check_image_codes(codes, n_codes)) + EOI_TOKEN
-
 
 @dataclass(frozen=True)
 class ImageVocab:
@@ -527,15 +509,12 @@ class ImageVocab:
         texts.append(run)
         return texts, images
 
-
 # --- chat templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_{8B,14B}.py, gradio_demo/conversation.py)
-
 # template: (system, user turn, assistant turn, what the prompt ends with)
 CHAT_TEMPLATES = {
     "8B": ("{}\n", "USER: {}\n", "ASSISTANT: {}\n", "ASSISTANT:"),  # Vicuna v1.1
     "14B": ("<<SYS>>\n{}\n<</SYS>>\n\n", "[INST] {} [/INST]\n", "{}\n", ""),  # LLaMA-2 chat
 }
-
 
 def chat_conversation(messages: Sequence[str], template: str = "8B", system: str | None = None) -> str:
     """The conversation text of a chat, with `<image>` placeholders where images go. `messages` alternate user,
@@ -548,7 +527,6 @@ def chat_conversation(messages: Sequence[str], template: str = "8B", system: str
     system_turn, user_turn, assistant_turn, end = CHAT_TEMPLATES[template]
     text = "" if system is None else system_turn.format(system)
     return text + "".join((assistant_turn if k % 2 else user_turn).format(m) for k, m in enumerate(messages)) + end
-
 
 def chat_prompt(messages: Sequence[str], template: str = "8B", system: str | None = None,
                 images: Sequence[Sequence[int]] = (), force_boi: bool = False, n_codes: int = 8192) -> str:
@@ -564,13 +542,10 @@ def chat_prompt(messages: Sequence[str], template: str = "8B", system: str | Non
     text = parts[0] + "".join(image_span_text(codes, n_codes) + part for codes, part in zip(images, parts[1:]))
     return "<s>" + text + (BOI_TOKEN if force_boi else "")
 
-
 # --- training a small vocabulary (train.py --tiny) ----------------------------------------------------------------
-
 # Pieces never cross these boundaries: a word is '▁'-led, runs of spaces form their own pieces (LLaMA's
 # allow_whitespace_only_pieces) and every digit stays alone (split_digits).
 _WORD_RE = re.compile("\u2581+(?=\u2581)|\u2581?[^\u25810-9]+|\u2581|[0-9]")
-
 
 def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16) -> bytes:
     """Train a BPE vocabulary with LLaMA's options (the specs below); returns the bytes of a `tokenizer.model`.
@@ -624,7 +599,6 @@ def train_bpe(texts: Sequence[str], vocab_size: int, max_piece_length: int = 16)
     normalizer = b"".join(_proto_field(n, v) for n, v in [(1, "identity"), (3, True), (4, False), (5, True)])
     return model + _proto_field(2, trainer) + _proto_field(3, normalizer)
 
-
 def _merge_pair(word: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
     out, i = [], 0
     while i < len(word):
@@ -635,7 +609,6 @@ def _merge_pair(word: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
             out.append(word[i])
             i += 1
     return tuple(out)
-
 
 # protobuf wire format, written: what `train_bpe` needs to write a tokenizer.model
 
@@ -648,7 +621,6 @@ def _varint(value: int) -> bytes:
     out.append(value)
     return bytes(out)
 
-
 def _proto_field(number: int, value: int | float | str | bytes) -> bytes:
     if isinstance(value, float):  # proto `float`: fixed32 (wire type 5)
         return _varint(number << 3 | 5) + struct.pack("<f", value)
@@ -656,7 +628,6 @@ def _proto_field(number: int, value: int | float | str | bytes) -> bytes:
         return _varint(number << 3) + _varint(int(value))
     data = value.encode() if isinstance(value, str) else value
     return _varint(number << 3 | 2) + _varint(len(data)) + data
-
 
 def train_tokenizer(texts: Sequence[str], folder: str | os.PathLike, vocab_size: int,
                     n_image_codes: int = 8192) -> Tokenizer:

@@ -70,7 +70,6 @@ from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER,
                        train_tokenizer)
 
 # === The configs, and the CLI generated from them: every field is a flag. ===========================================
-
 @dataclass
 class ClipStageConfig:
     """Stage 0; the image tower and the shared width E (128 for OpenCLIP ViT-H's 1024) are seed.py's tiny preset."""
@@ -80,7 +79,6 @@ class ClipStageConfig:
     text_width: int = 64   # the text tower
     text_depth: int = 2
 
-
 @dataclass
 class QFormerStageConfig:
     """Stage 1; the Q-Former's sizes are seed.py's tiny preset (2 layers of width 128, 32 queries)."""
@@ -89,7 +87,6 @@ class QFormerStageConfig:
     lr: float = 2e-3
     label_smoothing: float = 0.1  # official ITC
     temperature: float = 0.07     # official initial (learnable) temperature
-
 
 @dataclass
 class CodebookStageConfig:
@@ -101,7 +98,6 @@ class CodebookStageConfig:
     w_cos: float = 2.0
     w_mse: float = 0.5
     restart_every: int = 25  # re-seed unused codes from encoder outputs every N steps (0: never)
-
 
 @dataclass
 class DecoderStageConfig:
@@ -116,7 +112,6 @@ class DecoderStageConfig:
     sample_steps: int = 25     # PNDM steps (unet.UnCLIPDecoder, as sample.py samples)
     guidance: float = 2.5
     eval_images: int = 150     # reconstructions judged for the decoder metric (test images, one per combination)
-
 
 @dataclass
 class LLMConfig:
@@ -135,7 +130,6 @@ class LLMConfig:
     sft_steps: int = 400
     sft_lr: float = 1e-3
     eval_edits: int = 75         # edit requests judged (text-to-image is judged on all 150 combinations)
-
 
 @dataclass
 class TrainConfig:
@@ -156,10 +150,8 @@ class TrainConfig:
     decoder: DecoderStageConfig = field(default_factory=DecoderStageConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
 
-
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device; "auto" = cuda -> mps -> cpu
 SMOKE_STEPS = 3  # steps of every stage under --smoke
-
 
 def apply_smoke(cfg: TrainConfig) -> TrainConfig:
     """--smoke: every `steps` field to SMOKE_STEPS and batches small, so the whole run takes seconds."""
@@ -175,12 +167,10 @@ def apply_smoke(cfg: TrainConfig) -> TrainConfig:
     cfg.ckpt_every = 2
     return cfg
 
-
 def _parse_bool(text: str) -> bool:
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
     return text.lower() in ("1", "true", "yes", "on")
-
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -> None:
     """One flag per field, typed by its default, nested dataclasses prefixed (--clip.steps), dashes or underscores
@@ -197,7 +187,6 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -
             parser.add_argument(*flags, dest=name, type=type(value), default=value, help=shown)
         else:
             raise TypeError(f"config field {name} has a type the CLI cannot parse: {type(value).__name__}")
-
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from the command line: defaults, then --smoke, then the flags that were given."""
@@ -218,9 +207,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             setattr(obj, leaf, value)
     return cfg
 
-
 # === Run: what the stages share, and the one training loop (checkpoints, resume, data parallelism). =================
-
 def learning_rate(step: int, steps: int, base: float) -> float:
     """Linear warm-up over the first 5 % of the steps, then cosine decay to 10 % of the base rate."""
     warmup = max(1, steps // 20)
@@ -228,7 +215,6 @@ def learning_rate(step: int, steps: int, base: float) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
 
 class Run:
     """What every stage shares: config, world, device, process group, output folder, metrics and loss curves. A
@@ -356,17 +342,13 @@ class Run:
             model.save_pretrained(self.out / name, *extra)
         self.barrier()
 
-
 # === Stages 0-3: the SEED tokenizer (tiny CLIP, Causal Q-Former, codebook) and the unCLIP decoder. ==================
-
 # --- Stage 0: the tiny CLIP -----------------------------------------------------------------------------------------
-
 # The tiny text towers read one token per word: the world's words, sorted, then bos, eos and pad. A caption is bos,
 # its 7 words, eos, then padding up to TEXT_LEN positions.
 TEXT_VOCAB = (*sorted({word for caption in CAPTIONS for word in caption.split()}), "<bos>", "<eos>", "<pad>")
 TEXT_IDS = {token: i for i, token in enumerate(TEXT_VOCAB)}
 TEXT_LEN = 10
-
 
 def tokenize(texts) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts -> ids (N, TEXT_LEN) = bos, words, eos, padding; and the position of eos (N,), whose feature is the
@@ -376,8 +358,6 @@ def tokenize(texts) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"a text is longer than the {TEXT_LEN} positions of the tiny text towers")
     ids = torch.tensor([row + [TEXT_IDS["<pad>"]] * (TEXT_LEN - len(row)) for row in rows])
     return ids, torch.tensor([len(row) - 1 for row in rows])
-
-
 
 class TinyCLIP(nn.Module):
     """EVA ViT image tower + CLIP text tower, each projected into the shared space E. The image embedding is the
@@ -403,11 +383,9 @@ class TinyCLIP(nn.Module):
         states = self.text(ids)                                       # (B, T) -> (B, T, D)
         return self.text_proj(states[torch.arange(len(ids)), eos])   # eos feature -> (B, E)
 
-
 def tiny_seed_config(cfg: TrainConfig) -> "seed.SeedConfig":
     """seed.py's `tiny` preset (every size lives there, once), causal unless --no-causal."""
     return dataclasses.replace(seed.SeedConfig.preset("tiny"), causal=not cfg.no_causal)
-
 
 def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor,
                            scale: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -424,19 +402,16 @@ def multi_positive_infonce(image_emb: torch.Tensor, caption_emb: torch.Tensor, c
     t2i = -(torch.logsumexp(t_logits.masked_fill(~positive, -1e4), 1) - torch.logsumexp(t_logits, 1)).mean()
     return (i2t + t2i) / 2
 
-
 @torch.no_grad()
 def caption_accuracy(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: torch.Tensor) -> float:
     """Fraction of images whose most similar caption (cosine, among all 150) is their own."""
     sims = F.normalize(image_emb, dim=-1) @ F.normalize(caption_emb, dim=-1).t()
     return (sims.argmax(1) == combo).float().mean().item()
 
-
 @torch.no_grad()
 def batched(fn, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """fn over x in chunks (precomputing frozen features of the whole world without a memory spike)."""
     return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
 
 def stage_clip(run: Run, prev: dict) -> dict:
     """Stage 0: the tiny CLIP. Returns the model, the caption ids and the frozen features every later stage uses:
@@ -466,21 +441,17 @@ def stage_clip(run: Run, prev: dict) -> dict:
     return {"clip": model, "caption_ids": ids, "caption_eos": eos, "vit_tokens": vit_tokens,
             "image_embeds": image_embeds}
 
-
 # --- Stage 1: the Causal Q-Former ------------------------------------------------------------------------------------
-
 def qformer_text_features(tokenizer: "seed.SeedTokenizer", ids: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     """Caption ids -> (N, proj_dim): the projected [CLS] feature of the Q-Former's text branch. [CLS] is the first
     token (here the bos id); padding after eos is masked out of the self-attention."""
     mask = torch.arange(ids.shape[1], device=ids.device)[None, :] <= eos[:, None]   # (N, T): 1 = a real token
     return tokenizer.qformer.text_proj(tokenizer.qformer.encode_text(ids, mask)[:, 0])
 
-
 def last_query_features(tokenizer: "seed.SeedTokenizer", queries: torch.Tensor) -> torch.Tensor:
     """(B, 32, D) query embeddings -> (B, proj_dim): SEED's ITC uses only the last causal query, the one that has
     seen all the others (official: `image_feats[:, -1, :]` in blip2_qformer_casual.py)."""
     return tokenizer.qformer.vision_proj(queries[:, -1])
-
 
 def stage_qformer(run: Run, prev: dict) -> dict:
     """Stage 1: train ln_vision + the Causal Q-Former (and its text branch) with last-query ITC, the ViT frozen.
@@ -514,9 +485,7 @@ def stage_qformer(run: Run, prev: dict) -> dict:
     run.metrics["tokenizer"] = {"caption_acc_continuous": acc}
     return {"tokenizer": tokenizer, "queries": queries, "qformer_text": text}
 
-
 # --- Stage 2: the codebook --------------------------------------------------------------------------------------------
-
 class QueryReconstructor(nn.Module):
     """The training-only head that rebuilds the causal embeddings from the codes (official `recon_s`): learned
     positions + ViT blocks on top of `decode_task_layer`. Official keys `pos_embed` / `blocks.*`; the official
@@ -534,7 +503,6 @@ class QueryReconstructor(nn.Module):
             x = block(x)
         return x  # (B, 32, D)
 
-
 @torch.no_grad()
 def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: torch.Generator) -> None:
     """Re-seed every code that no vector of `z` (N, d) chooses with a random vector of z plus a little noise (the
@@ -545,8 +513,6 @@ def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: tor
         pick = torch.randint(len(z), (len(dead),), generator=gen).to(z.device)
         noise = torch.randn(len(dead), z.shape[1], generator=gen).to(z.device) * 0.01 * z.std()
         quantize.embedding.weight.data[dead] = z[pick] + noise
-
-
 
 def stage_codebook(run: Run, prev: dict) -> dict:
     """Stage 2: encode_task_layer + VQ + decode_task_layer, the query reconstructor and the image-embedding head,
@@ -598,10 +564,7 @@ def stage_codebook(run: Run, prev: dict) -> dict:
     run.save_pretrained(tokenizer, "seed")
     return {"codes": codes, "recon": recon}
 
-
 # --- Stage 3: the unCLIP decoder in pixel space -----------------------------------------------------------------------
-
-
 def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: DecoderStageConfig,
                       noise_seed: int, batch_size: int = 50) -> list[Image.Image]:
     """Image embeddings (N, E) -> N images with the project's unCLIP pipeline (PNDM, CFG), in chunks, each chunk
@@ -611,8 +574,6 @@ def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: 
         images += decoder(embeds[i:i + batch_size].cpu(), steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                           noise_level=cfg.noise_level, seed=noise_seed + i)
     return images
-
-
 
 def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.Tensor, cfg: DecoderStageConfig,
                  alphas_cumprod: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -631,8 +592,6 @@ def decoder_loss(decoder: "unet.UnCLIPDecoder", x0: torch.Tensor, embeds: torch.
     keep = (torch.rand(B, 1, generator=gen) >= cfg.cond_drop).to(dev)
     v = decoder.unet(unet.add_noise(x0, noise, t, alphas_cumprod), t, None, label * keep)
     return F.mse_loss(v, unet.v_target(x0, noise, t, alphas_cumprod))
-
-
 
 def stage_decoder(run: Run, prev: dict) -> dict:
     """Stage 3: the unCLIP UNet on tiny-CLIP embeddings of the train images, as SD-2.1-unclip was trained:
@@ -683,14 +642,10 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     run.metrics["decoder"] = {f"recon_{k}": v for k, v in accuracy.items()} | {"n_images": len(test)}
     return {"decoder": decoder, "reconstructions": list(zip(test, recon))}
 
-
 # === Stages 4-5: SEED-LLaMA pretraining and instruction tuning (LoRA, then full fine-tuning). =======================
-
 # --- Stage 4: the LLM's sequences (pretraining pairs, instruction chats) and pretraining ----------------------------
-
 EOS = "</s>"  # every assistant turn ends with it (Vicuna v1.1's sep2); generation stops on it
 IGNORE = -100  # label of a token the loss skips (a prompt token, padding)
-
 
 class SequenceBuilder:
     """Token ids and loss labels of the LLM's sequences, encoded by the project's `Tokenizer`. Text is written
@@ -741,15 +696,12 @@ class SequenceBuilder:
             ids = reply_ids
         return ids, labels
 
-
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (ids, labels) rows into (B, T) tensors; padding is labelled IGNORE."""
     T = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([r + [pad_id] * (T - len(r)) for r, _ in rows], device=device)
     labels = torch.tensor([l + [IGNORE] * (T - len(l)) for _, l in rows], device=device)
     return ids, labels
-
-
 
 class LLMData:
     """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2). A held-out
@@ -816,7 +768,6 @@ class LLMData:
             first, second = self.caption_turn(rng, i), self.vqa_turn(rng, i, with_image=False)
         return self.builder.chat([first[:2], second[:2]], first[2] + second[2])
 
-
 def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenizer:
     """SentencePiece-format BPE (train_bpe) on every text the LLM reads or writes, in the chat template, then
     `<img_00000>`.. for every code and `<img>`, `</img>`, as SEED extends LLaMA's vocabulary; files in `folder`."""
@@ -825,7 +776,6 @@ def build_llm_tokenizer(folder: Path, n_codes: int, vocab_size: int) -> Tokenize
     texts += [c.edit(a, v)[0] for c in COMBOS[:1] for a in ATTRIBUTES for v in VALUES[a]]
     texts += [c.answer(a) for c in COMBOS for a in ATTRIBUTES]
     return train_tokenizer([chat_conversation([t, t, t]) for t in texts], folder, vocab_size, n_image_codes=n_codes)
-
 
 def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, lr: float, batch_size: int,
               sample, pad_id: int, step_offset: int = 0) -> None:
@@ -842,7 +792,6 @@ def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, l
 
     model.train()
     run.train(stage, name, {"llm": model}, optimizer, steps, lr, step)
-
 
 def stage_llm_pretrain(run: Run, prev: dict) -> dict:
     """Stage 4: the tokenizer (BPE on the world's text + the image tokens), then SEED-LLaMA pretraining: a tiny
@@ -866,9 +815,7 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
                           "vocab": len(tokenizer)}
     return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
 
-
 # --- Stage 5: instruction tuning, LoRA then full fine-tuning -------------------------------------------------------
-
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) * B A x (LoRA, Hu et al. 2021,
     arXiv:2106.09685). B starts at zero, so the wrapped layer starts as exactly the base layer; `merge` folds
@@ -889,7 +836,6 @@ class LoRALinear(nn.Module):
         self.base.weight += self.scale * (self.lora_b @ self.lora_a)  # (out, r) @ (r, in) -> (out, in)
         return self.base
 
-
 def add_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
     """Freeze `model` and wrap every nn.Linear of its transformer blocks (attention q/k/v/o and the MLP) in
     LoRALinear; embeddings, norms and the output head stay frozen, as in the usual LLaMA LoRA recipes."""
@@ -901,7 +847,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
                     setattr(parent, name, LoRALinear(child, rank, alpha))
     return model
 
-
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by its merged nn.Linear: the same function, the official module layout."""
     for parent in list(model.modules()):
@@ -909,7 +854,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if isinstance(child, LoRALinear):
                 setattr(parent, name, child.merge())
     return model
-
 
 def stage_llm_instruct(run: Run, prev: dict) -> dict:
     """Stage 5: instruction tuning in the official 8B chat template, prompt masked: LoRA on the pretrained model
@@ -934,9 +878,7 @@ def stage_llm_instruct(run: Run, prev: dict) -> dict:
     run.timings["llm_eval"] = time.time() - t0
     return {"llm": model, "llm_eval": evaluation}
 
-
 # === Evaluation of the LLM: captioning, VQA, text-to-image and edits, judged on the pixels of the decoded images. ===
-
 def generate_batched(model: llama.Llama, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
                      batch_size: int = 128) -> list[list[int]]:
     """Greedy continuations of many prompts, left-padded into batches (llama.Llama.generate); constrained
@@ -947,10 +889,8 @@ def generate_batched(model: llama.Llama, tokenizer: Tokenizer, prompts: list[lis
                               image_vocab=tokenizer.image_vocab)
     return out
 
-
 def reply_text(tokenizer: Tokenizer, ids: list[int]) -> str:
     return tokenizer.decode([i for i in ids if i != tokenizer.eos_id], skip_special_tokens=True).strip()
-
 
 def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
     """The codes of the first image span of a reply, or None unless every span in it is valid (`<img>` +
@@ -960,7 +900,6 @@ def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
     except ValueError:
         return None
     return images[0] if images else None
-
 
 @torch.no_grad()
 def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id: int, device) -> float:
@@ -980,11 +919,9 @@ def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id
         count += int(is_image.sum())
     return total / max(count, 1)
 
-
 def ask(builder: SequenceBuilder, user: str, images=()) -> list[int]:
     """The ids of a one-turn chat prompt (it ends in "ASSISTANT:"), the images spliced in."""
     return builder.encode("<s>" + chat_conversation([user]), list(images))
-
 
 def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[int]) -> tuple[dict, list[str]]:
     """Captioning (exact, and per attribute by parse_caption) and VQA on the test images: (metrics, captions)."""
@@ -1002,7 +939,6 @@ def evaluate_text(model: llama.Llama, tok: Tokenizer, data: LLMData, test: list[
         / len(questions)
     return metrics, captions
 
-
 def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
     """Records {"task", "target", "prompt", "images" (input codes), "source" (edits)} of what the LLM is asked to draw:
     text-to-image for every combination (held out too), then edits of test images of evenly spread combinations."""
@@ -1016,7 +952,6 @@ def image_requests(run: Run, data: LLMData, limit: int | None) -> list[dict]:
         records.append({"task": "edit", "target": target, "prompt": instruction, "source": i,
                         "images": [data.codes[i]]})
     return records
-
 
 def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict]) -> None:
     """Generate every request's reply and add to its record its image span's "codes" (None unless valid), the decoded
@@ -1040,7 +975,6 @@ def draw_requests(run: Run, prev: dict, model: llama.Llama, records: list[dict])
         r["judged"] = judge(r["image"]) if "image" in r else None
         r["correct"] = r["judged"] is not None and all(r["judged"][a] == getattr(r["target"], a) for a in ATTRIBUTES)
 
-
 def image_scores(records: list[dict]) -> dict:
     """The rate of valid image spans, and per task (t2i, edit) and part (held-in, held-out) the judged accuracy,
     per attribute and of all four, and the decoder-free accuracy of the nearest real image."""
@@ -1058,7 +992,6 @@ def image_scores(records: list[dict]) -> dict:
             metrics[f"{prefix}_nearest_all"] = sum(r.get("nearest") == r["target"] for r in chosen) / n
     return metrics
 
-
 def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     """The LLM metrics on the test images and all 150 prompts, images drawn by the trained pipeline (codes ->
     SeedTokenizer.embed -> UnCLIPDecoder) and judged by world.judge; the records and captions, for the reports."""
@@ -1073,16 +1006,13 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     run.metrics.setdefault("llm", {}).update(metrics)
     return {"records": records, "captions": dict(zip(test, captions))}
 
-
 # === Reports: metrics.json, the results table, samples.png, curves.png, codes.png, the evaluation images. ===========
-
 # The level at which a stage has learned its task, checked by the results table: (group, metric) -> minimum.
 TARGETS = {("clip", "caption_acc_test"): 0.95, ("tokenizer", "caption_acc_continuous"): 0.95,
            ("tokenizer", "caption_acc_codes"): 0.90, ("tokenizer", "codebook_usage"): 0.50,
            ("decoder", "recon_all"): 0.85, ("llm", "caption_exact"): 0.90, ("llm", "vqa_acc"): 0.90,
            ("llm", "t2i_heldin_all"): 0.80, ("llm", "t2i_heldout_all"): 0.50, ("llm", "valid_span_rate"): 0.98}
 CELL = 96  # pixels of one 32x32 image in the report figures (3x, nearest neighbour)
-
 
 def machine_info(run: Run) -> dict:
     """Where the run ran: the numbers that make its timings meaningful (a busy machine is slower)."""
@@ -1092,10 +1022,8 @@ def machine_info(run: Run) -> dict:
             "torch_threads": torch.get_num_threads(), "world_size": run.world_size,
             "load_average_1_5_15min": [round(x, 2) for x in load] if load else None}
 
-
 def _big(image: Image.Image) -> Image.Image:
     return image.resize((CELL, CELL), Image.NEAREST)
-
 
 def _text_cell(text: str, width: int = CELL, height: int = CELL) -> Image.Image:
     """A white cell with `text` wrapped to its width (PIL's default bitmap font, about 6 px per character)."""
@@ -1104,7 +1032,6 @@ def _text_cell(text: str, width: int = CELL, height: int = CELL) -> Image.Image:
     for k, line in enumerate(lines):
         ImageDraw.Draw(cell).text((3, 3 + 11 * k), line, fill=(0, 0, 0))
     return cell
-
 
 def save_eval_images(run: Run, records: list[dict]) -> None:
     """Every generated evaluation image as OUT/eval/<task>_<k>.png, and OUT/eval/index.json with each one's prompt,
@@ -1122,7 +1049,6 @@ def save_eval_images(run: Run, records: list[dict]) -> None:
                       "codes": r["codes"], "judged": r["judged"], "correct": r["correct"],
                       "nearest_real": dataclasses.asdict(r["nearest"]) if "nearest" in r else None})
     weights.write_json(folder / "index.json", index)
-
 
 def draw_samples(run: Run, outputs: dict) -> Image.Image:
     """samples.png: rows of input | reconstruction from its codes | generated caption | text-to-image (held-in) |
@@ -1157,7 +1083,6 @@ def draw_samples(run: Run, outputs: dict) -> Image.Image:
             sheet.paste(_text_cell(label, CELL, 36), (c * CELL, y + CELL))
     return sheet
 
-
 def draw_curves(curves: dict[str, list[float]]) -> Image.Image:
     """curves.png: the training loss of every stage, one panel each (a 10-step moving average over the raw
     loss in grey), drawn with PIL only."""
@@ -1186,7 +1111,6 @@ def draw_curves(curves: dict[str, list[float]]) -> Image.Image:
         draw.text((x0 + pad, y0 + H - pad + 4), f"final {smooth[-1]:.4g}", fill=(0, 0, 0))
     return sheet
 
-
 def draw_codes(run: Run, codes: torch.Tensor, n_codes: int) -> Image.Image:
     """codes.png: how often each code is used over all 1350 images (bars, codes sorted by frequency), and the
     32 codes of a few test images, each code a colour cell with its number."""
@@ -1214,7 +1138,6 @@ def draw_codes(run: Run, codes: torch.Tensor, n_codes: int) -> Image.Image:
             draw.text((x + 3, yy + 3), str(code), fill=(0, 0, 0))
     return sheet
 
-
 def results_table(run: Run) -> str:
     """The table printed at the end: every metric, with its target where there is one (TARGETS)."""
     lines = [f"{'metric':<34} {'value':>10}  target", "-" * 56]
@@ -1229,7 +1152,6 @@ def results_table(run: Run) -> str:
     lines.append(f"machine: {m['cpu_count']} cores, {m['device']}, {m['torch_threads']} torch threads, "
                  f"{m['world_size']} process(es), load average {m['load_average_1_5_15min']}, {m['platform']}")
     return "\n".join(lines)
-
 
 def write_reports(run: Run, outputs: dict) -> None:
     """metrics.json, the evaluation images with index.json, samples.png, curves.png, codes.png, and the table."""
@@ -1250,11 +1172,9 @@ def write_reports(run: Run, outputs: dict) -> None:
     weights.write_json(run.out / "metrics.json", report)
     print(results_table(run))
 
-
 # The stages in the paper's order: each a plain function `stage_x(run, prev) -> dict` (see `Run`).
 STAGES = ((0, stage_clip), (1, stage_qformer), (2, stage_codebook), (3, stage_decoder),
           (4, stage_llm_pretrain), (5, stage_llm_instruct))
-
 
 def main(argv: list[str] | None = None) -> Run:
     cfg = parse_config(argv)
@@ -1272,7 +1192,6 @@ def main(argv: list[str] | None = None) -> Run:
     if run.world_size > 1:
         dist.destroy_process_group()
     return run
-
 
 if __name__ == "__main__":
     main()

@@ -36,9 +36,7 @@ from safetensors.torch import save_file
 
 import weights
 
-
 # ---- 1. configs: the UNet, the VAE decoder, the text tower, and the decoder that holds them --------------------------
-
 @dataclass
 class UNetConfig:
     """UNet2DConditionModel as SD-2.1-unclip configures it; defaults = the official unet/config.json."""
@@ -103,7 +101,6 @@ class UNetConfig:
                    class_embed_dim=cfg["projection_class_embeddings_input_dim"],
                    resnet_time_scale_shift=cfg.get("resnet_time_scale_shift", "default"))
 
-
 @dataclass
 class VAEConfig:
     """The decoder half of SD-2's AutoencoderKL (vae/config.json); defaults = the official model."""
@@ -126,7 +123,6 @@ class VAEConfig:
         same = ("latent_channels", "out_channels", "layers_per_block", "norm_num_groups")
         return cls(**{k: cfg[k] for k in same}, block_out_channels=tuple(cfg["block_out_channels"]),
                    scaling_factor=cfg.get("scaling_factor", 0.18215))
-
 
 @dataclass
 class CLIPTextConfig:
@@ -164,7 +160,6 @@ class CLIPTextConfig:
                    width=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
                    mlp_width=hf["intermediate_size"], layer_norm_eps=hf.get("layer_norm_eps", 1e-5))
 
-
 @dataclass
 class DecoderConfig:
     """All components of the decoder. `vae=None` is pixel space (the sample is the image); `text=None` means no
@@ -194,7 +189,6 @@ class DecoderConfig:
                                                        for k, v in values.items()})
         return cls(part(UNetConfig, d["unet"]), part(VAEConfig, d["vae"]), part(CLIPTextConfig, d["text"]))
 
-
 DECODER_PRESETS = {
     "sd21-unclip": DecoderConfig,
     # Pixel space, 3 x 32 x 32, no VAE, no text: the shapes-world decoder train.py trains (channels 16-32-64, one
@@ -209,9 +203,7 @@ DECODER_PRESETS = {
         vae=None, text=None),
 }
 
-
 # ---- 2. building blocks, bottom-up -----------------------------------------------------------------------------------
-
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim): the UNet's `time_proj` (dim 320)
     and the unCLIP noise level (dim 1024). freq_i = 10000^(-i / (dim/2)), i < dim/2; the output is
@@ -227,7 +219,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True) 
     if dim % 2:  # odd widths get one zero column, as in diffusers
         emb = F.pad(emb, (0, 1))
     return emb  # (B, dim)
-
 
 class Attention(nn.Module):
     """Multi-head (cross-)attention with diffusers' names to_q/to_k/to_v/to_out.0, computed with SDPA (which keeps
@@ -255,7 +246,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(hs)) v
         return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))       # (B, nh, T, hs) -> (B, T, C)
 
-
 class FeedForward(nn.Module):
     """The GEGLU feed-forward of SD's transformer: C -> 2 * 4C, value * gelu(gate) (exact gelu), 4C -> C."""
 
@@ -268,7 +258,6 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.net[0]["proj"](x).chunk(2, dim=-1)  # diffusers: hidden_states, gate (value first)
         return self.net[2](value * F.gelu(gate))
-
 
 class BasicTransformerBlock(nn.Module):
     """Pre-LN block: self-attention, cross-attention to the text states, GEGLU feed-forward; all residual."""
@@ -286,7 +275,6 @@ class BasicTransformerBlock(nn.Module):
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
-
 
 class Transformer2D(nn.Module):
     """Transformer2DModel with linear proj_in/proj_out (`use_linear_projection`, the SD-2 variant), one block."""
@@ -306,7 +294,6 @@ class Transformer2D(nn.Module):
             h = block(h, context)
         h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
         return x + h
-
 
 class ResnetBlock2D(nn.Module):
     """GN -> SiLU -> conv3x3 (+ projected time embedding) -> GN -> SiLU -> conv3x3, plus a (1x1) shortcut. With
@@ -337,7 +324,6 @@ class ResnetBlock2D(nn.Module):
         h = self.conv2(F.silu(h))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
-
 class Resample2D(nn.Module):
     """Downsample2D (a stride-2 conv3x3) or Upsample2D (nearest x2, then a conv3x3)."""
 
@@ -351,7 +337,6 @@ class Resample2D(nn.Module):
             x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
         return self.conv(x)  # down: (B, C, H, W) -> (B, C, H/2, W/2)
 
-
 class SpatialSelfAttention(Attention):
     """The VAE's mid-block attention: GroupNorm, one head over all H*W positions, residual (eps 1e-6)."""
 
@@ -364,7 +349,6 @@ class SpatialSelfAttention(Attention):
         h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
         h = super().forward(h).transpose(1, 2).reshape(B, C, H, W)
         return x + h
-
 
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (`attention`) or DownBlock2D: resnets [+ transformers], then a stride-2 conv; returns
@@ -391,7 +375,6 @@ class DownBlock(nn.Module):
             skips.append(x)
         return x, skips
 
-
 class UpBlock(nn.Module):
     """CrossAttnUpBlock2D / UpBlock2D (UNet) and UpDecoderBlock2D (VAE, no skips, no time embedding): resnet i
     takes the previous output ++ skip i (diffusers' `res_skip_channels`), [then a transformer]; then x2 + conv."""
@@ -415,7 +398,6 @@ class UpBlock(nn.Module):
             x = self.upsamplers[0](x, size)
         return x
 
-
 class MidBlock(nn.Module):
     """resnet -> attention -> resnet at the lowest resolution (UNetMidBlock2DCrossAttn, the VAE's UNetMidBlock2D);
     without attention a single resnet (the UNet's "UNetMidBlock2D", built with num_layers=0 by diffusers)."""
@@ -433,7 +415,6 @@ class MidBlock(nn.Module):
             x = self.resnets[1](self.attentions[0](x, context), temb)
         return x
 
-
 class TimestepEmbedding(nn.Module):
     """Linear -> SiLU -> Linear: diffusers' TimestepEmbedding, used for the time and the class ("projection")."""
 
@@ -445,9 +426,7 @@ class TimestepEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
 
-
 # ---- 3. the UNet -----------------------------------------------------------------------------------------------------
-
 class UNet(nn.Module):
     """UNet2DConditionModel (diffusers models/unets/unet_2d_condition.py) for unCLIP: v = unet(x_t, t, text, label).
     emb = MLP(sinusoid(t)) + MLP(class_label): the image condition enters only through the time embedding that
@@ -508,9 +487,7 @@ class UNet(nn.Module):
             h = block(h, emb, encoder_hidden_states, block_skips, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
-
 # ---- 4. the VAE decoder ----------------------------------------------------------------------------------------------
-
 class Decoder(nn.Module):
     """The VAE decoder (diffusers models/autoencoders/vae.py: Decoder): latent (B, 4, h, w) -> image (B, 3, 8h, 8w)."""
 
@@ -532,7 +509,6 @@ class Decoder(nn.Module):
             h = block(h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
-
 class VAEDecoder(nn.Module):
     """post_quant_conv + Decoder: the half of AutoencoderKL that unCLIP needs (`vae.decode(z)`)."""
 
@@ -548,9 +524,7 @@ class VAEDecoder(nn.Module):
         channels), and SDPA's CUDA kernels never build the mid attention's 9216^2 score matrix (170 MB in fp16)."""
         return torch.cat([self.decoder(self.post_quant_conv(z[i:i + 1])) for i in range(z.shape[0])])
 
-
 # ---- 5. the text tower: OpenCLIP ViT-H's text encoder as SD-2 uses it (transformers `CLIPTextModel` layout) ----------
-
 class CLIPAttention(nn.Module):
     """Causal multi-head self-attention; q/k/v/out projections with bias (HF `CLIPAttention` names)."""
 
@@ -572,7 +546,6 @@ class CLIPAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, nh, T, hs) -> (B, T, C)
 
-
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)), mlp = fc2(gelu(fc1(.)))."""
 
@@ -588,7 +561,6 @@ class CLIPEncoderLayer(nn.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         h = F.gelu(self.mlp["fc1"](self.layer_norm2(x)))  # exact erf GELU, as OpenCLIP ViT-H (OpenAI's: quick_gelu)
         return x + self.mlp["fc2"](h)
-
 
 class CLIPTextEncoder(nn.Module):
     """ids (B, T<=77) -> last_hidden_state (B, T, D): the text conditioning of every UNet cross-attention.
@@ -624,7 +596,6 @@ class CLIPTextEncoder(nn.Module):
         # last_hidden_state includes final_layer_norm (= OpenCLIP ln_final applied to the penultimate layer)
         return self.text_model["final_layer_norm"](x)
 
-
 def empty_prompt_ids(vocab_size: int = 49408, context_length: int = 77) -> list[int]:
     """The token ids of the empty prompt "", the only text SEED conditions on, as the SD-2 pipelines tokenize it
     (transformers' CLIPTokenizer, padding="max_length", max_length=77): <|startoftext|>, <|endoftext|>, then the
@@ -635,7 +606,6 @@ def empty_prompt_ids(vocab_size: int = 49408, context_length: int = 77) -> list[
     tests/fixtures/text_encoder/tokenizer, 1514 tokens: 1512, 1513, 0, ...).
     """
     return [vocab_size - 2, vocab_size - 1] + [0] * (context_length - 2)
-
 
 # ---- 6. noise schedules ----------------------------------------------------------------------------------------------
 # Everything is indexed by the integer train timestep t in [0, 1000); alphas_cumprod[t] =
@@ -648,7 +618,6 @@ def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: fl
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
 
-
 def squaredcos_cap_v2_alphas_cumprod(num_train_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
     """ᾱ of the cosine schedule (Nichol & Dhariwal 2021, arXiv:2102.09672), the unCLIP image-embedding noiser:
     f(s) = cos²((s + 0.008) / 1.008 · π/2), β_i = min(1 - f((i+1)/T) / f(i/T), max_beta); the betas are formed in
@@ -660,26 +629,22 @@ def squaredcos_cap_v2_alphas_cumprod(num_train_timesteps: int = 1000, max_beta: 
     betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float32)
     return torch.cumprod(1.0 - betas, dim=0)
 
-
 def _alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """ᾱ_t per sample, cast to the sample dtype first (as diffusers does: in fp16, ᾱ_0 of the cosine schedule
     rounds to exactly 1), shaped (B, 1, ..., 1) to broadcast against `like`."""
     a = alphas_cumprod.to(device=like.device, dtype=like.dtype)[t]
     return a.reshape(-1, *([1] * (like.ndim - 1)))
 
-
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Forward process q(x_t | x_0): x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, t (B,) int (diffusers `DDPMScheduler.add_noise`)."""
     a = _alpha_bar(alphas_cumprod, t, x0)
     return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
-
 
 def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The target of SD-2's v-prediction UNets (Salimans & Ho 2022, arXiv:2202.00512): v = √ᾱ_t ε - √(1-ᾱ_t) x_0;
     training minimises mse(unet(add_noise(x0, ε, t, ᾱ), t, ...), v_target(x0, ε, t, ᾱ)), t ~ U{0..999}."""
     a = _alpha_bar(alphas_cumprod, t, x0)
     return a ** 0.5 * noise - (1 - a) ** 0.5 * x0
-
 
 # ---- 7. unCLIP noise augmentation of the image embedding -------------------------------------------------------------
 # diffusers==0.39.0 pipelines/stable_diffusion/pipeline_stable_unclip_img2img.py: `noise_image_embeddings`, with
@@ -718,7 +683,6 @@ class ImageNoiseAugmentation(nn.Module):
         level_emb = timestep_embedding(levels, self.embedding_dim).to(x.dtype)
         return torch.cat([x, level_emb], dim=1)  # (B, E) ++ (B, E) -> (B, 2E)
 
-
 # ---- 8. samplers -----------------------------------------------------------------------------------------------------
 # Pure functions over a `model_fn(x, t) -> v` (t a Python int; guidance is the model's, see
 # `classifier_free_guidance`), as in k-diffusion; `callback(dict(i=call index, t=timestep, x=sample after the
@@ -733,14 +697,12 @@ def leading_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     ratio = num_train_timesteps // steps
     return [k * ratio + 1 for k in reversed(range(steps))]
 
-
 def pndm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """PNDM with skip_prk_steps: the leading timesteps with the second one repeated, so `steps` steps take
     `steps + 1` model calls (20 -> [951, 901, 901, 851, ..., 1]; 1 -> [1]). Mirrors
     `PNDMScheduler.set_timesteps`: cat(_t[:-1], _t[-2:-1], _t[-1:]) reversed, _t ascending."""
     ts = leading_timesteps(steps, num_train_timesteps)
     return ts[:1] + ts[1:2] + ts[1:] if steps > 1 else ts
-
 
 def _pndm_transfer(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
     """One PNDM transfer step φ from ᾱ_t = a to ᾱ_prev = a' (Liu et al. 2022, arXiv:2202.09778, eq. 11), for a
@@ -752,7 +714,6 @@ def _pndm_transfer(x: torch.Tensor, v: torch.Tensor, a: torch.Tensor, a_prev: to
     eps = a ** 0.5 * v + b ** 0.5 * x
     denom = a * b_prev ** 0.5 + (a * b * a_prev) ** 0.5
     return (a_prev / a) ** 0.5 * x - (a_prev - a) * eps / denom
-
 
 @torch.no_grad()
 def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torch.Tensor | None = None,
@@ -792,7 +753,6 @@ def pndm_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
             callback(dict(i=i, t=t, x=x))
     return x
 
-
 @torch.no_grad()
 def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torch.Tensor | None = None,
                 callback=None) -> torch.Tensor:
@@ -816,9 +776,7 @@ def ddim_sample(model_fn, x: torch.Tensor, steps: int = 20, alphas_cumprod: torc
             callback(dict(i=i, t=t, x=x, denoised=x0))
     return x
 
-
 SAMPLERS = {"pndm": pndm_sample, "ddim": ddim_sample}  # name -> sampler; PNDM is the official one
-
 
 def classifier_free_guidance(model_fn, guidance_scale: float):
     """Wrap a model over the doubled batch [uncond; cond] into a guided one: v = v_u + s (v_c - v_u), with one
@@ -828,9 +786,7 @@ def classifier_free_guidance(model_fn, guidance_scale: float):
         return v_uncond + guidance_scale * (v_cond - v_uncond)
     return guided
 
-
 # ---- 9. the pipeline: UnCLIPDecoder = text encoder + noise augmentation + UNet + sampler + VAE decoder ---------------
-
 class UnCLIPDecoder(nn.Module):
     """SEED's image decoder: a (B, E) image embedding -> images, as SEED's StableUnCLIPImg2ImgPipeline with
     `image_embeds` and no prompt. The only text it conditions on is the empty prompt, so the text encoder runs
@@ -1029,9 +985,7 @@ class UnCLIPDecoder(nn.Module):
                     state[official_key(component, key)] = tensor
         return weights.assign(model, state, device, dtype)
 
-
 # ---- 10. loaders: the official diffusers folder ----------------------------------------------------------------------
-
 # The weight-holding folders of the diffusers layout and their file stems, in diffusers' order of preference
 # (tokenizer/ and the schedulers hold no weights), and the attribute of UnCLIPDecoder that holds each one.
 OFFICIAL_COMPONENTS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
@@ -1049,7 +1003,6 @@ OFFICIAL_IGNORED = ("vae.encoder.", "vae.quant_conv.",  # the VAE encoder and it
 VAE_LEGACY_NAMES = {f".attentions.0.{old}.": f".attentions.0.{new}." for old, new in
                     (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))}
 
-
 def official_key(component: str, key: str) -> str | None:
     """Our state-dict name for tensor `key` of the official folder `component`, or None if deliberately ignored."""
     if component == "vae":
@@ -1057,7 +1010,6 @@ def official_key(component: str, key: str) -> str | None:
             key = key.replace(old, new)
     name = f"{COMPONENT_ATTRIBUTES[component]}.{key}"
     return None if name.startswith(OFFICIAL_IGNORED) else name
-
 
 def file_key(component: str, name: str, legacy: bool = False) -> str | None:
     """The inverse of `official_key`: the key in the official folder `component` of our state-dict `name` (None
@@ -1070,7 +1022,6 @@ def file_key(component: str, name: str, legacy: bool = False) -> str | None:
         for old, new in VAE_LEGACY_NAMES.items():
             key = key.replace(new, old)
     return key
-
 
 def _check_official_keys(model: nn.Module, headers: dict[str, dict], folder: Path) -> None:
     """Compare the folder's tensors (component -> {file: {key: (shape, dtype)}}) with the model, in the folder's
@@ -1086,12 +1037,10 @@ def _check_official_keys(model: nn.Module, headers: dict[str, dict], folder: Pat
     weights.check_keys(expected, found, str(folder), what="the decoder",
                        note="the VAE encoder and the text encoder's position_ids are left out on purpose")
 
-
 def _stored_dtype(*headers: dict) -> torch.dtype | None:
     """The dtype of the first floating-point tensor of weight files (headers: {key: (shape, dtype)})."""
     return next((dtype for header in headers for _, dtype in header.values()
                  if dtype is not None and dtype.is_floating_point), None)
-
 
 def _check_official_schedulers(folder: Path) -> None:
     """pndm_sample and noise_image_embeddings hard-code the official schedules: refuse a folder that differs."""

@@ -14,12 +14,9 @@ Mirrors `VectorQuantizer2` as SEED builds it (AILab-CVC/SEED @ 93b3cf4, `models/
              + 0.25 * |z_q - sg[z]|^2  (codebook: pulls the code towards the encoder output)
     where sg is stop-gradient and |.|^2 a mean over all elements.
 
-Public API (other modules rely on these names):
-  * `VectorQuantizer(n_codes=8192, dim=32, beta=0.25)`; its codebook is `embedding` (an nn.Embedding), so the
-    official key `quantize.embedding.weight` loads unchanged;
-  * `forward(z (..., dim)) -> (z_q (..., dim) straight-through, codes (...) long, loss scalar)`;
-  * `nearest(z) -> codes` (no gradient bookkeeping), `lookup(codes) -> (..., dim)`;
-  * `usage(codes) -> (fraction of codes used, perplexity)`, for training logs.
+`VectorQuantizer(n_codes=8192, dim=32, beta=0.25)`: z (..., dim) -> (z_q straight-through, codes, loss); `nearest`,
+`lookup`, and `usage` (fraction of codes used, perplexity) for training logs. Its codebook is `embedding`, so the
+official key `quantize.embedding.weight` loads unchanged.
 
 Deviations: no index remapping and no (B, C, H, W) layout handling, which SEED never uses.
 """
@@ -28,7 +25,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 class VectorQuantizer(nn.Module):
     def __init__(self, n_codes: int = 8192, dim: int = 32, beta: float = 0.25):

@@ -1,20 +1,12 @@
-"""Weight files: the one home of what every loader and writer of this project shares.
+"""Weight files: the one home of what every loader and writer of this project shares, in the order a loader uses it.
 
-A loader here does four things, in this order, and each has one function below:
-  1. choose where the model lives: `pick_device` (cuda, then Apple's mps, then cpu) and `pick_dtype` (fp32 on the
-     CPU, half precision on an accelerator: the file's own half type when it has one, else fp16);
-  2. find and open the file: `find_weights` (the first of a list of names; an `*.index.json` stands for its shards,
-     which must lie inside the folder), `read_header` (every tensor's name, shape and dtype without reading the
-     data) and `read_weights` (the tensors, one at a time, cast as they are read);
-  3. compare, before any data is read, what the file holds with what the model expects: `check_keys` raises one
-     error naming every missing, unexpected and mis-shaped key, in the file's own names;
-  4. fill a model built on the meta device without a second copy: `assign`.
-Writers use `atomic_write`: a per-process temporary name in the target folder, then `os.replace`, so a crash or a
-second writer never leaves a half-written file under the final name.
-
-Formats: `.safetensors` (read through its header, memory-mapped) and `torch.save` files, always with
-`torch.load(weights_only=True)`, which refuses pickles that would construct anything but tensors and plain
-containers (and so cannot run code), memory-mapped when the file is a zip archive (torch >= 1.6).
+  1. where the model lives: `pick_device` (cuda, then Apple's mps, then cpu) and `pick_dtype`;
+  2. the file: `find_weights` (an `*.index.json` stands for its shards), `read_header` (names, shapes, dtypes, no
+     data) and `read_weights` (`.safetensors`, or `torch.load(weights_only=True)`, which refuses any pickle that
+     would construct more than tensors and so cannot run code; memory-mapped, cast one tensor at a time);
+  3. before any data is read, `check_keys`: one error naming every missing, unexpected and mis-shaped key;
+  4. `assign`: fill a model built on the meta device, with no second copy.
+Writers use `atomic_write` (a temporary file of this process, then `os.replace`): never a half-written file.
 """
 from __future__ import annotations
 
@@ -35,9 +27,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-
 # ---- 1. device and dtype ------------------------------------------------------------------------------------------
-
 def available_devices() -> list[str]:
     """The device types torch can use here, best first."""
     found = ["cuda"] if torch.cuda.is_available() else []
@@ -45,10 +35,8 @@ def available_devices() -> list[str]:
         found.append("mps")
     return found + ["cpu"]
 
-
 def pick_device(name: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
-    """`name` checked against what is present, or the best device present ("auto" or None). Under torchrun a bare
-    "cuda" means the GPU of this process's local rank."""
+    """`name` checked against what is present, else the best one; a bare "cuda" is this process's local rank."""
     if name is None or str(name) == "auto":
         name = available_devices()[0]
     device = torch.device(name)
@@ -58,7 +46,6 @@ def pick_device(name: str | torch.device | None = None, local_rank: int = 0) -> 
         device = torch.device("cuda", local_rank)
     return device
 
-
 def pick_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
     """fp32 on the CPU (half-precision matmuls are slow or missing there); on an accelerator the file's own half
     type when it has one (bf16 weights keep their range), else fp16."""
@@ -66,20 +53,14 @@ def pick_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch
         return torch.float32
     return stored if stored in HALF_DTYPES else torch.float16
 
-
 # ---- 2. finding and reading weight files --------------------------------------------------------------------------
-
 def inside(folder: Path, name: str, source: str) -> Path:
-    """folder / name, refused when `name` (read from `source`) is absolute or climbs out of `folder` with `..`.
-
-    The test is on the name, not on the resolved path: a hub cache folder's files are symbolic links into its
-    `blobs/` folder by design, and a link the user made is the user's choice; a name a file or a server hands us
-    is not."""
+    """folder / name, refused when `name` (read from `source`) is absolute or climbs out with `..`. The test is on
+    the name, not the resolved path: a hub cache's files are links into its `blobs/` folder by design."""
     parts = Path(name).parts
     if not name or Path(name).is_absolute() or os.path.normpath(name).startswith("..") or ".." in parts:
         raise ValueError(f"{source} names {name!r}, which lies outside {folder}: refused")
     return Path(folder) / name
-
 
 def index_shards(index: Path) -> list[str]:
     """The shard file names of a sharded checkpoint's `*.index.json` (its `weight_map` values), sorted."""
@@ -88,7 +69,6 @@ def index_shards(index: Path) -> list[str]:
         return sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index} is not a checkpoint index (a JSON object with a 'weight_map'): {e}") from e
-
 
 def find_weights(folder: Path, names: Sequence[str]) -> list[Path]:
     """The weight files of `folder`: the first of `names` that exists; an `*.index.json` stands for its shards."""
@@ -105,7 +85,6 @@ def find_weights(folder: Path, names: Sequence[str]) -> list[Path]:
             raise FileNotFoundError(f"{path} names shard files that do not exist: {missing}")
         return shards
     raise FileNotFoundError(f"no weights in {folder}: expected one of {list(names)}")
-
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """A torch.save file, read with weights_only=True (memory-mapped when it is a zip archive), checked to be a
@@ -126,7 +105,6 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a state dict (a flat dict of tensors), got {type(state).__name__}")
     return state
 
-
 def _safetensors(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -134,7 +112,6 @@ def _safetensors(path: Path):
         return safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read weight file {path} (truncated or not a safetensors file?): {e}") from e
-
 
 def read_header(path: Path) -> dict[str, tuple[Shape, torch.dtype]]:
     """name -> (shape, dtype) of every tensor of a weight file, without reading the data."""
@@ -145,11 +122,10 @@ def read_header(path: Path) -> dict[str, tuple[Shape, torch.dtype]]:
                     for k in f.keys()}
     return {k: (tuple(t.shape), t.dtype) for k, t in _torch_load(path).items()}
 
-
 def read_weights(path: Path, names: Iterable[str] | None = None, device="cpu",
                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors `names` (all when None) of one weight file, floats cast to `dtype` one at a time, so a
-    half-precision source tensor is freed as soon as it is cast; integer tensors keep their type."""
+    """The tensors `names` (all when None) of a weight file, floats cast to `dtype` one at a time (each source
+    tensor is freed once cast); integer tensors keep their type."""
     path, wanted = Path(path), None if names is None else set(names)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
@@ -159,7 +135,6 @@ def read_weights(path: Path, names: Iterable[str] | None = None, device="cpu",
         with _safetensors(path) as f:
             return {k: cast(f.get_tensor(k)) for k in f.keys() if wanted is None or k in wanted}
     return {k: cast(t) for k, t in _torch_load(path).items() if wanted is None or k in wanted}
-
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; a missing or unparsable file is an error naming it."""
@@ -174,15 +149,11 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
-
 # ---- 3. the strict comparison -------------------------------------------------------------------------------------
-
 def check_keys(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], source: str,
                what: str = "the model", note: str = "") -> None:
-    """Raise one ValueError naming every key of `expected` absent from `found`, every key of `found` that is not
-    expected, and every shape that differs. Both are keyed by the *file's* names (the caller renames the model's
-    keys into the file's, and leaves out the keys it ignores on purpose), so the message names what the user can
-    find in the file."""
+    """One ValueError naming every missing, unexpected and mis-shaped key. Both dicts are keyed by the *file's*
+    names (the caller renames the model's keys and leaves out those it ignores), so the user can find each one."""
     missing = sorted(k for k in expected if k not in found)
     unexpected = sorted(k for k in found if k not in expected)
     misshaped = sorted(f"{k}: file {tuple(found[k])} vs {what} {tuple(expected[k])}"
@@ -197,27 +168,20 @@ def check_keys(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequen
         lines.append(f"  ({note})")
     raise ValueError("\n".join(lines))
 
-
 def shapes(module: nn.Module) -> dict[str, Shape]:
     """name -> shape of every tensor of a module's state dict (a meta-device module costs nothing)."""
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
-
 # ---- 4. filling a meta-device model -------------------------------------------------------------------------------
-
 def assign(model: nn.Module, state: Mapping[str, torch.Tensor], device, dtype: torch.dtype) -> nn.Module:
-    """Load `state` (every key of the model, checked by `check_keys` first) into a meta-device model in place
-    (load_state_dict(assign=True): the parameters become these tensors, no copy), floats cast to `dtype`."""
+    """Fill a meta-device model with `state` (checked first), floats cast: the parameters become these tensors."""
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
-
 # ---- writing ------------------------------------------------------------------------------------------------------
-
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) to a temporary file of this process beside `path`, then rename it over `path`: readers see the
-    old file or the whole new one, never a part, even after a kill or beside a second writer."""
+    """write(tmp), then rename tmp over `path`: readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -229,7 +193,6 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
 
 def write_json(path: Path, value) -> None:
     """`value` as indented JSON at `path`, atomically."""

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40),
            "purple": (150, 60, 190)}
@@ -60,7 +59,6 @@ ATTRIBUTES = ("shape", "colour", "size", "position")
 VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
 CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "write a short caption for this image.")
 T2I_REQUESTS = ("draw {}.", "can you generate an image of {}?", "please make a picture of {}.", "show me {}.")
-
 
 @dataclass(frozen=True)
 class Combo:
@@ -93,11 +91,9 @@ class Combo:
         attribute = rng.choice(ATTRIBUTES)
         return self.edit(attribute, rng.choice([v for v in VALUES[attribute] if v != getattr(self, attribute)]))
 
-
 # Fixed enumeration order (shape, colour, size, position): the index of a combination is stable across versions.
 COMBOS = tuple(Combo(s, c, z, p) for s in SHAPES for c in COLOURS for z in SIZES for p in POSITIONS)
 CAPTIONS = tuple(c.caption for c in COMBOS)
-
 
 def parse_caption(text: str) -> dict[str, str | None]:
     """The attributes a caption names (all None where the text does not follow the caption grammar)."""
@@ -108,7 +104,6 @@ def parse_caption(text: str) -> dict[str, str | None]:
         return dict.fromkeys(ATTRIBUTES)
     place = {p: k for k, p in PLACES.items()}[m.group(4)]
     return {"size": m.group(1), "colour": m.group(2), "shape": m.group(3), "position": place}
-
 
 def render(combo: Combo, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
     """Draw one 32x32 image as the header specifies (4x supersampling, then a box filter)."""
@@ -128,7 +123,6 @@ def render(combo: Combo, jitter: tuple[int, int] = (0, 0)) -> Image.Image:
         draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=colour)
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
-
 @dataclass
 class World:
     """All 1350 images as one tensor, with their combination, jitter and split. The 300 test images (the header's
@@ -146,17 +140,14 @@ class World:
     def test_idx(self) -> torch.Tensor:
         return torch.nonzero(self.test).squeeze(1)
 
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> (3, H, W) float in [-1, 1]: the pixel space of every tiny model."""
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-
 
 def to_image(x: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] -> PIL RGB."""
     array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
-
 
 def build_world() -> World:
     """Render the whole world (deterministic: no randomness at all; takes about a second)."""
@@ -165,10 +156,8 @@ def build_world() -> World:
     combo, jitter = (torch.tensor(column) for column in zip(*pairs))
     return World(images, combo, jitter, torch.tensor([j in (i % 9, (i + 4) % 9) for i, j in pairs]))
 
-
 # --- The judge: a pixel heuristic, so that generated images are scored by something that is not a model under test.
 _PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (5, 3)
-
 
 def judge(image: Image.Image | torch.Tensor) -> dict[str, str | None]:
     """Read (shape, colour, size, position) off a 32x32 image by pixel heuristics; None where nothing is drawn.
@@ -205,7 +194,6 @@ def judge(image: Image.Image | torch.Tensor) -> dict[str, str | None]:
     fill = float(cover.sum()) / max(width * height, 1.0)
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     return {"shape": shape, "colour": list(COLOURS)[c], "size": size, "position": position}
-
 
 def judge_accuracy(images, combos) -> dict[str, float]:
     """Per-attribute and all-attributes accuracy of `judge` on images against their intended combinations."""

@@ -18,11 +18,9 @@ sys.path.insert(0, str(ROOT))  # the top-level modules (seed.py, llama.py, ...) 
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
-
 
 def official_file(*parts: str) -> Path:
     """A file of the official release under $SEED_WEIGHTS (laid out as on the hub), or skip the test."""

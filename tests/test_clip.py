@@ -14,11 +14,9 @@ from unet import CLIPTextConfig, CLIPTextEncoder, empty_prompt_ids
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-
 @pytest.fixture(scope="module")
 def te_dir():
     return FIXTURES / "text_encoder"
-
 
 @pytest.fixture(scope="module")
 def encoder(te_dir):
@@ -28,14 +26,12 @@ def encoder(te_dir):
     model.load_state_dict({k: v for k, v in state.items() if k not in CLIPTextEncoder.IGNORED_KEYS})
     return model
 
-
 # --- the empty prompt ----------------------------------------------------------------------------------------------
 
 def test_empty_prompt_ids():
     assert empty_prompt_ids() == [49406, 49407] + [0] * 75  # stabilityai/stable-diffusion-2-1-unclip
     assert empty_prompt_ids(1514) == [1512, 1513] + [0] * 75  # the reduced BPE of the fixtures
     assert len(empty_prompt_ids(1514, context_length=10)) == 10
-
 
 @pytest.mark.parity
 @pytest.mark.parametrize("folder", ["text_encoder", "unclip/pipeline"])
@@ -47,7 +43,6 @@ def test_empty_prompt_ids_match_transformers_tokenizer(folder):
     vocab_size = json.loads((FIXTURES / folder / "text_encoder" / "config.json").read_text())["vocab_size"]
     ids = hf("", padding="max_length", max_length=77, truncation=True).input_ids
     assert ids == empty_prompt_ids(vocab_size)
-
 
 # --- text encoder --------------------------------------------------------------------------------------------------
 
@@ -62,7 +57,6 @@ def test_text_encoder_matches_fixture(encoder, te_dir):
         torch.testing.assert_close(emb["token_embedding"](ids) + emb["position_embedding"].weight,
                                    ref["embeddings_pad0"], atol=1e-6, rtol=0)
 
-
 def test_text_encoder_is_causal(encoder):
     ids = torch.randint(0, encoder.config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(0))
     changed = ids.clone()
@@ -72,7 +66,6 @@ def test_text_encoder_is_causal(encoder):
     torch.testing.assert_close(a[:, :40], b[:, :40], atol=1e-6, rtol=0)
     assert not torch.allclose(a[:, 40:], b[:, 40:])
     assert encoder(ids[:, :10]).shape == (2, 10, encoder.config.width)  # shorter contexts work too
-
 
 def test_official_size_and_keys_on_meta_device(fixtures):
     """The default config is the official tower: 340,387,840 parameters; every official key is consumed with its
@@ -85,7 +78,6 @@ def test_official_size_and_keys_on_meta_device(fixtures):
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert ours == {k: v for k, v in official.items() if k not in CLIPTextEncoder.IGNORED_KEYS}
 
-
 def test_config_presets_and_errors():
     assert CLIPTextConfig.preset("sd21") == CLIPTextConfig()
     assert CLIPTextConfig.preset("tiny").width == 32
@@ -96,7 +88,6 @@ def test_config_presets_and_errors():
     model = CLIPTextEncoder(CLIPTextConfig.preset("tiny"))
     with pytest.raises(ValueError, match="77"):
         model(torch.zeros(1, 78, dtype=torch.long))
-
 
 # --- parity against transformers ---------------------------------------------------------------------------------
 
@@ -115,11 +106,9 @@ def test_parity_with_transformers_clip_text_model():
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).last_hidden_state, atol=1e-5, rtol=0)
 
-
 # --- golden: the official files ($SEED_WEIGHTS) ------------------------------------------------------------------
 
 SD21 = ("stabilityai", "stable-diffusion-2-1-unclip")
-
 
 @pytest.mark.golden
 def test_official_empty_prompt_ids():
@@ -135,7 +124,6 @@ def test_official_empty_prompt_ids():
     transformers = pytest.importorskip("transformers")
     hf = transformers.CLIPTokenizer.from_pretrained(folder)
     assert hf("", padding="max_length", max_length=77, truncation=True).input_ids == empty_prompt_ids()
-
 
 @pytest.mark.golden
 def test_official_text_encoder_matches_transformers():

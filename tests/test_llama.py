@@ -17,11 +17,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # the test tokenizer's layout (tests/fixtures/llama): 640 pieces, codes at 640..767, <img> 768, </img> 769
 IMAGE_VOCAB = dict(boi_id=768, eoi_id=769, code_offset=640, n_codes=128)
 
-
 @pytest.fixture(scope="module")
 def ref():
     return load_file(FIXTURES / "llama" / "ref.safetensors")
-
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -30,10 +28,8 @@ def tiny():
     return Llama(LlamaConfig(vocab_size=770, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                              max_seq_len=96)).eval()
 
-
 def image_vocab():
     return ImageVocab(**IMAGE_VOCAB)
-
 
 # ---- config ---------------------------------------------------------------------------------------------
 
@@ -43,12 +39,10 @@ def test_official_parameter_counts(name, n_params):
         model = Llama(LlamaConfig.preset(name))
     assert sum(p.numel() for p in model.parameters()) == n_params
 
-
 def test_defaults_are_8b_and_unknown_preset_lists_choices():
     assert LlamaConfig() == LlamaConfig.preset("seed-llama-8b")
     with pytest.raises(ValueError, match="tiny"):
         LlamaConfig.preset("seed-llama-7b")
-
 
 @pytest.mark.parametrize("name, preset", [("llama_8b", "seed-llama-8b"), ("llama_14b", "seed-llama-14b")])
 def test_official_key_names_and_shapes(name, preset):
@@ -59,7 +53,6 @@ def test_official_key_names_and_shapes(name, preset):
     ignored = [k for k in official if llama.IGNORED_OFFICIAL_KEYS.fullmatch(k)]
     assert len(ignored) == LlamaConfig.preset(preset).n_layers
     assert {k: v for k, v in official.items() if k not in ignored} == ours
-
 
 # ---- parity with the HF reference fixtures ----------------------------------------------------------------
 
@@ -77,7 +70,6 @@ def test_fixture_parity_safetensors_shards(ref):
     out = model.generate(ref["input_ids"].tolist(), max_new_tokens=16)
     assert out == ref["greedy_new_tokens"].tolist()
 
-
 def test_fixture_parity_bin_fp16_shards(ref, tmp_path):
     # the 2023 layout: fp16 pickled shards with rotary_emb.inv_freq keys and a config with `torch_dtype`
     src = FIXTURES / "llama"
@@ -94,7 +86,6 @@ def test_fixture_parity_bin_fp16_shards(ref, tmp_path):
     half = Llama.from_official(tmp_path, device="cpu", dtype=torch.float16)
     assert {p.dtype for p in half.parameters()} == {torch.float16}
 
-
 def test_fixture_left_padded_batch(ref):
     # The reference ran positions 0..15 in both rows; we start each row at its first real token. RoPE only
     # sees position differences, so the logits of the real tokens agree.
@@ -103,7 +94,6 @@ def test_fixture_left_padded_batch(ref):
     with torch.no_grad():
         logits = model(ref["batch_input_ids"], pad=(~mask).sum(1))
     torch.testing.assert_close(logits[mask], ref["batch_logits"][mask], atol=1e-4, rtol=1e-4)
-
 
 # ---- invariants --------------------------------------------------------------------------------------------
 
@@ -119,7 +109,6 @@ def test_kv_cache_matches_uncached(tiny):
             steps += [tiny.decode_one_token(idx[:, t], t, p)[:, None] for t in range(12, 20)]  # one by one
             torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
-
 def test_causal(tiny):
     idx = torch.randint(0, 770, (1, 12))
     changed = idx.clone()
@@ -127,14 +116,12 @@ def test_causal(tiny):
     with torch.no_grad():
         torch.testing.assert_close(tiny(idx)[:, :8], tiny(changed)[:, :8])
 
-
 def test_batched_generation_equals_one_at_a_time(tiny):
     torch.manual_seed(2)
     prompts = [torch.randint(0, 770, (n,)).tolist() for n in (5, 11, 8)]
     alone = [tiny.generate([p], max_new_tokens=12)[0] for p in prompts]
     assert tiny.generate(prompts, max_new_tokens=12) == alone
     assert all(len(a) == 12 for a in alone)
-
 
 def test_stop_ids_and_streaming(tiny):
     prompt = list(range(1, 9))
@@ -146,7 +133,6 @@ def test_stop_ids_and_streaming(tiny):
     assert out == full[:full.index(stop) + 1]
     assert streamed == [(0, t) for t in out]
 
-
 def test_sampling_is_seeded_and_follows_the_filters(tiny):
     prompt = [[1, 2, 3, 4]]
     cfg = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=3, top_p=1.0, temperature=0.7)
@@ -156,12 +142,10 @@ def test_sampling_is_seeded_and_follows_the_filters(tiny):
     one = tiny.generate(prompt, cfg, top_k=1, generator=torch.Generator().manual_seed(5))
     assert one == tiny.generate(prompt, max_new_tokens=8)  # top-k 1 is greedy
 
-
 def test_prompt_longer_than_context(tiny):
     with pytest.raises(ValueError, match="longer than the context"):
         tiny.generate([[1] * 97], max_new_tokens=1)
     assert len(tiny.generate([[1] * 90], max_new_tokens=20)[0]) == 6  # stops at the context end
-
 
 # ---- image spans ---------------------------------------------------------------------------------------------
 
@@ -177,7 +161,6 @@ def test_forced_and_constrained_image_span(tiny):
     out = tiny.generate([prompt], max_new_tokens=3, constrain_images=True, image_vocab=iv)[0]
     assert out[2] == iv.eoi_id and all(iv.code_offset <= t < iv.code_offset + iv.n_codes for t in out[:2])
 
-
 def test_classifier_free_guidance_on_codes(tiny):
     iv = image_vocab()
     cond, uncond, scale = [1, 5, 9, 13], [1, 2], 3.0
@@ -192,29 +175,24 @@ def test_classifier_free_guidance_on_codes(tiny):
     with pytest.raises(ValueError, match="uncond_prompt"):
         tiny.generate([cond], guidance_scale=2.0, image_vocab=iv)
 
-
 # ---- loaders ---------------------------------------------------------------------------------------------
 
 def copy_fixture(dst, names):
     for name in names:
         shutil.copy(FIXTURES / "llama" / name, dst / name)
 
-
 SAFETENSORS = ("config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
                "model-00002-of-00002.safetensors")
-
 
 def test_folder_without_weights(tmp_path):
     copy_fixture(tmp_path, ["config.json"])
     with pytest.raises(FileNotFoundError, match="no weights"):
         Llama.from_official(tmp_path)
 
-
 def test_index_naming_a_missing_shard(tmp_path):
     copy_fixture(tmp_path, SAFETENSORS[:3])
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
         Llama.from_official(tmp_path)
-
 
 @pytest.mark.parametrize("shard", ["model-00002-of-00002.safetensors", "pytorch_model-00002-of-00002.bin"])
 def test_truncated_shard(tmp_path, shard):
@@ -225,7 +203,6 @@ def test_truncated_shard(tmp_path, shard):
     (tmp_path / shard).write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match=shard):
         Llama.from_official(tmp_path)
-
 
 def test_config_that_disagrees_with_the_weights(tmp_path):
     copy_fixture(tmp_path, SAFETENSORS)
@@ -244,7 +221,6 @@ def test_config_that_disagrees_with_the_weights(tmp_path):
     with pytest.raises(ValueError, match=r"missing \(9\):\n    model\.layers\.2\.input_layernorm\.weight"):
         Llama.from_official(tmp_path)
 
-
 def test_save_and_load_pretrained(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
@@ -256,7 +232,6 @@ def test_save_and_load_pretrained(tiny, tmp_path):
     copy_fixture(tmp_path, ["config.json"])  # an official HF config is not ours
     with pytest.raises(ValueError, match="from_official"):
         Llama.from_pretrained(tmp_path)
-
 
 def test_with_the_tokenizer_end_to_end(tmp_path):
     # the contract between the two halves of llama.py: ids from the tokenizer, spans parsed back by it
@@ -273,7 +248,6 @@ def test_with_the_tokenizer_end_to_end(tmp_path):
     assert Llama.from_pretrained(tmp_path).generate([prompt], max_new_tokens=4) == \
         model.generate([prompt], max_new_tokens=4)
 
-
 # ---- the released checkpoints ($SEED_WEIGHTS) --------------------------------------------------------------
 
 @pytest.mark.golden
@@ -289,7 +263,6 @@ def test_official_checkpoint_matches_preset(repo, preset):
     stored = {k: list(shape) for f in files for k, (shape, _) in weights.read_header(f).items()}
     official = json.loads((FIXTURES / "official_keys" / f"llama_{preset.split('-')[-1]}.json").read_text())
     assert stored == official
-
 
 # ---- parity with transformers (dev dependency) ------------------------------------------------------------
 
@@ -308,7 +281,6 @@ def test_parity_with_transformers_llama(tiny):
         torch.testing.assert_close(tiny(idx), ref(idx).logits, atol=1e-5, rtol=1e-5)
     expected = ref.generate(idx[:1], max_new_tokens=10, do_sample=False, top_k=None, top_p=None)[0, 24:]
     assert tiny.generate(idx[:1].tolist(), max_new_tokens=10)[0] == expected.tolist()
-
 
 @pytest.mark.parity
 def test_sampling_filters_match_transformers():

@@ -9,12 +9,10 @@ from qformer import CausalQFormer, QFormerAttention, QFormerConfig
 
 SMALL = QFormerConfig(width=24, n_layers=3, n_heads=3, intermediate=48, vision_width=16, n_queries=8)
 
-
 def small_qformer(causal=True, **overrides):
     torch.manual_seed(0)
     config = QFormerConfig(**{**SMALL.__dict__, **overrides})
     return CausalQFormer(config, causal=causal).eval()
-
 
 @pytest.mark.parametrize("j", [0, 3, 7])
 def test_perturbing_query_j_never_changes_earlier_outputs(j):
@@ -27,7 +25,6 @@ def test_perturbing_query_j_never_changes_earlier_outputs(j):
     assert torch.equal(before[:, :j], after[:, :j])  # masked keys get weight exactly 0
     assert not torch.allclose(before[:, j:], after[:, j:])
 
-
 def test_without_causal_mask_earlier_outputs_change():
     model = small_qformer(causal=False)
     feats = torch.randn(2, 10, 16)
@@ -36,7 +33,6 @@ def test_without_causal_mask_earlier_outputs_change():
         model.query_tokens[0, 7] += torch.randn(24)
         after = model(feats)
     assert (before[:, :7] - after[:, :7]).abs().max() > 1e-3
-
 
 def test_boolean_causal_mask_equals_the_official_additive_minus_10000():
     torch.manual_seed(0)
@@ -50,14 +46,12 @@ def test_boolean_causal_mask_equals_the_official_additive_minus_10000():
     official = attn.norm(attn.out(ctx) + x)
     torch.testing.assert_close(attn(x, causal=True), official, rtol=0, atol=1e-6)
 
-
 def test_cross_attention_every_second_layer_and_shapes():
     model = small_qformer()
     assert [layer.crossattention is not None for layer in model.layers] == [True, False, True]
     assert model(torch.randn(2, 5, 16)).shape == (2, 8, 24)
     with pytest.raises(ValueError, match=r"\(B, N, 16\)"):
         model(torch.randn(2, 5, 17))
-
 
 def test_official_size_without_text_branch():
     with torch.device("meta"):
@@ -69,7 +63,6 @@ def test_official_size_without_text_branch():
     assert n == 105_137_664
     with pytest.raises(ValueError, match="no text branch"):
         model.encode_text(torch.zeros(1, 3, dtype=torch.long))
-
 
 def test_text_branch_shares_self_attention_and_ignores_padding():
     model = small_qformer(text_vocab_size=50, max_text_len=16, proj_dim=12)
@@ -89,7 +82,6 @@ def test_text_branch_shares_self_attention_and_ignores_padding():
     assert model.layers[0].ffn_query.up.weight.grad is None and model.layers[0].ffn_text.up.weight.grad is not None
     with pytest.raises(ValueError, match="max_text_len"):
         model.encode_text(torch.zeros(1, 17, dtype=torch.long))
-
 
 def test_config_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="divisible"):

@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 EVA_URL_PATH = "/lavis/BLIP2/eva_vit_g.pth"  # where the fake storage bucket serves the EVA ViT
 
-
 # ------------------------------------------------------------------------------------------------------
 # A reduced official release in the hub layout, and a local server for it
 # ------------------------------------------------------------------------------------------------------
@@ -56,7 +55,6 @@ def build_hub(root: Path) -> Path:
             put(src, f"{unclip}/{src.relative_to(FIXTURES / 'unclip/pipeline')}")
     return root
 
-
 class Hub(http.server.ThreadingHTTPServer):
     """Serves `root` as `/{owner}/{repo}/resolve/main/{file}` (and the EVA file at EVA_URL_PATH), with Range support,
     a sha256 ETag on weight files as the hub sends for LFS files, a request log and injectable faults."""
@@ -82,7 +80,6 @@ class Hub(http.server.ThreadingHTTPServer):
 
     def file_requests(self) -> list[str]:
         return [rel for rel, _ in self.log]
-
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
@@ -137,7 +134,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(data[start:])
 
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     server = Hub(build_hub(tmp_path_factory.mktemp("hub")))
@@ -145,7 +141,6 @@ def hub(tmp_path_factory):
     yield server
     server.shutdown()
     server.server_close()
-
 
 @pytest.fixture
 def hub_env(hub, monkeypatch):
@@ -155,7 +150,6 @@ def hub_env(hub, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     hub.log.clear()
     return hub
-
 
 # ------------------------------------------------------------------------------------------------------
 # The downloader, in process
@@ -172,7 +166,6 @@ def test_cache_folder_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("SEED_CACHE")
     assert sample.weights_root() == Path.home() / ".cache" / "seed-from-scratch"
 
-
 def test_urls(monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("SEED_EVA_VIT_URL", raising=False)
@@ -181,7 +174,6 @@ def test_urls(monkeypatch):
     assert sample.hub_url(sample.EVA_VIT_PATH) == sample.EVA_VIT_URL
     monkeypatch.setenv("HF_ENDPOINT", "http://mirror/")
     assert sample.hub_url("a/b/c/d.json") == "http://mirror/a/b/resolve/main/c/d.json"
-
 
 def test_download_and_reuse(hub_env, tmp_path):
     files = sample.resolve_official(tmp_path, "8b")
@@ -197,12 +189,10 @@ def test_download_and_reuse(hub_env, tmp_path):
     sample.resolve_official(tmp_path, "8b")
     assert hub_env.log == [], "a complete cache must not touch the network"
 
-
 def test_fp16_variant_names(hub_env, tmp_path):
     """The fp16 run asks for the `.fp16.` unCLIP weights (the reduced hub has none, so it is a clear 404)."""
     with pytest.raises(sample.DownloadError, match="404.*diffusion_pytorch_model.fp16.safetensors"):
         sample.resolve_official(tmp_path, "8b", variant="fp16")
-
 
 def test_resume_after_cut(hub_env, tmp_path):
     rel = f"{sample.LLM_REPOS['8b']}/pytorch_model-00001-of-00002.bin"
@@ -212,7 +202,6 @@ def test_resume_after_cut(hub_env, tmp_path):
     assert (tmp_path / "shard.bin").read_bytes() == (hub_env.root / rel).read_bytes()
     assert hub_env.log == [(rel, None), (rel, f"bytes={size // 2}-")], "the second request resumes at the cut"
 
-
 def test_resume_from_an_earlier_run(hub_env, tmp_path):
     rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
     data = (hub_env.root / rel).read_bytes()
@@ -220,7 +209,6 @@ def test_resume_from_an_earlier_run(hub_env, tmp_path):
     sample.download(sample.hub_url(rel), tmp_path / "q.pt")
     assert (tmp_path / "q.pt").read_bytes() == data
     assert hub_env.log == [(rel, "bytes=1000-")]
-
 
 def test_sha256_mismatch_from_server(hub_env, tmp_path):
     rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
@@ -233,7 +221,6 @@ def test_sha256_mismatch_from_server(hub_env, tmp_path):
     assert not (tmp_path / "q.pt").exists() and (tmp_path / "q.pt.corrupt").exists()
     sample.download(sample.hub_url(rel), tmp_path / "q.pt")  # the next run fetches it afresh
     assert (tmp_path / "q.pt").read_bytes() == (hub_env.root / rel).read_bytes()
-
 
 def test_sha256_from_the_redirect(hub_env, tmp_path):
     """The hub sends an LFS file's sha256 on the redirect to its CDN (`X-Linked-Etag`), not on the file itself."""
@@ -250,7 +237,6 @@ def test_sha256_from_the_redirect(hub_env, tmp_path):
         hub_env.bad_etag.discard(rel)
     assert (tmp_path / "bad.bin.corrupt").exists() and not (tmp_path / "bad.bin").exists()
 
-
 def test_sha256_mismatch_from_known_table(hub_env, tmp_path):
     """A file of exactly the official tokenizer.model size must have the official hash (sample.KNOWN_FILES)."""
     size, sha = sample.KNOWN_FILES[f"{sample.TOKENIZER_REPO}/tokenizer.model"]
@@ -261,7 +247,6 @@ def test_sha256_mismatch_from_known_table(hub_env, tmp_path):
                         known=(size, sha))
     assert (tmp_path / "tokenizer.model.corrupt").exists() and not (tmp_path / "tokenizer.model").exists()
 
-
 def test_404(hub_env, tmp_path):
     rel = f"{sample.UNCLIP_REPO}/vae/config.json"
     hub_env.missing.add(rel)
@@ -271,13 +256,11 @@ def test_404(hub_env, tmp_path):
     finally:
         hub_env.missing.discard(rel)
 
-
 def test_no_network(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
     monkeypatch.setattr(sample.time, "sleep", lambda s: None)
     with pytest.raises(sample.DownloadError, match="cannot reach .*Check the network"):
         sample.download(sample.hub_url("a/b/c.json"), tmp_path / "c.json")
-
 
 def test_offline_names_missing_files(hub_env, monkeypatch, tmp_path):
     sample.resolve_official(tmp_path, "8b")
@@ -292,13 +275,11 @@ def test_offline_names_missing_files(hub_env, monkeypatch, tmp_path):
         and sample.EVA_VIT_PATH in str(e.value)
     assert hub_env.log == []
 
-
 def test_not_enough_space(hub_env, monkeypatch, tmp_path):
     monkeypatch.setattr(sample.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
     rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
     with pytest.raises(sample.DownloadError, match="not enough disk space for q.pt"):
         sample.download(sample.hub_url(rel), tmp_path / "q.pt")
-
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to simulate a full disk")
 def test_disk_full_while_writing(hub_env, tmp_path):
@@ -306,7 +287,6 @@ def test_disk_full_while_writing(hub_env, tmp_path):
     rel = f"{sample.TOKENIZER_REPO}/seed_quantizer.pt"
     with pytest.raises(sample.DownloadError, match="the disk is full"):
         sample.download(sample.hub_url(rel), tmp_path / "q.pt")
-
 
 # ------------------------------------------------------------------------------------------------------
 # Every task, end to end, in a subprocess on the CPU
@@ -316,18 +296,15 @@ def test_disk_full_while_writing(hub_env, tmp_path):
 # answers short and the decoder at 2 steps, so a run takes seconds.
 FAST = ["--device", "cpu", "--constrained", "--max-new-tokens", "8", "--steps", "2"]
 
-
 def run_sample(args: list[str], env: dict, stdin: str = "") -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], env=env, input=stdin, text=True,
                           capture_output=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, f"sample.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
-
 def printed_codes(stdout: str) -> list[list[int]]:
     rows = [line.split(":", 1)[1].split() for line in stdout.splitlines() if " codes (" in line]
     return [[int(c) for c in row] for row in rows]
-
 
 def check_all_tasks(stdout: str, out: Path, n_codes: int) -> None:
     for task in ("reconstruct", "caption", "vqa", "t2i", "edit", "chat"):
@@ -339,7 +316,6 @@ def check_all_tasks(stdout: str, out: Path, n_codes: int) -> None:
     # input (reconstruct, caption, vqa, edit, chat), the negative, t2i, edit and chat outputs
     assert len(codes) >= 9 and all(len(c) == 32 and all(0 <= x < n_codes for x in c) for c in codes)
 
-
 @pytest.fixture(scope="module")
 def official_run(hub, tmp_path_factory):
     """`python sample.py --ckpt official` (every task) against the local hub, from an empty cache."""
@@ -348,7 +324,6 @@ def official_run(hub, tmp_path_factory):
     proc = run_sample(["--ckpt", "official", "--out", str(tmp / "out"), *FAST], hub.env(tmp / "cache"))
     return tmp, proc, list(hub.log)
 
-
 @pytest.mark.slow
 def test_official_every_task(official_run):
     tmp, proc, log = official_run
@@ -356,7 +331,6 @@ def test_official_every_task(official_run):
     requested = [rel for rel, _ in log]
     assert len(requested) == len(set(requested)) and f"{sample.LLM_REPOS['8b']}/pytorch_model-00001-of-00002.bin" \
         in requested and not any("image_encoder" in r for r in requested)
-
 
 @pytest.mark.slow
 def test_official_chat_from_cache(official_run, hub, tmp_path):
@@ -373,13 +347,11 @@ def test_official_chat_from_cache(official_run, hub, tmp_path):
     assert (tmp_path / "out/chat_1.png").is_file()
     assert len(printed_codes(proc.stdout)) == 2  # the attached picture and the drawn one
 
-
 def test_official_offline_run_names_missing(hub, tmp_path):
     env = hub.env(tmp_path / "empty", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", "official", *FAST], env=env,
                           text=True, capture_output=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1 and "HF_HUB_OFFLINE=1" in proc.stderr and "seed_quantizer.pt" in proc.stderr
-
 
 def native_checkpoint(folder: Path) -> Path:
     """A checkpoint folder as train.py writes it, from tiny random models: seed/, llama/ (+ tokenizer), decoder/."""
@@ -399,11 +371,9 @@ def native_checkpoint(folder: Path) -> Path:
     UnCLIPDecoder(decoder_cfg).save_pretrained(folder / "decoder")
     return folder
 
-
 @pytest.fixture(scope="module")
 def native_ckpt(tmp_path_factory) -> Path:
     return native_checkpoint(tmp_path_factory.mktemp("native") / "ckpt")
-
 
 @pytest.mark.slow
 def test_native_checkpoint_every_task(native_ckpt, tmp_path):
@@ -414,7 +384,6 @@ def test_native_checkpoint_every_task(native_ckpt, tmp_path):
     with Image.open(tmp_path / "out/reconstruct.png") as im:
         assert im.size == (32, 32)  # the tiny decoder draws in pixel space
 
-
 @pytest.mark.slow
 def test_train_py_checkpoint_every_task(tmp_path):
     """What `python train.py --tiny --smoke` writes is what `sample.py --ckpt PATH` reads."""
@@ -424,7 +393,6 @@ def test_train_py_checkpoint_every_task(tmp_path):
                       {**os.environ, "HF_HUB_OFFLINE": "1"})
     check_all_tasks(proc.stdout, tmp_path / "out", n_codes=sample.load_pipeline(
         str(tmp_path / "run"), torch.device("cpu"), torch.float32).image_vocab.n_codes)
-
 
 def test_broken_span_is_reported_not_drawn():
     """An unconstrained model may write `<img>` + too few codes: the answer is shown as text, nothing is drawn."""
@@ -442,12 +410,10 @@ def test_broken_span_is_reported_not_drawn():
     good = vocab.span_ids(list(range(32)))
     assert pipe.read(good) == ("<image>", [list(range(32))], None)
 
-
 def test_native_checkpoint_missing_part(tmp_path):
     (tmp_path / "ckpt/seed").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="llama.*decoder"):
         sample.load_pipeline(str(tmp_path / "ckpt"), torch.device("cpu"), torch.float32)
-
 
 # ------------------------------------------------------------------------------------------------------
 # Host RAM while loading the reduced official set
@@ -465,7 +431,6 @@ params = sum(p.numel() * p.element_size() for m in (pipe.seed, pipe.llm, pipe.de
 print(before, hwm(), params)
 """
 
-
 def probe_ram(cache: Path, env: dict) -> tuple[int, int, int, int]:
     """(VmHWM after the imports, VmHWM after loading every model in fp32, bytes of the loaded state, bytes of the
     weight files) for `load_pipeline('official')` on the cache, in a fresh process."""
@@ -475,7 +440,6 @@ def probe_ram(cache: Path, env: dict) -> tuple[int, int, int, int]:
     before, peak, params = map(int, proc.stdout.split())
     files = sum(f.stat().st_size for f in cache.rglob("*") if f.suffix in (".pt", ".pth", ".bin", ".safetensors"))
     return before, peak, params, files
-
 
 def write_official_llama(folder: Path, dim: int, n_layers: int, ffn: int, vocab: int = 770) -> None:
     """A random LLaMA in the released format: HF key names, fp16 `.bin` shards (one per layer half) + index."""
@@ -499,7 +463,6 @@ def write_official_llama(folder: Path, dim: int, n_layers: int, ffn: int, vocab:
     config.update(hidden_size=dim, num_hidden_layers=n_layers, intermediate_size=ffn, num_attention_heads=dim // 64,
                   num_key_value_heads=dim // 64, head_dim=64)
     (folder / "config.json").write_text(json.dumps(config))
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM needs Linux /proc")
@@ -528,7 +491,6 @@ def test_peak_host_ram_while_loading(official_run, hub, tmp_path, capsys):
     # One more copy of the grown weights (or a whole fp16 shard kept alive) would add >= 0.5 x grown on top.
     assert (b_peak - b_before) - (s_peak - s_before) < 1.35 * grown
 
-
 # ------------------------------------------------------------------------------------------------------
 # The CLI and the pipeline object, in process
 # ------------------------------------------------------------------------------------------------------
@@ -543,11 +505,9 @@ def test_bad_arguments_fail_before_loading(argv, message, capsys, tmp_path):
     assert sample.main(["--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
 
-
 def test_14b_comes_from_its_own_repo(hub_env, tmp_path):
     with pytest.raises(sample.DownloadError, match="seed-llama-14b-sft/resolve/main/pytorch_model.bin.index.json"):
         sample.resolve_official(tmp_path, "14b")
-
 
 def test_low_vram_pipeline_and_chat_history(native_ckpt, tmp_path):
     """--low-vram moves each model to the device only while it runs (here cpu -> cpu: the code path); a chat keeps
@@ -563,13 +523,11 @@ def test_low_vram_pipeline_and_chat_history(native_ckpt, tmp_path):
     prompt = chat.prompt("again", [])
     assert any(prompt[i:i + len(drawn)] == drawn for i in range(len(prompt))), "the drawn codes left the history"
 
-
 def test_weights_folder_used_as_is(hub, monkeypatch):
     """`--weights DIR` with a complete copy in the hub layout: nothing fetched, even offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     files = sample.resolve_official(sample.weights_root(str(hub.root)), "8b")
     assert files.llm == hub.root / sample.LLM_REPOS["8b"] and files.vit == hub.root / sample.EVA_VIT_PATH
-
 
 def test_text_stream_prints_the_answer_once(capsys):
     """Streamed pieces add up to the decoded answer, multi-byte characters included, and stop at an image."""
@@ -587,7 +545,6 @@ def test_text_stream_prints_the_answer_once(capsys):
     stream.finish(answer)
     assert capsys.readouterr().out == answer[len("a café ☃ and 12 dogs"):] + "\n" and answer.endswith("[image]done")
 
-
 class _Recorder:
     """Stands in for a model's call: records the keyword arguments, then calls the model."""
 
@@ -597,7 +554,6 @@ class _Recorder:
     def __call__(self, *args, **kwargs):
         self.kwargs.append(kwargs)
         return self.call(*args, **kwargs)
-
 
 def test_llm_cfg_and_sampler_options_reach_the_models(native_ckpt, tmp_path, monkeypatch):
     """--llm-cfg guides the LLM's image codes against the template around an empty request (t2i, edit, /draw; never
@@ -625,7 +581,6 @@ def test_llm_cfg_and_sampler_options_reach_the_models(native_ckpt, tmp_path, mon
     codes = pipe.read(plain)[1][0]
     pndm, ddim = (np.asarray(pipe.draw(codes, replace(settings, sampler=name))) for name in ("pndm", "ddim"))
     assert pndm.shape == ddim.shape and (pndm != ddim).any()
-
 
 def test_generation_defaults_are_the_official_ones_once():
     """Settings and the CLI take the LLM's defaults from llama.GenerationConfig (the official scripts' values)."""

@@ -16,28 +16,23 @@ from unet import (ImageNoiseAugmentation, add_noise, classifier_free_guidance, d
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-
 @pytest.fixture(scope="module")
 def pndm_ref():
     return load_file(FIXTURES / "pndm" / "ref.safetensors")
-
 
 @pytest.fixture(scope="module")
 def ddim_ref():
     return load_file(FIXTURES / "scheduler" / "ddim_ref.safetensors")
 
-
 @pytest.fixture(scope="module")
 def aug_ref():
     return load_file(FIXTURES / "scheduler" / "noise_aug_ref.safetensors")
-
 
 def run(sampler, model_fn, x, steps, **kw):
     """The initial sample followed by the sample after every model call, (calls + 1, ...)."""
     trajectory = [x]
     sampler(model_fn, x, steps, callback=lambda d: trajectory.append(d["x"]), **kw)
     return torch.stack(trajectory)
-
 
 # --- schedules and embeddings ------------------------------------------------------------------------------------
 
@@ -46,7 +41,6 @@ def test_schedules_match_diffusers(pndm_ref, ddim_ref, aug_ref):
     assert torch.equal(ac, pndm_ref["alphas_cumprod"]) and torch.equal(ac, ddim_ref["alphas_cumprod"])
     assert torch.equal(ac[:1], pndm_ref["final_alpha_cumprod"])  # set_alpha_to_one=False: the final alpha is ᾱ_0
     assert torch.equal(squaredcos_cap_v2_alphas_cumprod(), aug_ref["noiser_alphas_cumprod"])
-
 
 def test_timestep_embedding_matches_diffusers(aug_ref):
     # cos/sin of fp32 arguments up to 999 rad: the vectorised kernels of different CPUs round the last bit of such
@@ -62,7 +56,6 @@ def test_timestep_embedding_matches_diffusers(aug_ref):
     with pytest.raises(ValueError, match="1-D"):
         timestep_embedding(torch.tensor(5), 8)
 
-
 def test_add_noise_and_v_target_invert():
     """From x_t and v one recovers x_0 = √ᾱ x_t - √(1-ᾱ) v and ε = √ᾱ v + √(1-ᾱ) x_t (what the samplers use)."""
     g = torch.Generator().manual_seed(0)
@@ -73,7 +66,6 @@ def test_add_noise_and_v_target_invert():
     a = ac[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5, rtol=0)
     torch.testing.assert_close(a.sqrt() * v + (1 - a).sqrt() * xt, eps, atol=1e-5, rtol=0)
-
 
 # --- unCLIP noise augmentation -----------------------------------------------------------------------------------
 
@@ -86,7 +78,6 @@ def test_noise_augmentation_matches_diffusers(aug_ref):
             assert out.shape == (2, 48)
             torch.testing.assert_close(out, aug_ref[f"noised_level{level}"], atol=1e-6, rtol=0)
             torch.testing.assert_close(out[:, 24:], aug_ref[f"timestep_embedding_level{level}"], atol=1e-6, rtol=0)
-
 
 def test_noise_augmentation_level0_noise_fp32_vs_fp16():
     """fp32: level 0 still adds √(1-ᾱ_0) = 0.0064 · noise; fp16 (SEED's dtype): ᾱ_0 rounds to 1, no change."""
@@ -101,7 +92,6 @@ def test_noise_augmentation_level0_noise_fp32_vs_fp16():
     assert torch.equal(out16[:, :16], e.half())
     assert out16[:, 16:].tolist() == [[1.0] * 8 + [0.0] * 8] * 2
 
-
 def test_noise_augmentation_bad_input():
     aug = ImageNoiseAugmentation(16)
     with pytest.raises(ValueError, match="16"):
@@ -111,7 +101,6 @@ def test_noise_augmentation_bad_input():
     with pytest.raises(ValueError, match="noise shape"):
         aug.noise_image_embeddings(torch.zeros(1, 16), 0, torch.zeros(2, 16))
 
-
 # --- samplers ----------------------------------------------------------------------------------------------------
 
 def test_timestep_lists():
@@ -120,7 +109,6 @@ def test_timestep_lists():
     assert pndm_timesteps(1) == [1]
     with pytest.raises(ValueError, match="steps"):
         pndm_timesteps(0)
-
 
 @pytest.mark.parametrize("steps, suffix", [(20, ""), (5, "_5steps"), (7, "_7steps"), (1, "_1steps")])
 def test_pndm_matches_diffusers_fixture(pndm_ref, steps, suffix):
@@ -134,7 +122,6 @@ def test_pndm_matches_diffusers_fixture(pndm_ref, steps, suffix):
     ref = pndm_ref["trajectory" + suffix]
     torch.testing.assert_close(run(pndm_sample, fake_model, ref[0], steps), ref, atol=1e-5, rtol=0)
 
-
 def test_pndm_model_inputs_match_fixture(pndm_ref):
     """The samples the model sees (call 1 sees the result of call 0, which the update then discards)."""
     B, seen = pndm_ref["fake_model_B"], []
@@ -145,7 +132,6 @@ def test_pndm_model_inputs_match_fixture(pndm_ref):
 
     pndm_sample(fake_model, pndm_ref["trajectory"][0], 20)
     torch.testing.assert_close(torch.stack(seen), pndm_ref["model_input"], atol=1e-5, rtol=0)
-
 
 def test_ddim_and_guidance_match_diffusers_fixture(ddim_ref):
     def fake_model(x, t):
@@ -169,13 +155,11 @@ def test_ddim_and_guidance_match_diffusers_fixture(ddim_ref):
     traj = run(ddim_sample, classifier_free_guidance(batched, 10.0), ref[0], 20)
     torch.testing.assert_close(traj[:4], ref, atol=1e-5, rtol=0)
 
-
 def test_samplers_keep_dtype_and_shape():
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
     for sampler in (pndm_sample, ddim_sample):
         out = sampler(lambda x, t: 0.1 * x, x, 4)
         assert out.shape == x.shape and out.dtype == torch.float64
-
 
 # --- parity against diffusers ------------------------------------------------------------------------------------
 
@@ -202,7 +186,6 @@ def test_parity_with_diffusers_schedulers(steps):
         assert [int(t) for t in sched.timesteps] == (pndm_timesteps if sampler is pndm_sample
                                                       else leading_timesteps)(steps)
         torch.testing.assert_close(run(sampler, model, x0, steps), torch.stack(ref), atol=1e-5, rtol=0)
-
 
 @pytest.mark.parity
 def test_parity_timestep_embedding_with_diffusers():

@@ -33,20 +33,16 @@ LAYOUTS = {
     "vit_in_own_file": (FIX / "seed_quantizer_no_vit.pt", FIX / "eva_vit_g.pth"),
 }
 
-
 @pytest.fixture(scope="module")
 def ref():
     return load_file(str(FIX / "ref.safetensors"))
-
 
 def load_fixture(layout="vit_in_own_file", **kwargs):
     quantizer, vit = LAYOUTS[layout]
     return SeedTokenizer.from_official(quantizer, vit, device="cpu", **{**FIX_HEADS, **kwargs})
 
-
 def meta_state(shapes: dict) -> dict:
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Parity with the official code on the shared fixtures (fp32)
@@ -78,7 +74,6 @@ def test_fixture_parity_codes_embeddings_and_intermediates(layout, ref):
     torch.testing.assert_close(model.embed(ref["indices"]), ref["image_embeds"], rtol=0, atol=1e-5)
     torch.testing.assert_close(model.embed(ref["fixed_indices"]), ref["fixed_image_embeds"], rtol=0, atol=1e-5)
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Official sizes and key coverage (meta device: no memory, no weights)
 # --------------------------------------------------------------------------------------------------------------
@@ -96,7 +91,6 @@ def test_official_parameter_counts_on_meta_device():
     decode_path = count(model.quantize, model.decode_task_layer, model.blocks_image, model.image_down,
                         model.distill_image_proj) + model.pos_embed_image.numel()
     assert decode_path == 29_947_680
-
 
 def test_every_official_key_is_consumed_with_its_shape_or_ignored_on_purpose(caplog):
     quantizer = json.loads((KEYS / "seed_quantizer.json").read_text())
@@ -122,7 +116,6 @@ def test_every_official_key_is_consumed_with_its_shape_or_ignored_on_purpose(cap
     assert model.config == SeedConfig()
     assert "skipped 0 unknown tensors" in caplog.text
 
-
 def test_unknown_extra_tensors_are_counted_in_one_log_line(caplog):
     quantizer = torch.load(FIX / "seed_quantizer.pt", weights_only=True)
     extras = {f"mystery.{i}.weight": torch.zeros(3) for i in range(7)}
@@ -130,7 +123,6 @@ def test_unknown_extra_tensors_are_counted_in_one_log_line(caplog):
         SeedTokenizer.from_official_state_dict({**quantizer, **extras}, device="cpu", **FIX_HEADS)
     lines = [r.getMessage() for r in caplog.records if "unknown" in r.getMessage()]
     assert len(lines) == 1 and "skipped 7 unknown tensors" in lines[0] and "mystery.0.weight" in lines[0]
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Clear errors
@@ -143,13 +135,11 @@ def _edited_quantizer(tmp_path, edit):
     torch.save(state, path)
     return path
 
-
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         SeedTokenizer.from_official(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         SeedTokenizer.from_official(FIX / "seed_quantizer_no_vit.pt", tmp_path / "nope.pth")
-
 
 def test_safetensors_files_load(tmp_path, ref):
     state = torch.load(FIX / "seed_quantizer.pt", weights_only=True)
@@ -160,17 +150,14 @@ def test_safetensors_files_load(tmp_path, ref):
     with pytest.raises(ValueError, match="cannot read weight file .*bad.safetensors"):
         SeedTokenizer.from_official(tmp_path / "bad.safetensors")
 
-
 def test_quantizer_without_vit_needs_vit_path():
     with pytest.raises(ValueError, match="vit_path"):
         SeedTokenizer.from_official(FIX / "seed_quantizer_no_vit.pt")
-
 
 def test_swapped_files_are_named():
     """eva_vit_g.pth given as the quantizer and the quantizer as the ViT: the error names the key that is missing."""
     with pytest.raises(ValueError, match="eva_vit_g.pth.*missing key 'query_tokens'"):
         SeedTokenizer.from_official(FIX / "eva_vit_g.pth", FIX / "seed_quantizer_no_vit.pt", **FIX_HEADS)
-
 
 @pytest.mark.parametrize("content", [b"hello, this is text", b"", b"PK\x03\x04broken zip"])
 def test_not_a_checkpoint(tmp_path, content):
@@ -179,12 +166,10 @@ def test_not_a_checkpoint(tmp_path, content):
     with pytest.raises(ValueError, match="cannot read weight file .*seed_quantizer.pt"):
         SeedTokenizer.from_official(path)
 
-
 def test_not_a_state_dict(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a state dict"):
         SeedTokenizer.from_official(tmp_path / "list.pt")
-
 
 class _RunsCodeOnLoad:
     def __init__(self, marker):
@@ -193,14 +178,12 @@ class _RunsCodeOnLoad:
     def __reduce__(self):
         return (os.mkdir, (self.marker,))  # unpickling would call os.mkdir(marker)
 
-
 def test_pickle_that_would_execute_code_is_refused(tmp_path):
     marker = tmp_path / "created_by_unpickling"
     torch.save({"weight": torch.zeros(2), "payload": _RunsCodeOnLoad(str(marker))}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="refused to load.*execute code"):
         SeedTokenizer.from_official(tmp_path / "evil.pt")
     assert not marker.exists()
-
 
 def test_renamed_key_is_named(tmp_path):
     def rename(state):
@@ -210,7 +193,6 @@ def test_renamed_key_is_named(tmp_path):
     assert "missing (1)" in str(err.value) and "ln_vision.weight" in str(err.value)
     assert "unexpected (1)" in str(err.value) and "ln_vision.scale" in str(err.value)
 
-
 def test_renamed_qformer_key_is_named_in_official_names(tmp_path):
     old = "Qformer.bert.encoder.layer.1.output_query.dense.weight"
 
@@ -219,7 +201,6 @@ def test_renamed_qformer_key_is_named_in_official_names(tmp_path):
     with pytest.raises(ValueError, match=r"missing \(1\):\n\s+" + old.replace(".", r"\.")):
         SeedTokenizer.from_official(_edited_quantizer(tmp_path, rename), **FIX_HEADS)
 
-
 def test_reshaped_key_is_named(tmp_path):
     def reshape(state):
         state["encode_task_layer.2.weight"] = torch.zeros(15, 36)
@@ -227,17 +208,14 @@ def test_reshaped_key_is_named(tmp_path):
                                          r"file \(15, 36\) vs the SEED tokenizer \(16, 36\)"):
         SeedTokenizer.from_official(_edited_quantizer(tmp_path, reshape), **FIX_HEADS)
 
-
 def test_key_needed_for_size_inference_is_named(tmp_path):
     with pytest.raises(ValueError, match="missing key 'quantize.embedding.weight'"):
         SeedTokenizer.from_official(_edited_quantizer(tmp_path, lambda s: s.pop("quantize.embedding.weight")),
                                     **FIX_HEADS)
 
-
 def test_heads_that_do_not_divide_the_width_are_refused():
     with pytest.raises(ValueError, match="vit_heads"):
         load_fixture(vit_heads=5)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Native checkpoints, dtypes, the tiny preset and training through the chain
@@ -253,7 +231,6 @@ def test_save_and_from_pretrained_round_trip(tmp_path, ref):
     assert torch.equal(again.encode(images), ref["indices"])
     torch.testing.assert_close(again.embed(ref["indices"]), model.embed(ref["indices"]), rtol=0, atol=0)
 
-
 def test_from_pretrained_is_strict(tmp_path):
     model = SeedTokenizer(SeedConfig.preset("tiny"))
     model.save_pretrained(tmp_path)
@@ -266,13 +243,11 @@ def test_from_pretrained_is_strict(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         SeedTokenizer.from_pretrained(tmp_path / "empty")
 
-
 def test_dtype_argument(ref):
     model = load_fixture(dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     codes = model.encode(ref["images"].float())
     assert codes.shape == (2, 32) and model.embed(codes).dtype == torch.bfloat16
-
 
 def test_presets_and_causal_flag():
     assert SeedConfig.preset("seed-tokenizer-2") == SeedConfig()
@@ -287,7 +262,6 @@ def test_presets_and_causal_flag():
         SeedConfig.from_dict({**tiny.to_dict(), "colour": 1})
     with pytest.raises(ValueError, match="vision_width"):
         SeedConfig(vit_width=1024)
-
 
 def test_tiny_chain_trains_end_to_end():
     torch.manual_seed(0)
@@ -308,13 +282,11 @@ def test_tiny_chain_trains_end_to_end():
     assert model.quantize.embedding.weight.grad.abs().sum() > 0
     assert model.visual_encoder.cls_token.grad is None
 
-
 def test_eva_vit_alone():
     vit = EVAViT(image_size=32, patch_size=4, width=64, depth=2, n_heads=4, mlp_hidden=128)
     assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 65, 64)
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
         vit(torch.randn(2, 3, 224, 224))
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Preprocessing
@@ -323,17 +295,14 @@ def test_eva_vit_alone():
 def clip_normalised(rgb):
     return torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, CLIP_MEAN, CLIP_STD)]).view(3, 1, 1)
 
-
 @pytest.fixture(scope="module")
 def tok():
     return SeedTokenizer(SeedConfig.preset("tiny"))
-
 
 def _png(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
 
 @pytest.mark.parametrize("make, rgb", [
     (lambda: Image.new("RGB", (50, 20), (200, 30, 90)), (200, 30, 90)),
@@ -351,7 +320,6 @@ def test_preprocess_converts_modes(tok, make, rgb):
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     torch.testing.assert_close(x, clip_normalised(rgb).expand(3, 32, 32), rtol=0, atol=1e-6)
 
-
 def test_preprocess_resizes_bilinear_without_crop(tok, tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8))
     image.save(tmp_path / "a.png")
@@ -360,7 +328,6 @@ def test_preprocess_resizes_bilinear_without_crop(tok, tmp_path):
         / torch.tensor(CLIP_STD).view(3, 1, 1)
     torch.testing.assert_close(tok.preprocess(tmp_path / "a.png"), expected)
     torch.testing.assert_close(tok.preprocess(str(tmp_path / "a.png")), expected)
-
 
 @pytest.mark.parametrize("bad, message", [
     (b"", "empty"),
@@ -375,14 +342,12 @@ def test_preprocess_rejects_unreadable_input(tok, bad, message):
     with pytest.raises(ValueError, match=message):
         tok.preprocess(bad)
 
-
 def test_preprocess_unreadable_file(tok, tmp_path):
     (tmp_path / "x.jpg").write_text("text, not a jpeg")
     with pytest.raises(ValueError, match=r"cannot read .*x\.jpg"):
         tok.preprocess(tmp_path / "x.jpg")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         tok.preprocess(tmp_path / "missing.png")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Golden: the released files

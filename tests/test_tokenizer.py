@@ -19,26 +19,21 @@ from tokenizer import (SentencePieceModel, Tokenizer, ImageVocab, chat_conversat
 SPM = FIXTURES / "spm" / "spm.model"
 LLAMA = FIXTURES / "llama"  # spm.model + 128 image codes (ids 640..767), <img> = 768, </img> = 769
 
-
 def load_cases(*parts):
     return json.loads(FIXTURES.joinpath(*parts).read_text(encoding="utf-8"))["cases"]
-
 
 @pytest.fixture(scope="module")
 def sp():
     return SentencePieceModel(SPM.read_bytes())
 
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer(LLAMA)
-
 
 def random_text(rng, n_max=40):
     alphabet = list("abcdefghij klmnopqrstuvwxyz  ABC0123456789.,!?\n\t▁<>/_-") + \
         ["é", "中", "🦙", "\u00a0", "ü", "<s>", "</s>", "<unk>", "<img>", "</img>", "<img_00005>", " <img_00127> "]
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n_max)))
-
 
 # --- SentencePiece layer ------------------------------------------------------------------------------------------
 
@@ -51,13 +46,11 @@ def test_spm_cases_match_sentencepiece(sp):
         if case["roundtrip"]:
             assert sp.decode(sp.encode(case["text"])) == case["text"]
 
-
 def test_model_fields(sp):
     assert len(sp) == 640 and sp.unk_id == 0 and sp.byte_fallback
     assert sp.add_dummy_prefix and not sp.remove_extra_whitespaces
     assert sp.pieces[3] == "<0x00>" and sp.byte_ids[0x0A] == 13
     assert sp.types.count(SentencePieceModel.BYTE) == 256
-
 
 def test_not_a_tokenizer_model(tmp_path):
     cases = {"config.json": b'{"vocab_size": 770}', "empty.model": b"", "random.bin": bytes(range(256)) * 4,
@@ -69,7 +62,6 @@ def test_not_a_tokenizer_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no SentencePiece model"):
         Tokenizer(tmp_path)  # a folder without tokenizer.model
 
-
 def test_encoder_is_not_quadratic(sp):
     text = (FIXTURES / "spm" / "corpus.txt").read_text(encoding="utf-8")[:50_000]
     start = time.perf_counter()
@@ -78,7 +70,6 @@ def test_encoder_is_not_quadratic(sp):
     assert time.perf_counter() - start < 10
     assert sp.decode(ids) == text
     assert sp._words_independent and sp._bpe(sp.normalize(text)) == ids  # per-word BPE == BPE on the whole text
-
 
 @pytest.mark.parity
 def test_random_strings_match_sentencepiece(sp):
@@ -90,7 +81,6 @@ def test_random_strings_match_sentencepiece(sp):
         assert sp.encode(text) == ref.encode(text), text
         ids = [rng.randrange(len(sp)) for _ in range(rng.randint(0, 12))]  # control, byte, invalid UTF-8 ...
         assert sp.decode(ids) == ref.decode(ids), ids
-
 
 def rebuild_model(data, types=None, extra=()):
     """The fixture model with some piece types changed and extra pieces appended (field 1 = pieces)."""
@@ -107,7 +97,6 @@ def rebuild_model(data, types=None, extra=()):
     pieces += [_proto_field(1, p) + _proto_field(2, 0.0) + _proto_field(3, 4) for p in extra]
     return b"".join(_proto_field(1, p) for p in pieces) + rest
 
-
 @pytest.mark.parametrize("types, extra, named", [({"at": 5}, (), "piece 284 'at' has type UNUSED"),
                                                  ({}, ["<img>"], "piece 640 '<img>' has type USER_DEFINED")])
 def test_piece_types_llama_never_has_are_refused(tmp_path, types, extra, named):
@@ -116,13 +105,11 @@ def test_piece_types_llama_never_has_are_refused(tmp_path, types, extra, named):
     with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.model'}: {named}, which is not supported"):
         Tokenizer(tmp_path)
 
-
 def test_unigram_models_are_refused():
     data = train_bpe(WORLD, vocab_size=330)
     rest = b"".join(_proto_field(n, v) for n, v in _proto_fields(data, "ModelProto") if n != 2)
     with pytest.raises(ValueError, match="unigram.model: model_type UNIGRAM is not supported"):
         SentencePieceModel(rest + _proto_field(2, _proto_field(3, 1)), "unigram.model")
-
 
 # --- transformers 4.30.2 layer: added tokens, specials, whitespace -------------------------------------------------
 
@@ -135,13 +122,11 @@ def test_added_token_cases_match_transformers_4_30_2(tok):
         assert tok.decode(case["ids_add_special_tokens"]) == case["decode"], case["text"]
         assert tok.decode(case["ids_add_special_tokens"], skip_special_tokens=True) == case["decode_skip_special"]
 
-
 def test_vocabulary_from_files(tok):
     assert len(tok) == 770
     assert tok.image_vocab == ImageVocab(boi_id=768, eoi_id=769, code_offset=640, n_codes=128)
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (1, 2, 0, 0)
     assert Tokenizer(SPM).image_vocab is None and len(Tokenizer(SPM)) == 640
-
 
 def test_bad_added_tokens(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(SPM.read_bytes())
@@ -152,7 +137,6 @@ def test_bad_added_tokens(tmp_path):
                                                             "<img>": 642, "</img>": 643}))
     with pytest.raises(ValueError, match="image token <img_00001> has id 640, expected 642"):
         Tokenizer(tmp_path)
-
 
 # --- images and chat templates ------------------------------------------------------------------------------------
 
@@ -167,7 +151,6 @@ def test_seed_llama_prompt_cases_match_transformers_4_30_2(tok):
         assert ids == case["input_ids"], case["text"]
         assert [k for k, i in enumerate(ids) if i == tok.image_vocab.boi_id] == case["boi_positions"]
 
-
 def test_worked_example_of_the_header(tok):
     """The ids tokenizer.py's docstring shows for the 8B template around one image."""
     codes = [12, 7] + list(range(30))
@@ -175,7 +158,6 @@ def test_worked_example_of_the_header(tok):
     assert ids == [1, 434, 612, 476, 468, 501, 466, 768, 652, 647] + list(range(640, 670)) + [769] + \
         [434, 487, 282, 373, 441, 450, 435, 299, 350, 366, 457, 13, 483, 476, 476, 488, 476, 489, 483, 639, 489, 466]
     assert [tok.sp.pieces[i] for i in ids[1:7]] == ["▁", "U", "S", "E", "R", ":"]
-
 
 def test_image_spans_round_trip(tok):
     vocab = tok.image_vocab
@@ -187,7 +169,6 @@ def test_image_spans_round_trip(tok):
     texts, images = vocab.split(generated)
     assert images == [codes, codes[::-1]] and len(texts) == 3
     assert tok.decode_with_images(generated) == ("Here it is.<image>Done.<image>", [codes, codes[::-1]])
-
 
 def test_invalid_spans_are_named(tok):
     vocab, codes = tok.image_vocab, list(range(32))
@@ -209,7 +190,6 @@ def test_invalid_spans_are_named(tok):
     with pytest.raises(ValueError, match="exactly 32 codes, got 33"):
         tok.encode_chat(["<image>hi"], images=[codes + [0]])
 
-
 def test_chat_template_errors():
     with pytest.raises(ValueError, match="unknown chat template '7B'; choose one of \\('8B', '14B'\\)"):
         chat_conversation(["hi"], "7B")
@@ -218,12 +198,10 @@ def test_chat_template_errors():
     with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
         chat_prompt(["<image>what is it?"])
 
-
 # --- training and saving ------------------------------------------------------------------------------------------
 
 WORLD = ["a big red circle at the top", "a small blue square on the left", "two green triangles at the bottom",
          "the  circle   is left of 3 squares\nand 12 stars"] * 5
-
 
 def test_train_tokenizer_as_seed(tmp_path):
     tok = train_tokenizer(WORLD, tmp_path, vocab_size=330, n_image_codes=16)
@@ -242,7 +220,6 @@ def test_train_tokenizer_as_seed(tmp_path):
     with pytest.raises(ValueError, match="vocab_size 100 is too small"):
         train_bpe(WORLD, 100)
 
-
 @pytest.mark.parity
 def test_trained_model_loads_in_sentencepiece(tmp_path):
     spm = pytest.importorskip("sentencepiece")
@@ -255,7 +232,6 @@ def test_trained_model_loads_in_sentencepiece(tmp_path):
     for text in WORLD + [random_text(rng) for _ in range(300)]:
         assert ours.encode(text) == ref.encode(text), text
         assert ours.decode(ref.encode(text)) == ref.decode(ref.encode(text))
-
 
 @pytest.mark.parity
 def test_saved_folder_loads_in_transformers(tmp_path):
@@ -271,7 +247,6 @@ def test_saved_folder_loads_in_transformers(tmp_path):
     for text in WORLD[:3] + ["<img><img_00003></img>two green"]:  # no whitespace next to an added token
         assert hf(text, add_special_tokens=False).input_ids == ours.encode(text)
 
-
 def test_save_round_trip(tok, tmp_path):
     tok.save(tmp_path)
     assert (tmp_path / "tokenizer.model").read_bytes() == (LLAMA / "tokenizer.model").read_bytes()
@@ -280,7 +255,6 @@ def test_save_round_trip(tok, tmp_path):
     again = Tokenizer(tmp_path)
     for case in load_cases("spm", "added_tokens_cases.seed_era_4.30.2.json")[:40]:
         assert again.encode(case["text"]) == case["ids_no_special_tokens"]
-
 
 # --- official files -----------------------------------------------------------------------------------------------
 

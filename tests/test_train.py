@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ["--tiny", "--smoke", "--threads", "1"]
 SMOKE = BASE + ["--stages", "0,1,2,3"]
 
-
 # --- the config CLI ------------------------------------------------------------------------------------------------
 
 def test_every_config_field_is_a_flag():
@@ -42,7 +41,6 @@ def test_every_config_field_is_a_flag():
     names = list(walk(train.TrainConfig()))
     assert names and all("--" + n in flags and "--" + n.replace("_", "-") in flags for n in names)
 
-
 def test_cli_rejects_bad_values_and_smoke_is_overridable():
     with pytest.raises(SystemExit):
         train.parse_config(["--clip.steps", "many"])
@@ -55,7 +53,6 @@ def test_cli_rejects_bad_values_and_smoke_is_overridable():
     with pytest.raises(ValueError, match="unknown --device 'tpu'"):
         train.main(["--tiny", "--device", "tpu"])
 
-
 # --- the tiny presets are what train.py trains ------------------------------------------------------------------
 
 def test_train_trains_seeds_tiny_preset():
@@ -64,17 +61,14 @@ def test_train_trains_seeds_tiny_preset():
     no_causal = train.parse_config(["--tiny", "--no-causal"])
     assert train.tiny_seed_config(no_causal) == train.dataclasses.replace(preset, causal=False)
 
-
 def test_the_text_towers_read_one_token_per_word():
     ids, eos = train.tokenize(["a small red circle in the center"])
     assert [train.TEXT_VOCAB[i] for i in ids[0]] == ["<bos>", "a", "small", "red", "circle", "in", "the", "center",
                                                      "<eos>", "<pad>"]
     assert eos.tolist() == [8] and len(train.TEXT_VOCAB) == 23  # the world's 20 words, bos, eos, pad
 
-
 def test_the_tiny_decoder_draws_from_the_tiny_embedding():
     assert DecoderConfig.preset("tiny").embed_dim == SeedConfig.preset("tiny").embed_dim
-
 
 # --- the shapes world ----------------------------------------------------------------------------------------------
 
@@ -105,7 +99,6 @@ def test_world_follows_the_spec_and_is_deterministic():
     assert instruction == "move it on the left" and target == world.Combo("square", "red", "large", "left")
     assert square.answer("position") == "in the center" and square.answer("colour") == "red"
 
-
 # --- the judge -----------------------------------------------------------------------------------------------------
 
 def test_judge_is_exact_on_clean_renders_and_robust_to_mild_noise():
@@ -120,7 +113,6 @@ def test_judge_is_exact_on_clean_renders_and_robust_to_mild_noise():
     wrong = world.judge_accuracy([data.images[0]], [world.COMBOS[1]])  # an image judged against another combo
     assert wrong["all"] == 0.0
 
-
 # --- stages 0-3 in smoke mode, checkpoints, resume -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -128,7 +120,6 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     run = train.main(SMOKE + ["--out", str(out)])
     return out, run
-
 
 def test_smoke_runs_every_stage_and_writes_loadable_checkpoints(smoke_run):
     out, run = smoke_run
@@ -149,10 +140,8 @@ def test_smoke_runs_every_stage_and_writes_loadable_checkpoints(smoke_run):
     for group, keys in expected.items():
         assert all(0.0 <= run.metrics[group][k] or k == "codebook_perplexity" for k in keys), group
 
-
 class Killed(Exception):
     """What a test raises in place of a kill."""
-
 
 def test_a_run_killed_mid_stage_resumes_to_the_same_weights(smoke_run, tmp_path, monkeypatch):
     out, _ = smoke_run
@@ -182,11 +171,9 @@ def test_a_run_killed_mid_stage_resumes_to_the_same_weights(smoke_run, tmp_path,
             for key in a["modules"][module]:
                 assert torch.equal(a["modules"][module][key], b["modules"][module][key]), (name, module, key)
 
-
 def test_a_stage_outside_stages_needs_its_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="stage 0"):
         train.main(BASE + ["--stages", "1", "--out", str(tmp_path)])
-
 
 # --- DDP -----------------------------------------------------------------------------------------------------------
 

@@ -17,16 +17,13 @@ from world import ATTRIBUTES, HELD_OUT_PAIRS, build_world, parse_caption
 
 N_CODES = 256
 
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return train.build_llm_tokenizer(tmp_path_factory.mktemp("tok"), N_CODES, 640)
 
-
 @pytest.fixture(scope="module")
 def world():
     return build_world()
-
 
 @pytest.fixture(scope="module")
 def data(world, tokenizer):
@@ -36,7 +33,6 @@ def data(world, tokenizer):
     codes = torch.zeros(n, 32, dtype=torch.long)
     codes[:, 0], codes[:, 1] = torch.arange(n) // N_CODES, torch.arange(n) % N_CODES
     return train.LLMData(world, codes, train.SequenceBuilder(tokenizer))
-
 
 def spans(ids, iv):
     """(start, end) positions of every `<img>` ... `</img>` span in ids (end inclusive)."""
@@ -48,10 +44,8 @@ def spans(ids, iv):
             out.append((start, p))
     return out
 
-
 def test_train_trains_llamas_tiny_preset(tokenizer):
     assert len(tokenizer) == llama.LlamaConfig.preset("tiny").vocab_size
-
 
 # --- sequences -------------------------------------------------------------------------------------------------------
 
@@ -66,7 +60,6 @@ def test_fast_encoding_equals_the_tokenizer_on_full_prompts(tokenizer):
             assert builder.encode("<s>" + chat_conversation(messages), images) == expected
     with pytest.raises(ValueError, match="images"):
         builder.encode("<s><image>", [])
-
 
 def test_the_prompt_mask_masks_exactly_the_prompt(tokenizer):
     builder, iv = train.SequenceBuilder(tokenizer), tokenizer.image_vocab
@@ -90,7 +83,6 @@ def test_the_prompt_mask_masks_exactly_the_prompt(tokenizer):
     trained = [i for i, label in zip(ids, labels) if label != train.IGNORE]
     assert trained == tokenizer.encode("a small red circle in the center") + [tokenizer.eos_id]
 
-
 def test_held_out_pairs_are_never_drawn_in_training(data, tokenizer):
     iv, rng = tokenizer.image_vocab, random.Random(1)
     drawn, inputs = set(), set()
@@ -108,7 +100,6 @@ def test_held_out_pairs_are_never_drawn_in_training(data, tokenizer):
                 drawn.add(combo)
     assert not any(c.held_out for c in drawn), [c for c in drawn if c.held_out]
     assert len(drawn) == 120 and True in inputs  # not vacuous: all held-in combos drawn, held-out ones read
-
 
 def test_lora_starts_as_the_base_model_and_merges_exactly():
     torch.manual_seed(0)
@@ -133,12 +124,10 @@ def test_lora_starts_as_the_base_model_and_merges_exactly():
     # the merged model has the official key layout again
     assert set(model.state_dict()) == set(llama.Llama(model.config).state_dict())
 
-
 def test_caption_parser():
     assert parse_caption("a large blue triangle on the left") == {
         "size": "large", "colour": "blue", "shape": "triangle", "position": "left"}
     assert parse_caption("a large blue") == dict.fromkeys(ATTRIBUTES)
-
 
 # --- the stages and the reports in --smoke ------------------------------------------------------------------------
 

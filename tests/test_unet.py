@@ -19,12 +19,10 @@ import unet as U
 OFFICIAL = {"unet": "sd21unclip_unet.json", "vae": "sd21unclip_vae.json",
             "text_encoder": "sd21unclip_text_encoder.json", "image_normalizer": "sd21unclip_image_normalizer.json"}
 
-
 def _fixture_unet(fixtures):
     unet = U.UNet(U.UNetConfig.from_diffusers(json.loads((fixtures / "unet/config.json").read_text())))
     unet.load_state_dict(load_file(fixtures / "unet/diffusion_pytorch_model.safetensors"), strict=True)
     return unet.eval()
-
 
 # ---- full-scale structure --------------------------------------------------------------------------
 
@@ -33,7 +31,6 @@ def test_official_parameter_counts():
         unet, vae = U.UNet(U.UNetConfig()), U.VAEDecoder(U.VAEConfig())
     assert sum(p.numel() for p in unet.parameters()) == 870_173_124
     assert sum(p.numel() for p in vae.parameters()) == 49_490_199  # decoder + post_quant_conv
-
 
 @pytest.mark.parametrize("vae_keys", ["sd21unclip_vae.json", "sd21unclip_vae_diffusers_current_names.json"])
 def test_every_official_key_is_consumed_or_ignored(fixtures, vae_keys):
@@ -59,7 +56,6 @@ def test_every_official_key_is_consumed_or_ignored(fixtures, vae_keys):
                for k in ignored)
     assert len([k for k in ignored if k.startswith("vae.")]) == 248 - 140
 
-
 # ---- parity on the shared fixtures ----------------------------------------------------------------
 
 def test_unet_matches_diffusers_fixture(fixtures):
@@ -72,7 +68,6 @@ def test_unet_matches_diffusers_fixture(fixtures):
         torch.testing.assert_close(t_proj, ref["time_proj_t981"], atol=1e-6, rtol=0)
         torch.testing.assert_close(unet.time_embedding(t_proj), ref["time_embedding_t981"], atol=1e-5, rtol=0)
         torch.testing.assert_close(unet.class_embedding(ref["class_labels"]), ref["class_embedding"], atol=1e-5, rtol=0)
-
 
 @pytest.mark.parametrize("naming", ["legacy_names", "new_names"])
 def test_vae_decode_matches_diffusers_fixture(fixtures, naming):
@@ -89,12 +84,10 @@ def test_vae_decode_matches_diffusers_fixture(fixtures, naming):
         torch.testing.assert_close(vae(ref["latents"] / 0.18215), ref["decoded_latents_div_scaling_factor"],
                                    atol=1e-5, rtol=0)
 
-
 @pytest.fixture(scope="module")
 def pipeline():
     from conftest import FIXTURES
     return U.UnCLIPDecoder.from_official(FIXTURES / "unclip/pipeline", device="cpu")
-
 
 def test_from_official_components(pipeline, fixtures):
     ref = load_file(fixtures / "unclip/ref.safetensors")
@@ -111,7 +104,6 @@ def test_from_official_components(pipeline, fixtures):
         torch.testing.assert_close(pipeline.decode(ref[f"{case}/final_latents"]), ref[f"{case}/decoded"],
                                    atol=1e-5, rtol=0)
 
-
 @pytest.mark.parametrize("case", ["steps20_noneg", "steps20_neg", "steps5_noneg", "steps5_neg"])
 def test_whole_pipeline_matches_official(pipeline, fixtures, case):
     """Embedding + latents + augmentation noise -> uint8 image, against SEED's pipeline copy (fp32)."""
@@ -125,7 +117,6 @@ def test_whole_pipeline_matches_official(pipeline, fixtures, case):
     diff = np.abs(ours - theirs)
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, (diff.max(), (diff == 0).mean())
 
-
 def test_half_precision_pipeline_stays_close(fixtures):
     """The fp16 path (fp16 networks, fp32 sampler state) runs and stays near the fp32 reference: 1.1 grey levels
     on average here, the fp16 rounding of random weights amplified by guidance 10."""
@@ -135,7 +126,6 @@ def test_half_precision_pipeline_stays_close(fixtures):
     image = model(ref["image_embeds"], steps=5, latents=ref["latents"], noise=ref["steps5_noneg/noise"])[0]
     diff = np.abs(np.asarray(image).astype(int) - ref["steps5_noneg/image_uint8"][0].numpy().astype(int))
     assert diff.mean() < 3
-
 
 # ---- checkpoints and errors ----------------------------------------------------------------------
 
@@ -147,7 +137,6 @@ def test_save_pretrained_round_trip(pipeline, tmp_path):
         assert k == k2 and torch.equal(a, b)
     assert torch.equal(again.prompt_states(2), pipeline.prompt_states(2))  # E("") recomputed on load
 
-
 def test_empty_prompt_states_follow_the_weights(pipeline):
     """E("") is computed once per set of weights: at construction, and again after any load_state_dict."""
     model = U.UnCLIPDecoder(pipeline.config)
@@ -155,7 +144,6 @@ def test_empty_prompt_states_follow_the_weights(pipeline):
     model.load_state_dict(pipeline.state_dict())
     assert torch.equal(model.prompt_states(1), pipeline.prompt_states(1))
     assert "empty_prompt_states" not in model.state_dict()  # never saved: the text encoder's weights define it
-
 
 def test_tiny_pixel_space_decoder(tmp_path):
     """The tiny preset (no VAE, no text encoder, 3 x 32 x 32) runs end to end and round-trips."""
@@ -173,7 +161,6 @@ def test_tiny_pixel_space_decoder(tmp_path):
     again = U.UnCLIPDecoder.from_pretrained(tmp_path, device="cpu")
     assert again.config == model.config and again.vae is None
 
-
 def test_sampler_by_name():
     """sampler="ddim" runs DDIM over the same model and noise (another image than PNDM); unknown names list the
     choices."""
@@ -184,11 +171,9 @@ def test_sampler_by_name():
     with pytest.raises(ValueError, match="choices: pndm, ddim"):
         model(e, steps=3, sampler="euler")
 
-
 def test_unknown_preset_lists_choices():
     with pytest.raises(ValueError, match="choices"):
         U.DecoderConfig.preset("sd15")
-
 
 def test_bad_inputs_give_clear_errors(pipeline):
     E = pipeline.config.embed_dim
@@ -205,7 +190,6 @@ def test_bad_inputs_give_clear_errors(pipeline):
     with pytest.raises(ValueError, match="class_labels"):
         pipeline.unet(torch.zeros(1, 4, 8, 8), 1, torch.zeros(1, 77, 32), torch.zeros(1, 7))
 
-
 def test_folder_missing_a_component(tmp_path, fixtures):
     shutil.copytree(fixtures / "unclip/pipeline", tmp_path / "p")
     shutil.rmtree(tmp_path / "p/vae")
@@ -213,7 +197,6 @@ def test_folder_missing_a_component(tmp_path, fixtures):
         U.UnCLIPDecoder.from_official(tmp_path / "p")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         U.UnCLIPDecoder.from_pretrained(tmp_path / "nothing")
-
 
 def test_strict_loader_names_bad_keys(tmp_path, fixtures):
     shutil.copytree(fixtures / "unclip/pipeline", tmp_path / "p")
@@ -230,7 +213,6 @@ def test_strict_loader_names_bad_keys(tmp_path, fixtures):
     assert "missing (1):\n    unet/conv_in.bias" in message and "unexpected (1):\n    unet/extra.weight" in message
     assert "unet/conv_out.weight: file (2," in message
 
-
 def test_fp16_variant_and_bin_files(tmp_path, fixtures, pipeline):
     """`<stem>.fp16.bin` files (the .bin twins of the hub's fp16 variant) load with variant="fp16"."""
     folder = tmp_path / "p"
@@ -244,7 +226,6 @@ def test_fp16_variant_and_bin_files(tmp_path, fixtures, pipeline):
         assert ours.dtype == torch.float32 and torch.equal(ours, theirs.half().float()), key
     with pytest.raises(FileNotFoundError, match="expected one of"):
         U.UnCLIPDecoder.from_official(folder, device="cpu", variant="bf16")
-
 
 # ---- parity against diffusers on random configs (dev dependency) -----------------------------------
 
@@ -274,7 +255,6 @@ def test_unet_matches_diffusers_random_config(mid, shift):
         torch.testing.assert_close(unet(x, torch.tensor([3, 700]), text, label), want, atol=1e-4 * want.abs().max(),
                                    rtol=0)
 
-
 @pytest.mark.parity
 def test_vae_decoder_matches_diffusers_random_config():
     diffusers = pytest.importorskip("diffusers")
@@ -289,7 +269,6 @@ def test_vae_decoder_matches_diffusers_random_config():
     with torch.no_grad():
         torch.testing.assert_close(vae(z), ref.decode(z).sample, atol=1e-5, rtol=0)
 
-
 def test_unsupported_diffusers_config_is_refused(fixtures):
     cfg = json.loads((fixtures / "unet/config.json").read_text())
     with pytest.raises(ValueError, match="use_linear_projection"):
@@ -298,7 +277,6 @@ def test_unsupported_diffusers_config_is_refused(fixtures):
         U.UNetConfig.from_diffusers({**cfg, "up_block_types": ["UpBlock2D"] * 4})
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
         U.UNetConfig.from_diffusers({**cfg, "resnet_time_scale_shift": "spatial"})
-
 
 # ---- memory at full scale, traced on the meta device (no weights, no GPU) -------------------------------
 
@@ -332,7 +310,6 @@ class PeakMemory(TorchDispatchMode):
                 weakref.finalize(t, self._drop, key)
         return out
 
-
 def test_fp16_memory_at_768(monkeypatch, capsys):
     """Full-scale fp16 activation peaks at 768 x 768, from a trace of the real forward passes on the meta device.
     The UNet runs its CFG batch of 2; the VAE decodes one image at a time. SDPA is replaced by what CUDA's flash /
@@ -356,7 +333,6 @@ def test_fp16_memory_at_768(monkeypatch, capsys):
     assert weights == 2 * (870_173_124 + 49_490_199 + 340_387_840 + 2 * 1024)
     # the largest single activation of the VAE is (1, 256, 768, 768) fp16 = 0.30 GB; its resnet holds three
     assert peaks["VAE decode"] < 1.0e9 and peaks["UNet CFG step"] < 0.4e9
-
 
 # ---- golden: the real stable-diffusion-2-1-unclip folder ($SEED_WEIGHTS) ---------------------------------
 
