@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every default is a `Settings` field."""
     p = argparse.ArgumentParser(
         description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="examples:\n"
                "  python sample.py --ckpt official                   # every task on the built-in picture\n"
                "  python sample.py --ckpt official --task vqa --image cat.jpg --prompt 'What is this animal?'\n"

@@ -191,7 +191,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from the command line: defaults, then --smoke, then the flags that were given."""
     cfg = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_dataclass_args(parser, cfg)
     args = vars(parser.parse_args(argv))

@@ -592,3 +592,5 @@ def test_generation_defaults_are_the_official_ones_once():
         == (official.temperature, official.top_p, official.top_k, official.max_new_tokens, official.guidance_scale)
     assert settings == sample.Settings() and settings.sampler == "pndm"
     assert "default 512" in sample.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+    with pytest.raises(SystemExit):  # an abbreviation is not taken for the flag it starts
+        sample.build_parser().parse_args(["--ckpt", "x", "--temp", "0.5"])

@@ -46,6 +46,8 @@ def test_cli_rejects_bad_values_and_smoke_is_overridable():
         train.parse_config(["--clip.steps", "many"])
     with pytest.raises(SystemExit):
         train.parse_config(["--resume", "maybe"])
+    with pytest.raises(SystemExit):  # an abbreviation is not taken for the flag it starts
+        train.parse_config(["--tiny", "--decoder.step", "5"])
     cfg = train.parse_config(["--tiny", "--smoke", "--decoder.steps", "5"])
     assert cfg.clip.steps == train.SMOKE_STEPS and cfg.decoder.steps == 5  # an explicit flag beats --smoke
     with pytest.raises(SystemExit, match="--tiny"):
