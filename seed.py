@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from qformer import CausalQFormer, QFormerConfig
 from vq import VectorQuantizer
 from weights import (assign, atomic_write, check_keys, pick_device, pick_dtype, read_header, read_json, read_weights,
-                     shapes, write_json)
+                     shapes, stored_dtype, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class SeedTokenizer(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         check_keys(shapes(model), {k: shape for k, (shape, _) in header.items()}, str(path), "the SEED tokenizer")
-        device, dtype = _placement(device, dtype, header.values())
+        device, dtype = _placement(device, dtype, header)
         return assign(model, read_weights(path, device=device, dtype=dtype), device, dtype)
 
     # --- official checkpoints --------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ class SeedTokenizer(nn.Module):
         model, renames = cls._check_official(
             {k: shape for k, (shape, _) in found.items()}, " + ".join(str(path) for path, _, _ in parts),
             vit_depth=vit_depth, vit_heads=vit_heads, qformer_heads=qformer_heads, decoder_heads=decoder_heads)
-        device, dtype = _placement(device, dtype, found.values())
+        device, dtype = _placement(device, dtype, found)
         state = {}
         for path, prefix, header in parts:
             tensors = read_weights(path, [k for k in header if prefix + k in renames], device, dtype)
@@ -333,7 +333,7 @@ class SeedTokenizer(nn.Module):
         (tensors on the meta device too) only names and shapes are checked, which the key-coverage test uses."""
         official = {**quantizer, **{f"visual_encoder.{k}": v for k, v in (vit or {}).items()}}
         model, renames = cls._check_official({k: tuple(v.shape) for k, v in official.items()}, source, **heads)
-        device, dtype = _placement(device, dtype, [(None, v.dtype) for v in official.values()])
+        device, dtype = _placement(device, dtype, {k: (None, v.dtype) for k, v in official.items()})
         return assign(model, {ours: official[key] for key, ours in renames.items()}, device, dtype)
 
     @classmethod
@@ -491,7 +491,7 @@ def infer_config(official: dict, vit_depth=39, vit_heads=16, qformer_heads=12, d
         raise ValueError(f"{source}: the tensor shapes do not describe a SEED tokenizer: {e}") from e
 
 def _placement(device, dtype, specs) -> tuple[torch.device, torch.dtype]:
-    """weights.pick_device and pick_dtype (from the first float dtype among the file's (shape, dtype) `specs`);
-    "meta" is kept as it is: a dry run that checks names and shapes only."""
+    """weights.pick_device and pick_dtype for the file's {name: (shape, dtype)} `specs`; "meta" is kept as it is:
+    a dry run that checks names and shapes only."""
     device = torch.device("meta") if str(device) == "meta" else pick_device(device)
-    return device, dtype or pick_dtype(device, next((d for _, d in specs if d and d.is_floating_point), None))
+    return device, dtype or pick_dtype(device, stored_dtype(specs))

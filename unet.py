@@ -941,7 +941,7 @@ class UnCLIPDecoder(nn.Module):
         path = folder / "model.safetensors"
         header = weights.read_header(path)
         device = weights.pick_device(device)
-        dtype = dtype or weights.pick_dtype(device, _stored_dtype(header))
+        dtype = dtype or weights.pick_dtype(device, weights.stored_dtype(header))
         with torch.device("meta"):
             model = cls(config)
         weights.check_keys(weights.shapes(model), {k: shape for k, (shape, _) in header.items()}, str(path),
@@ -973,7 +973,7 @@ class UnCLIPDecoder(nn.Module):
             headers[component] = {path: weights.read_header(path)
                                   for path in weights.find_weights(folder / component, names)}
         device = weights.pick_device(device)
-        dtype = dtype or weights.pick_dtype(device, _stored_dtype(*headers["unet"].values()))
+        dtype = dtype or weights.pick_dtype(device, weights.stored_dtype(*headers["unet"].values()))
         with torch.device("meta"):
             model = cls(config)
         _check_official_keys(model, headers, folder)
@@ -1036,11 +1036,6 @@ def _check_official_keys(model: nn.Module, headers: dict[str, dict], folder: Pat
                          if (key := file_key(component, name, legacy)) is not None})
     weights.check_keys(expected, found, str(folder), what="the decoder",
                        note="the VAE encoder and the text encoder's position_ids are left out on purpose")
-
-def _stored_dtype(*headers: dict) -> torch.dtype | None:
-    """The dtype of the first floating-point tensor of weight files (headers: {key: (shape, dtype)})."""
-    return next((dtype for header in headers for _, dtype in header.values()
-                 if dtype is not None and dtype.is_floating_point), None)
 
 def _check_official_schedulers(folder: Path) -> None:
     """pndm_sample and noise_image_embeddings hard-code the official schedules: refuse a folder that differs."""

@@ -53,6 +53,10 @@ def pick_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch
         return torch.float32
     return stored if stored in HALF_DTYPES else torch.float16
 
+def stored_dtype(*headers: Mapping[str, tuple[Shape, torch.dtype]]) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor of these headers: the file's own type, for `pick_dtype`."""
+    return next((d for header in headers for _, d in header.values() if d is not None and d.is_floating_point), None)
+
 # ---- 2. finding and reading weight files --------------------------------------------------------------------------
 def inside(folder: Path, name: str, source: str) -> Path:
     """folder / name, refused when `name` (read from `source`) is absolute or climbs out with `..`. The test is on

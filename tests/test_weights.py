@@ -15,6 +15,8 @@ def test_pick_device_and_dtype():
     assert weights.pick_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
     assert weights.pick_dtype(torch.device("cuda"), torch.bfloat16) == torch.bfloat16  # the file's own half type
     assert weights.pick_dtype(torch.device("cuda"), torch.float32) == torch.float16
+    header = {"step": ((), torch.int64), "w": ((2,), torch.bfloat16), "b": ((2,), torch.float32)}
+    assert weights.stored_dtype({}, header) == torch.bfloat16 and weights.stored_dtype({"i": ((1,), torch.int8)}) is None
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of an absent CUDA device")
 def test_absent_device_is_named():
