@@ -589,7 +589,8 @@ def cached_snapshot(root: Path, repo: str, files: list[str], sharded: str | None
         except ValueError:
             continue
         known = [KNOWN_FILES.get(f"{repo}/{p.relative_to(snapshot)}") for p in wanted]
-        if all(p.is_file() and check_content(p) is None and (k is None or _blob_matches(p, k[1]))
+        if all(p.is_file() and check_content(p) is None and (k is None or p.stat().st_size != k[0] or
+                                                             _blob_matches(p, k[1]))
                for p, k in zip(wanted, known)):
             return snapshot
     return None
@@ -606,19 +607,21 @@ def cached_vit() -> Path | None:
     return path if path.is_file() and check_content(path) is None else None
 
 # ---- Checking what arrived: the file's own format (an HTML error page served with status 200 is not a file) --------
-def check_content(path: Path) -> str | None:
-    """Why `path` is not the file its name says (None when it is): JSON parses, a safetensors header and size agree,
-    a torch file is a whole zip archive or a pickle, a SentencePiece model starts as a protobuf, no file is HTML."""
+def check_content(path: Path, suffix: str | None = None) -> str | None:
+    """Why `path` is not the file its name (or `suffix`) says (None when it is): JSON parses, a safetensors header and
+    size agree, a torch file is a whole zip archive or a pickle, a SentencePiece model starts as a protobuf, no file
+    is HTML."""
+    suffix = suffix or path.suffix
     with open(path, "rb") as f:
         head = f.read(1 << 10)
     if head.lstrip()[:1] == b"<":
         return "an HTML page, not the file (a login page, a proxy or an error page?)"
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             return None if isinstance(json.loads(path.read_text(encoding="utf-8")), dict) else "not a JSON object"
         except (ValueError, UnicodeDecodeError) as e:
             return f"not valid JSON ({e})"
-    if path.suffix == ".safetensors":
+    if suffix == ".safetensors":
         try:
             n = int.from_bytes(head[:8], "little")
             with open(path, "rb") as f:
@@ -628,10 +631,10 @@ def check_content(path: Path) -> str | None:
             return None if 8 + n + end == path.stat().st_size else "a truncated safetensors file"
         except (ValueError, TypeError, KeyError, AttributeError, IndexError):
             return "not a safetensors file"
-    if path.suffix in (".bin", ".pt", ".pth"):
+    if suffix in (".bin", ".pt", ".pth"):
         whole = zipfile.is_zipfile(path) if head[:4] == b"PK\x03\x04" else head[:1] == b"\x80"
         return None if whole else "not a whole torch checkpoint (a zip archive or a pickle)"
-    if path.suffix == ".model" and head[:1] != b"\x0a":
+    if suffix == ".model" and head[:1] != b"\x0a":
         return "not a SentencePiece model"
     return None
 
@@ -737,7 +740,7 @@ def _verify(url: str, dest: Path, part: Path, total: int | None, headers: dict, 
         problem = "no SHA-256 to check it against (neither published nor sent by the server)"
     if problem is None and expected[1] and _digest(part, expected[0]) != expected[1]:
         problem = f"{expected[0].upper().replace('SHA256', 'SHA-256')} differs from the expected {expected[1]}"
-    if problem is None and (reason := check_content(part)) is not None:
+    if problem is None and (reason := check_content(part, dest.suffix)) is not None:
         problem = reason
     if problem is not None:
         corrupt = dest.with_name(dest.name + ".corrupt")
