@@ -589,16 +589,12 @@ def cached_snapshot(root: Path, repo: str, files: list[str], sharded: str | None
         except ValueError:
             continue
         known = [KNOWN_FILES.get(f"{repo}/{p.relative_to(snapshot)}") for p in wanted]
+        # An LFS file of the cache is a link to blobs/<its sha256>: the published hash is checked by that name.
         if all(p.is_file() and check_content(p) is None and (k is None or p.stat().st_size != k[0] or
-                                                             _blob_matches(p, k[1]))
+                                                             p.resolve().name == k[1])
                for p, k in zip(wanted, known)):
             return snapshot
     return None
-
-def _blob_matches(path: Path, sha: str) -> bool:
-    """An LFS file of the hub cache is a link to blobs/<its sha256>: the published hash is checked by name."""
-    target = path.resolve()
-    return target.name == sha or not re.fullmatch(r"[0-9a-f]{64}", target.name) and _sha256(path) == sha
 
 def cached_vit() -> Path | None:
     """eva_vit_g.pth where LAVIS puts it: $TORCH_HOME/hub/checkpoints (default: the XDG cache's torch/)."""
@@ -686,9 +682,6 @@ def _digest(path: Path, algorithm: str) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-def _sha256(path: Path) -> str:
-    return _digest(path, "sha256")
 
 def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3,
              seen: dict | None = None) -> Path:
@@ -847,7 +840,8 @@ def _check_space(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if need > free:
         raise DownloadError(f"not enough disk space for {what}: it needs {_gb(need)} more, {folder} has "
-                            f"{_gb(free)} free. Free some space, or choose another folder with --weights or SEED_CACHE.")
+                            f"{_gb(free)} free. Free some space, or choose another folder with --weights or "
+                            f"SEED_CACHE.")
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} B"
@@ -904,8 +898,8 @@ class OfficialFiles:
 def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
     """Make sure the official files for `model` are there and say where: a repository whose every file is in a
     Hugging Face hub cache (and the ViT in the torch hub cache) is read there, in place; the rest is downloaded
-    under `root` (about 33 GB in all for the 8B model in fp32; `variant="fp16"` picks the half-size unCLIP weights,
-    what a fp16/bf16 run on a GPU loads)."""
+    under `root` (about 33 GB for the 8B model; the exact total is printed first). `variant="fp16"` picks the
+    half-size unCLIP weights, what a fp16/bf16 run on a GPU loads."""
     if model not in LLM_REPOS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(LLM_REPOS)}")
     llm, suffix = LLM_REPOS[model], f".{variant}" if variant else ""

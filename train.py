@@ -285,8 +285,8 @@ class Run:
                              f"choose another --out") from None
         if cfg.resume and path.is_file():
             recorded = weights.read_json(path)
-            changed = [f"--{k.replace('_', '-')} {recorded['config'].get(k)!r} (now {v!r})" for k, v in weight_flags(cfg).items()
-                       if recorded["config"].get(k) != v]
+            changed = [f"--{k.replace('_', '-')} {recorded['config'].get(k)!r} (now {v!r})"
+                       for k, v in weight_flags(cfg).items() if recorded["config"].get(k) != v]
             if changed:
                 raise SystemExit(f"--resume: {self.out} holds run {recorded['id']}, trained with other weight flags: "
                                  f"{', '.join(changed)}. Resume with its flags, or start a new run (--overwrite, or "
