@@ -266,7 +266,11 @@ class Run:
         self.lock = None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.run_id = self.identify()
+            try:
+                self.run_id = self.identify()
+            except BaseException:
+                self.release()  # a refused run leaves the folder as it found it, unlocked
+                raise
         self.barrier()
         if not self.main:
             self.run_id = weights.read_json(self.out / RUN_FILE)["id"]
