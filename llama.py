@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from weights import (atomic_write, check_keys, find_weights, pick_device, pick_dtype, read_header, read_json,
-                     read_weights, shapes, write_json)
+from weights import (assign, atomic_write, check_config, check_keys, find_weights, pick_device, pick_dtype,
+                     read_config, read_header, read_json, read_weights, shapes, write_json)
 
 @dataclass
 class LlamaConfig:
@@ -85,6 +85,13 @@ class LlamaConfig:
 HF_CONFIG_NAMES = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
                    "num_attention_heads": "n_heads", "intermediate_size": "ffn_dim", "rms_norm_eps": "norm_eps",
                    "max_position_embeddings": "max_seq_len"}
+# Bounds of a config.json's values, by our names and transformers' (weights.check_config): far beyond any real LLaMA,
+# tight enough that a damaged value is named before it allocates (RoPE tables for a context of 1e12 positions).
+CONFIG_LIMITS = {"vocab_size": (1, 1 << 20), "dim": (2, 1 << 16), "n_layers": (1, 1024), "n_heads": (1, 1024),
+                 "n_kv_heads": (1, 1024), "ffn_dim": (1, 1 << 18), "norm_eps": (1e-30, 1.0),
+                 "rope_theta": (1.0, 1e12), "max_seq_len": (1, 1 << 17)}
+CONFIG_LIMITS |= {hf: CONFIG_LIMITS[ours] for hf, ours in HF_CONFIG_NAMES.items()} | \
+    {"num_key_value_heads": CONFIG_LIMITS["n_kv_heads"]}
 
 # Named configs. `tiny` is the laptop model of `train.py --tiny` (about 1M parameters); its vocabulary is the
 # layout of the test tokenizer (640 pieces + 128 codes + 2); train.py replaces vocab_size with its tokenizer's.
@@ -358,7 +365,8 @@ class Llama(nn.Module):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder / 'config.json'} not found: not written by Llama.save_pretrained")
-        raw = read_json(folder / "config.json")
+        raw = read_config(folder / "config.json")
+        check_config(raw, CONFIG_LIMITS, str(folder / "config.json"))
         unknown = sorted(set(raw) - {f.name for f in fields(LlamaConfig)})
         if unknown:
             raise ValueError(f"{folder / 'config.json'} has keys LlamaConfig does not know: {unknown} "
@@ -373,6 +381,7 @@ class Llama(nn.Module):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder / 'config.json'} not found: not a Hugging Face LLaMA folder")
         hf = read_json(folder / "config.json")
+        check_config(hf, CONFIG_LIMITS, str(folder / "config.json"))
         # the 2023 checkpoints say `torch_dtype`, recent transformers versions write `dtype`
         name = hf.get("torch_dtype", hf.get("dtype"))
         stored = getattr(torch, name) if name in ("float32", "float16", "bfloat16") else None
@@ -487,6 +496,6 @@ def _load(config: LlamaConfig, files: list[Path], device, dtype, stored_dtype=No
         stored_dtype = stored_dtype or next(h["lm_head.weight"][1] for h in headers if "lm_head.weight" in h)
         dtype = pick_dtype(device, stored_dtype)
     for path in files:  # one file at a time: every key is known to be present, so strict=False loses nothing
-        model.load_state_dict(read_weights(path, expected, device, dtype), strict=False, assign=True)
+        assign(model, read_weights(path, expected, device, dtype), device, dtype, str(path), strict=False)
     model.rope_cos, model.rope_sin = rope_tables(config, device)
     return model.eval()

@@ -18,18 +18,21 @@ Deliberate deviations from the official scripts:
     default, as officially) also guides the LLM's image codes; `--sampler ddim` replaces the official PNDM sampler.
 """
 import argparse
+import base64
 import contextlib
 import errno
 import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from llama import GenerationConfig, Llama
 from tokenizer import CODES_PER_IMAGE, Tokenizer
 from seed import SeedTokenizer, load_image
 from unet import OFFICIAL_COMPONENTS, SAMPLERS, UnCLIPDecoder
-from weights import index_shards, pick_device, pick_dtype
+from weights import atomic_write, index_shards, inside, lock, pick_device, pick_dtype, run_record
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
 @dataclass
@@ -148,6 +151,15 @@ class SeedLlama:
             return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
                                 guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
 
+def check_one_run(folder: Path) -> None:
+    """A train.py folder's seed/, llama/ and decoder/ must come from one run: each config.json records its run id
+    (weights.run_record); a folder that mixes runs (a --stages run of other flags into it) is refused."""
+    ids = {name: (run_record(folder / name / "config.json") or {}).get("id") for name in ("seed", "llama", "decoder")}
+    if len(set(ids.values())) > 1:
+        raise ValueError(f"--ckpt {folder} mixes components of different train.py runs: "
+                         f"{', '.join(f'{name}/ of run {i}' for name, i in ids.items())}. Train every stage into "
+                         f"one folder (train.py --resume, or a new --out).")
+
 def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: str = "8b", weights: str | None = None,
                   low_vram: bool = False) -> SeedLlama:
     """`ckpt` = "official" (the released weights, fetched into the cache) or a folder written by train.py."""
@@ -167,6 +179,7 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         if missing:
             raise FileNotFoundError(f"--ckpt {ckpt}: expected a folder written by train.py with seed/, llama/ and "
                                     f"decoder/ (or 'official'); missing: {', '.join(missing)}")
+        check_one_run(folder)
         seed = SeedTokenizer.from_pretrained(folder / "seed", device=home, dtype=dtype)
         llm = Llama.from_pretrained(folder / "llama", device=home, dtype=dtype)
         tokenizer = Tokenizer(folder / "llama")
@@ -496,18 +509,23 @@ UNCLIP_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text
                 "image_noising_scheduler/scheduler_config.json"]
 
 # (size, sha256) of two files as their Git LFS pointers publish them (seed_quantizer.pt: hf:AILab-CVC/SEED
-# seed_tokenizer/ @ b611080; tokenizer.model: the stock LLaMA SentencePiece model). Checked only at exactly that size:
-# a file of another size is not the official one (a mirror's reduced copy, as in the tests), which the server's size
-# and sha256 ETag still guard.
+# seed_tokenizer/ @ b611080; tokenizer.model: the stock LLaMA SentencePiece model). From the official hub the hash
+# always applies; from a mirror (HF_ENDPOINT) at exactly that size, the mirror's own sha256 ETag guarding the rest (a
+# mirror may serve other copies under these names: the tests' reduced release).
 KNOWN_FILES = {
     f"{TOKENIZER_REPO}/seed_quantizer.pt":
         (1_228_836_570, "322a9fba55cb0e97e1a633981fbbdff20577af69146a0f23fa7b14201459a13f"),
     f"{TOKENIZER_REPO}/tokenizer.model":
         (499_723, "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"),
 }
+OFFICIAL_ENDPOINT = "https://huggingface.co"
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".model")  # never cached without a hash that matched
+TIMEOUT_S = 30  # to connect, and for each read of the socket
+STALL = (1 << 16, 60)  # (bytes, seconds): a server that sends less in that time is given up on (a trickle of one
+#                        byte every 20 s never trips a socket time-out)
 
 class DownloadError(RuntimeError):
-    """A weight file could not be fetched or verified; the message says why and what to do."""
+    """A weight file could not be fetched or verified; the message names it, says why and what to do."""
 
 def weights_root(weights: str | None = None) -> Path:
     """Where the official files live: `--weights DIR`, else $SEED_CACHE, else the XDG cache folder."""
@@ -518,30 +536,131 @@ def weights_root(weights: str | None = None) -> Path:
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
-def hub_url(rel: str) -> str:
-    """The URL of a file given by its path in the layout (`owner/repo/file`); EVA has its own."""
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or OFFICIAL_ENDPOINT).rstrip("/")
+
+def hub_url(rel: str, revision: str = "main") -> str:
+    """The URL of a file given by its path in the layout (`owner/repo/file`) at `revision`; EVA has its own."""
     if rel == EVA_VIT_PATH:
         return os.environ.get("SEED_EVA_VIT_URL") or EVA_VIT_URL
     owner, name, file = rel.split("/", 2)
-    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{owner}/{name}/resolve/main/{file}"
+    return f"{endpoint()}/{owner}/{name}/resolve/{revision}/{file}"
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} B"
+# ---- Revisions: a repository is read at one commit -----------------------------------------------------------------
+# The first answer of the hub names the repository's commit (X-Repo-Commit); it is kept in ROOT/owner/repo/.revision
+# and every later file of that repository is fetched at that commit, so a repository updated on the hub between two
+# files (or two runs) is never mixed. A user's HF cache is read at the same commit, else at its `refs/main`.
+def pinned(root: Path, repo: str) -> str:
+    path = root / repo / ".revision"
+    return path.read_text().strip() if path.is_file() else "main"
 
+def pin(root: Path, repo: str, headers: dict) -> None:
+    commit = headers.get("x-repo-commit", "")
+    if re.fullmatch(r"[0-9a-f]{40}", commit) and pinned(root, repo) == "main":
+        atomic_write(root / repo / ".revision", lambda p: p.write_text(commit + "\n"))
+
+def _repo(rel: str) -> str:
+    return "/".join(rel.split("/")[:2])
+
+# ---- Weights the user already has: the Hugging Face hub cache and the torch hub cache (read only) ------------------
+def hub_caches() -> list[Path]:
+    """The Hugging Face hub caches, as huggingface_hub finds them: HF_HUB_CACHE, HF_HOME/hub, the XDG cache."""
+    env, home = os.environ, Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    found = [env.get("HF_HUB_CACHE"), env.get("HF_HOME") and Path(env["HF_HOME"]) / "hub", home / "huggingface/hub"]
+    return list(dict.fromkeys(Path(p).expanduser() for p in found if p))
+
+def cached_snapshot(root: Path, repo: str, files: list[str], sharded: str | None = None) -> Path | None:
+    """The snapshot folder `models--OWNER--NAME/snapshots/REV` of a hub cache that holds every file of `files` (and,
+    with `sharded`, that index and its shards), each passing `check_content`; REV = our pin, else its refs/main."""
+    for cache in hub_caches():
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        ref = folder / "refs" / "main"
+        revision = pinned(root, repo) if pinned(root, repo) != "main" else \
+            ref.read_text().strip() if ref.is_file() else None
+        if not revision or not re.fullmatch(r"[0-9a-f]{40}", revision):
+            continue
+        snapshot = folder / "snapshots" / revision
+        try:
+            wanted = [inside(snapshot, f, str(snapshot)) for f in files]
+            if sharded and (snapshot / sharded).is_file():
+                wanted += [inside(snapshot, s, str(snapshot / sharded)) for s in index_shards(snapshot / sharded)]
+            elif sharded:
+                continue
+        except ValueError:
+            continue
+        known = [KNOWN_FILES.get(f"{repo}/{p.relative_to(snapshot)}") for p in wanted]
+        # An LFS file of the cache is a link to blobs/<its sha256>: the published hash is checked by that name.
+        if all(p.is_file() and check_content(p) is None and (k is None or p.stat().st_size != k[0] or
+                                                             p.resolve().name == k[1])
+               for p, k in zip(wanted, known)):
+            return snapshot
+    return None
+
+def cached_vit() -> Path | None:
+    """eva_vit_g.pth where LAVIS puts it: $TORCH_HOME/hub/checkpoints (default: the XDG cache's torch/)."""
+    home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch"
+    path = Path(home).expanduser() / "hub" / "checkpoints" / Path(EVA_VIT_PATH).name
+    return path if path.is_file() and check_content(path) is None else None
+
+# ---- Checking what arrived: the file's own format (an HTML error page served with status 200 is not a file) --------
+def check_content(path: Path, suffix: str | None = None) -> str | None:
+    """Why `path` is not the file its name (or `suffix`) says (None when it is): JSON parses, a safetensors header and
+    size agree, a torch file is a whole zip archive or a pickle, a SentencePiece model starts as a protobuf, no file
+    is HTML."""
+    suffix = suffix or path.suffix
+    with open(path, "rb") as f:
+        head = f.read(1 << 10)
+    if head.lstrip()[:1] == b"<":
+        return "an HTML page, not the file (a login page, a proxy or an error page?)"
+    if suffix == ".json":
+        try:
+            return None if isinstance(json.loads(path.read_text(encoding="utf-8")), dict) else "not a JSON object"
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"not valid JSON ({e})"
+    if suffix == ".safetensors":
+        try:
+            n = int.from_bytes(head[:8], "little")
+            with open(path, "rb") as f:
+                f.seek(8)
+                header = json.loads(f.read(n)) if 0 < n < 1 << 27 else None
+            end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+            return None if 8 + n + end == path.stat().st_size else "a truncated safetensors file"
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+            return "not a safetensors file"
+    if suffix in (".bin", ".pt", ".pth"):
+        whole = zipfile.is_zipfile(path) if head[:4] == b"PK\x03\x04" else head[:1] == b"\x80"
+        return None if whole else "not a whole torch checkpoint (a zip archive or a pickle)"
+    if suffix == ".model" and head[:1] != b"\x0a":
+        return "not a SentencePiece model"
+    return None
+
+# ---- Downloading one file: locked, resumable, verified, atomic ------------------------------------------------------
 class _KeepLinkedHeaders(urllib.request.HTTPRedirectHandler):
     """The hub answers a large (LFS) file with a redirect to its CDN; the redirect, not the final answer, carries the
-    file's sha256 (`X-Linked-Etag`) and size (`X-Linked-Size`). urllib drops redirect headers, so keep them."""
+    file's sha256 (`X-Linked-Etag`), size (`X-Linked-Size`) and the commit. urllib drops redirect headers, so keep
+    them; and the token goes to the hub only, never to the host it redirects to."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         linked = getattr(req, "linked", None)  # one dict shared by every request of the chain (see _open_resuming)
         if new is not None and linked is not None:
-            linked.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")})
+            linked.update({k.lower(): v for k, v in headers.items()
+                           if k.lower().startswith("x-linked-") or k.lower() == "x-repo-commit"})
             new.linked = linked
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
         return new
 
 _OPENER = urllib.request.build_opener(_KeepLinkedHeaders())
+
+def _request(url: str, method: str = "GET") -> urllib.request.Request:
+    """A request with HF_TOKEN (when set) for the hub's own host: gated or private repositories, rate limits."""
+    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"}, method=method)
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if token and url.startswith(endpoint() + "/"):
+        req.add_header("Authorization", f"Bearer {token}")
+    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
+    return req
 
 def _sha256_header(headers: dict) -> str | None:
     """The sha256 the server vouches for, if any: the hub sends it as the (quoted) ETag of LFS files. A 40-hex ETag is
@@ -552,54 +671,97 @@ def _sha256_header(headers: dict) -> str | None:
             return value
     return None
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _md5_header(headers: dict) -> str | None:
+    """Google Cloud Storage (where LAVIS keeps eva_vit_g.pth) vouches for an object by `x-goog-hash: md5=<base64>`."""
+    m = re.search(r"md5=([A-Za-z0-9+/=]+)", headers.get("x-goog-hash", ""))
+    return base64.b64decode(m.group(1)).hex() if m else None
+
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
 
-def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3) -> Path:
-    """Fetch `url` to `dest`: resumable (HTTP Range into `dest.incomplete`), size- and sha256-checked, atomic. A
-    dropped connection is retried `retries` times, each resuming where the last one stopped; an interrupted run also
-    resumes from the `.incomplete` file. A file whose hash does not match is moved to `dest.corrupt`, never used."""
+def download(url: str, dest: Path, known: tuple[int, str] | None = None, retries: int = 3,
+             seen: dict | None = None) -> Path:
+    """Fetch `url` to `dest`: one process at a time (a lock beside it), resumable (HTTP Range + If-Range into
+    `dest.incomplete`, which only the lock holder touches), then size, hash and format checked before the atomic
+    rename. A dropped or stalled connection is retried `retries` times, each resuming where the last one stopped.
+    A file that fails a check is moved to `dest.corrupt`, never used. `seen` receives the answer's headers."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".incomplete")
-    for attempt in range(retries + 1):
-        retry = attempt < retries
-        opened = _open_resuming(url, dest, part, attempt, retry)
-        if opened is None or not _receive(opened, dest, part, retry):
-            continue
-        _, total, _, headers = opened
-        size = part.stat().st_size
-        if total is not None and size < total:  # the connection ended early without an error: resume
-            if retry:
+    lock_path = dest.with_name(f".{dest.name}.lock")
+    try:
+        held = lock(lock_path, wait=False)
+    except BlockingIOError:
+        print(f"waiting for another process that is downloading {dest}", file=sys.stderr)
+        held = lock(lock_path, wait=True)
+        if dest.is_file():
+            held.close()
+            return dest
+    with contextlib.closing(held):
+        part = dest.with_name(dest.name + ".incomplete")
+        for attempt in range(retries + 1):
+            retry = attempt < retries
+            opened = _open_resuming(url, dest, part, attempt, retry)
+            if opened is None or not _receive(opened, dest, part, retry):
                 continue
-            raise DownloadError(f"{url}: the transfer stopped at {size} of {total} bytes {retries + 1} times; run "
-                                f"again to resume from {part}.")
-        # The published hash when the file has the official size (see KNOWN_FILES), else the server's.
-        expected = known[1] if known is not None and size == known[0] else _sha256_header(headers)
-        if (total is not None and size != total) or (expected and _sha256(part) != expected):
-            corrupt = dest.with_name(dest.name + ".corrupt")
-            os.replace(part, corrupt)
-            what = f"size {size} instead of {total}" if total is not None and size != total else \
-                f"SHA-256 differs from the expected {expected}"
-            raise DownloadError(f"{url} arrived corrupt ({what}). It was moved to {corrupt} and will not be used; "
-                                f"run again to download it afresh.")
-        os.replace(part, dest)
-        return dest
+            _, total, _, headers = opened
+            if total is not None and part.stat().st_size < total:  # the connection ended early without an error
+                if retry:
+                    continue
+                raise DownloadError(f"{url}: the transfer stopped at {part.stat().st_size} of {total} bytes "
+                                    f"{retries + 1} times; run again to resume from {part}.")
+            _verify(url, dest, part, total, headers, known)
+            if seen is not None:
+                seen.update(headers)
+            return dest
     raise DownloadError(f"{url}: gave up after {retries + 1} attempts; run again to resume from {part}.")
+
+def _verify(url: str, dest: Path, part: Path, total: int | None, headers: dict, known) -> None:
+    """Size, then the hash (the published one, else the server's sha256 ETag, else its md5; a weight file must have
+    one), then the format; the file is renamed to `dest` only when all pass, else moved to `dest.corrupt`."""
+    size = part.stat().st_size
+    if known is not None and (size == known[0] or endpoint() == OFFICIAL_ENDPOINT):
+        expected = ("sha256", known[1])
+    elif _sha256_header(headers):
+        expected = ("sha256", _sha256_header(headers))
+    else:
+        expected = ("md5", _md5_header(headers))
+    problem = f"size {size} instead of {total}" if total is not None and size != total else None
+    if problem is None and expected[1] is None and dest.suffix in WEIGHT_SUFFIXES:
+        if url.startswith(endpoint() + "/"):  # the hub sends the sha256 of every LFS file: its absence is a fault
+            problem = "no SHA-256 to check it against (neither published nor sent by the server)"
+        else:  # LAVIS's bucket publishes no sha256 for eva_vit_g.pth, and may send no md5 (a composite object)
+            print(f"note: {url} comes with no hash; only its size and format are checked", file=sys.stderr)
+    if problem is None and expected[1] and _digest(part, expected[0]) != expected[1]:
+        problem = f"{expected[0].upper().replace('SHA256', 'SHA-256')} differs from the expected {expected[1]}"
+    if problem is None and (reason := check_content(part, dest.suffix)) is not None:
+        problem = reason
+    _validator(part).unlink(missing_ok=True)
+    if problem is not None:
+        corrupt = dest.with_name(dest.name + ".corrupt")
+        os.replace(part, corrupt)
+        raise DownloadError(f"{url} arrived corrupt ({problem}). It was moved to {corrupt} and will not be used; "
+                            f"run again to download it afresh, or put the right file at {dest} yourself.")
+    os.replace(part, dest)
+
+def _validator(part: Path) -> Path:
+    """Where the ETag (or Last-Modified) of the version being fetched is kept, for If-Range on a resume."""
+    return part.with_name(part.name + ".etag")
 
 def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
     """(response, total size or None, offset the body starts at, headers) of `url` from the end of `part` on; None to
-    retry (a whole or longer `part` is deleted, an unreachable server gets a growing pause), DownloadError: hopeless."""
+    retry (a whole or longer `part` is deleted, an unreachable server gets a growing pause), DownloadError: hopeless.
+    A resume sends If-Range with the version's validator: a file changed since answers whole, never stitched."""
     offset = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "seed-from-scratch"})
-    req.linked = {}  # filled by _KeepLinkedHeaders if the server redirects
+    req = _request(url)
     if offset:
         req.add_header("Range", f"bytes={offset}-")
+        if _validator(part).is_file():
+            req.add_header("If-Range", _validator(part).read_text().strip())
     try:
-        resp = _OPENER.open(req, timeout=60)
+        resp = _OPENER.open(req, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # the partial file is already whole (or longer): start over
             part.unlink()
@@ -607,16 +769,25 @@ def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
         if e.code == 404:
             raise DownloadError(f"{url} does not exist (HTTP 404). Check the name, the mirror in HF_ENDPOINT or "
                                 f"SEED_EVA_VIT_URL, or put the file at {dest} yourself.") from None
-        hint = " (a gated repository? log in on the hub and accept its terms)" if e.code in (401, 403) else ""
+        hint = " (a gated repository? accept its terms on the hub and set HF_TOKEN)" if e.code in (401, 403) else ""
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         if retry:
             time.sleep(min(2 ** attempt, 10))
             return None
         reason = getattr(e, "reason", e)
-        raise DownloadError(f"cannot reach {url}: {reason}. Check the network, set HF_ENDPOINT to a mirror, or "
-                            f"copy the files into {dest.parent} and set HF_HUB_OFFLINE=1.") from None
+        raise DownloadError(f"cannot reach {url}: {reason} (time-out {TIMEOUT_S} s). Check the network, set "
+                            f"HF_ENDPOINT to a mirror, or copy the files into {dest.parent} and set "
+                            f"HF_HUB_OFFLINE=1.") from None
     headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
+    if "text/html" in headers.get("content-type", "") and dest.suffix != ".html":
+        resp.close()
+        raise DownloadError(f"{url} answered with an HTML page instead of the file (a login page, a proxy or an "
+                            f"error page?); nothing was cached. Check HF_ENDPOINT / SEED_EVA_VIT_URL and HF_TOKEN.")
+    return resp, *_body_range(url, resp, headers, offset, part), headers
+
+def _body_range(url: str, resp, headers: dict, offset: int, part: Path) -> tuple[int | None, int]:
+    """(total size or None, offset the body starts at) of an answer; a whole answer (200) restarts the file."""
     if resp.status == 206:  # Content-Range: bytes START-END/TOTAL
         m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", headers.get("content-range", ""))
         if not m or int(m.group(1)) != offset:
@@ -624,50 +795,99 @@ def _open_resuming(url: str, dest: Path, part: Path, attempt: int, retry: bool):
             raise DownloadError(f"{url}: the server answered the range request with a bad Content-Range "
                                 f"{headers.get('content-range')!r}")
         total = int(m.group(2)) if m.group(2) != "*" else None
-    else:  # 200: the server ignored the range, the body is the whole file
+    else:  # 200: the server ignored the range or the file changed (If-Range): the body is the whole file
         offset = 0
         total = int(headers["content-length"]) if "content-length" in headers else None
+        validator = headers.get("etag", "") if not headers.get("etag", "").startswith("W/") else ""
+        if validator or headers.get("last-modified"):
+            atomic_write(_validator(part), lambda p: p.write_text(validator or headers["last-modified"]))
     if total is None and "x-linked-size" in headers:
         total = int(headers["x-linked-size"])
-    return resp, total, offset, headers
+    return total, offset
 
 def _receive(opened, dest: Path, part: Path, retry: bool) -> bool:
     """Append the body of an open response to `part` (after checking the disk can hold the rest); False when the
-    connection broke and the attempt should be made again."""
+    connection broke or stalled (less than STALL[0] bytes in STALL[1] s) and the attempt should be made again."""
     resp, total, offset, _ = opened
     with resp:
         if total is not None:
-            need = total - offset
-            free = shutil.disk_usage(dest.parent).free
-            if need > free:
-                raise DownloadError(f"not enough disk space for {dest.name}: it needs {_gb(need)} more, "
-                                    f"{dest.parent} has {_gb(free)} free. Free some space, or choose another "
-                                    f"folder with --weights or SEED_CACHE.")
+            _check_space(dest.parent, total - offset, dest.name)
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                    leave=False, file=sys.stderr, mininterval=0.5, disable=None)  # None: only on a terminal
         try:
             with open(part, "ab" if offset else "wb") as f, bar:
-                while chunk := resp.read(1 << 20):
+                window, since = 0, time.monotonic()
+                while chunk := resp.read1(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
+                    window += len(chunk)
+                    if window >= STALL[0]:
+                        window, since = 0, time.monotonic()
+                    elif time.monotonic() - since > STALL[1]:
+                        raise TimeoutError(f"less than {STALL[0]} bytes in {STALL[1]} s")
         except (OSError, http.client.IncompleteRead) as e:
             if getattr(e, "errno", None) == errno.ENOSPC:
                 raise DownloadError(f"the disk is full while writing {part}. Free some space and run again: "
                                     f"the download resumes where it stopped.") from None
-            if retry and isinstance(e, (ConnectionError, socket.timeout, http.client.IncompleteRead)):
-                return False
+            if isinstance(e, (ConnectionError, TimeoutError, http.client.IncompleteRead)):
+                if retry:
+                    return False
+                raise DownloadError(f"{resp.url}: the connection broke or stalled ({e}; time-outs: {TIMEOUT_S} s "
+                                    f"per read, {STALL[0]} bytes per {STALL[1]} s). Run again to resume from {part}, "
+                                    f"or set HF_ENDPOINT to a faster mirror.") from None
             raise
     return True
 
+def _check_space(folder: Path, need: int, what: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DownloadError(f"not enough disk space for {what}: it needs {_gb(need)} more, {folder} has "
+                            f"{_gb(free)} free. Free some space, or choose another folder with --weights or "
+                            f"SEED_CACHE.")
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} B"
+
+def _remote_size(url: str) -> int:
+    """The size a HEAD request announces (the hub's X-Linked-Size for LFS files), 0 when the server says none."""
+    req = _request(url, method="HEAD")
+    try:
+        with _OPENER.open(req, timeout=TIMEOUT_S) as resp:
+            headers = {**req.linked, **{k.lower(): v for k, v in resp.headers.items()}}
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
+        return 0
+    return int(headers.get("x-linked-size") or headers.get("content-length") or 0)
+
+# ---- Fetching the release -----------------------------------------------------------------------------------------
 def fetch_files(root: Path, rels: list[str]) -> None:
-    """Make sure every file of `rels` (paths in the hub layout) is under `root`: download only the missing ones."""
-    missing = [rel for rel in rels if not (root / rel).is_file()]
+    """Make sure every file of `rels` (paths in the hub layout) is under `root`: a cached file that fails
+    `check_content` is moved aside as `.corrupt` (and named); the missing ones are downloaded, the free disk space
+    for all of them checked first."""
+    missing = []
+    for rel in rels:
+        path = root / rel
+        if path.is_file() and (reason := check_content(path)) is not None:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+            print(f"{path} is {reason}: moved aside to {path.name}.corrupt", file=sys.stderr)
+        if not path.is_file():
+            missing.append(rel)
     if missing and offline():
         raise DownloadError("HF_HUB_OFFLINE=1 and these files are missing under " + str(root) + ":\n  " +
                             "\n  ".join(missing))
+    urls = {rel: hub_url(rel, pinned(root, _repo(rel))) for rel in missing}
+    if len(missing) > 1:  # the whole download must fit before the first byte of it is written
+        partial = sum((root / f"{rel}.incomplete").stat().st_size for rel in missing
+                      if (root / f"{rel}.incomplete").is_file())
+        need = sum(_remote_size(urls[rel]) for rel in missing) - partial
+        print(f"downloading {len(missing)} files ({_gb(max(need, 0))}) into {root}", file=sys.stderr)
+        _check_space(root, need, f"the {len(missing)} missing files")
     for rel in missing:
         print(f"downloading {rel}", file=sys.stderr)
-        download(hub_url(rel), root / rel, known=KNOWN_FILES.get(rel))
+        seen: dict = {}
+        download(urls[rel], root / rel, known=KNOWN_FILES.get(rel), seen=seen)
+        if rel != EVA_VIT_PATH:
+            pin(root, _repo(rel), seen)
 
 @dataclass
 class OfficialFiles:
@@ -679,23 +899,36 @@ class OfficialFiles:
     unclip: Path      # the stable-diffusion-2-1-unclip folder
 
 def resolve_official(root: Path, model: str = "8b", variant: str | None = None) -> OfficialFiles:
-    """Make sure the official files for `model` are under `root` (downloading what is missing) and say where.
-    `variant="fp16"` picks the half-size unCLIP weights (what a fp16/bf16 run on a GPU loads)."""
+    """Make sure the official files for `model` are there and say where: a repository whose every file is in a
+    Hugging Face hub cache (and the ViT in the torch hub cache) is read there, in place; the rest is downloaded
+    under `root` (about 33 GB for the 8B model; the exact total is printed first). `variant="fp16"` picks the
+    half-size unCLIP weights, what a fp16/bf16 run on a GPU loads."""
     if model not in LLM_REPOS:
         raise ValueError(f"unknown model {model!r}; choose one of {sorted(LLM_REPOS)}")
-    llm = LLM_REPOS[model]
-    suffix = f".{variant}" if variant else ""
-    fixed = ([f"{TOKENIZER_REPO}/{f}" for f in TOKENIZER_FILES] + [EVA_VIT_PATH] +
-             [f"{llm}/{f}" for f in LLM_FILES] + [f"{UNCLIP_REPO}/{f}" for f in UNCLIP_FILES] +
-             [f"{UNCLIP_REPO}/{c}/{stems[0]}{suffix}.safetensors" for c, stems in OFFICIAL_COMPONENTS.items()])
-    # The shard list is in the index; find an index that is already here, else fetch the official one.
-    index = next((f"{llm}/{f}" for f in LLM_INDEX_FILES if (root / llm / f).is_file()), f"{llm}/{LLM_INDEX_FILES[0]}")
-    if not offline():
-        fetch_files(root, [index])
-    shards = [f"{llm}/{name}" for name in index_shards(root / index)] if (root / index).is_file() else []
-    fetch_files(root, fixed + ([] if offline() else [index]) + shards)
-    return OfficialFiles(quantizer=root / TOKENIZER_REPO / "seed_quantizer.pt", vit=root / EVA_VIT_PATH,
-                         tokenizer=root / TOKENIZER_REPO, llm=root / llm, unclip=root / UNCLIP_REPO)
+    llm, suffix = LLM_REPOS[model], f".{variant}" if variant else ""
+    repos = {TOKENIZER_REPO: TOKENIZER_FILES, llm: LLM_FILES, UNCLIP_REPO: UNCLIP_FILES + [
+        f"{c}/{stems[0]}{suffix}.safetensors" for c, stems in OFFICIAL_COMPONENTS.items()]}
+    where = {repo: cached_snapshot(root, repo, files, LLM_INDEX_FILES[0] if repo == llm else None)
+             for repo, files in repos.items()}
+    vit = cached_vit() or root / EVA_VIT_PATH
+    fixed = [f"{repo}/{f}" for repo, files in repos.items() if where[repo] is None for f in files] + \
+        ([EVA_VIT_PATH] if vit == root / EVA_VIT_PATH else [])
+    shards = []
+    if where[llm] is None:
+        # The shard list is in the index; find an index that is already here, else fetch the official one. Its
+        # entries are names from a server: each must stay inside the repository's folder.
+        index = next((f"{llm}/{f}" for f in LLM_INDEX_FILES if (root / llm / f).is_file()),
+                     f"{llm}/{LLM_INDEX_FILES[0]}")
+        if not offline():
+            fetch_files(root, [index])
+        if (root / index).is_file():
+            shards = [str(inside(root / llm, name, str(root / index)).relative_to(root))
+                      for name in index_shards(root / index)]
+        fixed.append(index)
+    fetch_files(root, fixed + shards)
+    folder = {repo: where[repo] or root / repo for repo in repos}
+    return OfficialFiles(quantizer=folder[TOKENIZER_REPO] / "seed_quantizer.pt", vit=vit,
+                         tokenizer=folder[TOKENIZER_REPO], llm=folder[llm], unclip=folder[UNCLIP_REPO])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,8 +50,8 @@ from safetensors.torch import save_file
 
 from qformer import CausalQFormer, QFormerConfig
 from vq import VectorQuantizer
-from weights import (assign, atomic_write, check_keys, pick_device, pick_dtype, read_header, read_json, read_weights,
-                     shapes, stored_dtype, write_json)
+from weights import (assign, atomic_write, check_config, check_keys, pick_device, pick_dtype, read_config,
+                     read_header, read_weights, shapes, stored_dtype, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,15 @@ def _tiny() -> SeedConfig:
         embed_dim=128)
 
 PRESETS = {"seed-tokenizer-2": SeedConfig, "tiny": _tiny}
+# Bounds of a config.json's values, SeedConfig's and its QFormerConfig's (weights.check_config): far beyond any real
+# model, tight enough that a damaged value is named before it builds a model of terabytes.
+CONFIG_LIMITS = {**dict.fromkeys(("image_size", "patch_size"), (1, 4096)), "n_codes": (1, 1 << 20),
+                 **dict.fromkeys(("vit_width", "vit_mlp", "decoder_mlp", "image_down", "embed_dim", "code_dim", "width",
+                                  "intermediate", "vision_width", "proj_dim"), (1, 1 << 16)),
+                 **dict.fromkeys(("vit_depth", "decoder_depth", "n_layers"), (0, 256)),
+                 **dict.fromkeys(("vit_heads", "decoder_heads", "n_heads", "n_queries", "cross_attention_freq"),
+                                 (1, 1024)), "eps": (1e-30, 1.0), "text_vocab_size": (0, 1 << 20),
+                 "max_text_len": (1, 1 << 16)}
 
 # ---- ViT building blocks (timm `vit.Block`; EVA's variant of its attention) ----------------------------------------
 class Attention(nn.Module):
@@ -289,7 +298,10 @@ class SeedTokenizer(nn.Module):
         """Read a folder written by `save_pretrained`; every key must match exactly."""
         folder = Path(folder)
         try:  # a missing file is an error naming it (weights.read_json, read_header)
-            config = SeedConfig.from_dict(read_json(folder / "config.json"))
+            raw = read_config(folder / "config.json")
+            for values in (raw, raw.get("qformer") if isinstance(raw.get("qformer"), dict) else {}):
+                check_config(values, CONFIG_LIMITS, str(folder / "config.json"))
+            config = SeedConfig.from_dict(raw)
         except TypeError as e:
             raise ValueError(f"{folder / 'config.json'} is not a SeedConfig: {e}") from e
         path = folder / "model.safetensors"
@@ -298,7 +310,7 @@ class SeedTokenizer(nn.Module):
             model = cls(config)
         check_keys(shapes(model), {k: shape for k, (shape, _) in header.items()}, str(path), "the SEED tokenizer")
         device, dtype = _placement(device, dtype, header)
-        return assign(model, read_weights(path, device=device, dtype=dtype), device, dtype)
+        return assign(model, read_weights(path, device=device, dtype=dtype), device, dtype, str(path))
 
     # --- official checkpoints --------------------------------------------------------------------------------------
 
@@ -324,7 +336,7 @@ class SeedTokenizer(nn.Module):
         for path, prefix, header in parts:
             tensors = read_weights(path, [k for k in header if prefix + k in renames], device, dtype)
             state.update({renames[prefix + k]: t for k, t in tensors.items()})
-        return assign(model, state, device, dtype)
+        return assign(model, state, device, dtype, " + ".join(str(path) for path, _, _ in parts))
 
     @classmethod
     def from_official_state_dict(cls, quantizer: dict, vit: dict | None = None, device=None, dtype=None, *,

@@ -33,7 +33,8 @@ blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage
 
 Usage:
   python train.py --tiny                       # every stage; results table + metrics.json in out/tiny/
-  python train.py --tiny --resume              # continue an interrupted run
+  python train.py --tiny --resume              # continue an interrupted run (same flags; one run per folder)
+  python train.py --tiny --overwrite           # a new run in place of the one in --out
   python train.py --tiny --no-causal           # the bidirectional Q-Former ablation, all else equal
   python train.py --tiny --smoke               # a handful of steps per stage (tests)
   torchrun --nproc_per_node=2 train.py --tiny  # data parallel (gloo on CPU, nccl on CUDA)
@@ -137,7 +138,8 @@ class TrainConfig:
     tiny: bool = False         # the tiny preset on the shapes world (the only training preset)
     out: str = "out/tiny"
     stages: str = "0,1,2,3,4,5"
-    resume: bool = False
+    resume: bool = False       # continue the run in --out, which must have been started with the same weight flags
+    overwrite: bool = False    # start a new run in a non-empty --out (refused without this or --resume)
     smoke: bool = False        # a handful of steps per stage: the whole run in well under a minute (tests)
     seed: int = 0
     device: str = "auto"       # one of DEVICES
@@ -151,6 +153,11 @@ class TrainConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")  # --device; "auto" = cuda -> mps -> cpu
+# The fields that do not change a run's weights: where and how it runs, and the evaluation's sampling settings.
+# Every other field shapes the weights, so a --resume that changes one is refused (`Run.identify`).
+NOT_WEIGHT_FLAGS = {"out", "stages", "resume", "overwrite", "device", "threads", "ckpt_every", "decoder.sample_steps",
+                    "decoder.guidance", "decoder.noise_level", "decoder.eval_images", "llm.eval_edits"}
+RUN_FILE, LOCK_FILE = "run.json", ".train.lock"  # in --out: the run's id and weight flags; held while it runs
 SMOKE_STEPS = 3  # steps of every stage under --smoke
 
 def apply_smoke(cfg: TrainConfig) -> TrainConfig:
@@ -166,6 +173,20 @@ def apply_smoke(cfg: TrainConfig) -> TrainConfig:
     cfg.decoder.sample_steps, cfg.decoder.eval_images = 2, 8  # the sampler's steps, not training steps
     cfg.ckpt_every = 2
     return cfg
+
+def weight_flags(cfg: TrainConfig) -> dict:
+    """The fields of `cfg` that shape the weights, by flag name: {"seed": 0, "clip.steps": 400, ...}."""
+    flags = {}
+
+    def walk(dc, prefix: str) -> None:
+        for f in dataclasses.fields(dc):
+            value, name = getattr(dc, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, name + ".")
+            elif name not in NOT_WEIGHT_FLAGS:
+                flags[name] = value
+    walk(cfg, "")
+    return flags
 
 def _parse_bool(text: str) -> bool:
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -242,8 +263,52 @@ class Run:
         self.world = build_world()
         # metrics {group: {name: value}}, loss curves {stage name: [loss per step]}, timings {name: seconds}
         self.metrics, self.curves, self.timings = {}, {}, {}
+        self.lock = None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_id = self.identify()
+            except BaseException:
+                self.release()  # a refused run leaves the folder as it found it, unlocked
+                raise
+        self.barrier()
+        if not self.main:
+            self.run_id = weights.read_json(self.out / RUN_FILE)["id"]
+        self.record = {"id": self.run_id, "config": weight_flags(cfg)}  # in every checkpoint and component
+
+    def identify(self) -> str:
+        """Lock --out for this process, then this run's id: a new one in an empty --out or under --overwrite, the
+        recorded one under --resume (whose weight flags must be the recorded ones); else refused. OUT/run.json."""
+        cfg, path = self.cfg, self.out / RUN_FILE
+        if cfg.resume and cfg.overwrite:
+            raise SystemExit("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+        try:
+            self.lock = weights.lock(self.out / LOCK_FILE, wait=False)
+        except BlockingIOError:
+            raise SystemExit(f"--out {self.out}: another train.py is writing into it; wait for it to finish or "
+                             f"choose another --out") from None
+        if cfg.resume and path.is_file():
+            recorded = weights.read_json(path)
+            changed = [f"--{k.replace('_', '-')} {recorded['config'].get(k)!r} (now {v!r})"
+                       for k, v in weight_flags(cfg).items() if recorded["config"].get(k) != v]
+            if changed:
+                raise SystemExit(f"--resume: {self.out} holds run {recorded['id']}, trained with other weight flags: "
+                                 f"{', '.join(changed)}. Resume with its flags, or start a new run (--overwrite, or "
+                                 f"another --out).")
+            return recorded["id"]
+        files = sorted(p.name for p in self.out.iterdir() if p.name != LOCK_FILE)
+        if files and not (cfg.resume or cfg.overwrite):  # a --resume without run.json: a folder of an older train.py
+            raise SystemExit(f"--out {self.out} is not empty ({', '.join(files[:5])}): pass --resume to continue the "
+                             f"run in it, --overwrite to replace it, or choose another --out")
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+        weights.write_json(path, {"id": run_id, "config": weight_flags(cfg)})
+        return run_id
+
+    def release(self) -> None:
+        """Unlock --out (the lock also ends with the process)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def seed_everything(self, stage: int) -> None:
         """Same initial weights for a stage whatever ran before it, on every rank."""
@@ -318,6 +383,12 @@ class Run:
                                         f"does not exist: train it first")
             return 0, [], 0.0, 0.0
         state = torch.load(path, map_location=self.device, weights_only=True)
+        owner = state.get("run", {}).get("id", self.run_id)  # a checkpoint of an older train.py has no record
+        if owner != self.run_id:
+            if stage not in self.selected:
+                raise SystemExit(f"stage {stage} ({name}) is not in --stages {self.cfg.stages} and {path} belongs to "
+                                 f"run {owner}, not to this run {self.run_id}: add stage {stage} to --stages")
+            return 0, [], 0.0, 0.0  # a stage of this run trains afresh rather than continue another run's
         for key, module in modules.items():
             module.load_state_dict(state["modules"][key])
         optimizer.load_state_dict(state["optimizer"])
@@ -330,16 +401,19 @@ class Run:
                         curve: list[float], seconds: float, cpu_seconds: float) -> None:
         """The whole training state of a stage at `step` (rank 0 writes, atomically; every rank waits for it)."""
         if self.main:
-            state = {"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
+            state = {"run": self.record, "step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
                      "optimizer": optimizer.state_dict(), "curve": curve, "seconds": seconds,
                      "cpu_seconds": cpu_seconds}
             weights.atomic_write(path, lambda tmp: torch.save(state, tmp))
         self.barrier()
 
     def save_pretrained(self, model: nn.Module, name: str, *extra) -> None:
-        """A component in its native format (config.json, model.safetensors, the LLM's tokenizer files) in OUT/name/."""
+        """A component in its native format (config.json, model.safetensors, the LLM's tokenizer files) in OUT/name/;
+        its config.json records the run (weights.RUN_KEY), so that a folder mixing runs can be refused."""
         if self.main:
             model.save_pretrained(self.out / name, *extra)
+            config = self.out / name / "config.json"
+            weights.write_json(config, {**weights.read_json(config), weights.RUN_KEY: self.record})
         self.barrier()
 
 # === Stages 0-3: the SEED tokenizer (tiny CLIP, Causal Q-Former, codebook) and the unCLIP decoder. ==================
@@ -1184,11 +1258,14 @@ def main(argv: list[str] | None = None) -> Run:
     run = Run(cfg)
     outputs: dict = {}
     t0, c0 = time.time(), time.process_time()
-    for stage, fn in STAGES:
-        if stage <= max(run.selected):  # earlier stages outside --stages are loaded from their checkpoints
-            outputs.update(fn(run, outputs))
-    run.timings["total"], run.timings["total_cpu"] = time.time() - t0, time.process_time() - c0
-    write_reports(run, outputs)
+    try:
+        for stage, fn in STAGES:
+            if stage <= max(run.selected):  # earlier stages outside --stages are loaded from their checkpoints
+                outputs.update(fn(run, outputs))
+        run.timings["total"], run.timings["total_cpu"] = time.time() - t0, time.process_time() - c0
+        write_reports(run, outputs)
+    finally:
+        run.release()
     if run.world_size > 1:
         dist.destroy_process_group()
     return run

@@ -189,6 +189,20 @@ class DecoderConfig:
                                                        for k, v in values.items()})
         return cls(part(UNetConfig, d["unet"]), part(VAEConfig, d["vae"]), part(CLIPTextConfig, d["text"]))
 
+# Bounds of the config.json values of the UNet, the VAE and the text tower, by our names and diffusers' /
+# transformers' (weights.check_config): far beyond SD-2.1, tight enough that a damaged value is named before it
+# allocates (a sample_size of 1e6 asks for terabytes).
+CONFIG_LIMITS = {**dict.fromkeys(("in_channels", "out_channels", "latent_channels"), (1, 64)),
+                 "cross_attention_dim": (0, 1 << 16),  # 0: no text, as the tiny decoder
+                 **dict.fromkeys(("block_out_channels", "class_embed_dim", "width", "mlp_width",
+                                  "projection_class_embeddings_input_dim", "hidden_size", "intermediate_size"),
+                                 (1, 1 << 16)),
+                 **dict.fromkeys(("layers_per_block", "layers", "num_hidden_layers"), (1, 256)),
+                 **dict.fromkeys(("attention_head_dim", "num_attention_heads", "heads", "norm_num_groups"), (1, 1024)),
+                 **dict.fromkeys(("norm_eps", "layer_norm_eps"), (1e-30, 1.0)), "sample_size": (1, 4096),
+                 "scaling_factor": (1e-6, 1e3), "vocab_size": (1, 1 << 20),
+                 **dict.fromkeys(("context_length", "max_position_embeddings"), (1, 1 << 16))}
+
 DECODER_PRESETS = {
     "sd21-unclip": DecoderConfig,
     # Pixel space, 3 x 32 x 32, no VAE, no text: the shapes-world decoder train.py trains (channels 16-32-64, one
@@ -937,7 +951,10 @@ class UnCLIPDecoder(nn.Module):
         for name in ("config.json", "model.safetensors"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} not found (expected a folder written by save_pretrained)")
-        config = DecoderConfig.from_dict(weights.read_json(folder / "config.json"))
+        raw = weights.read_config(folder / "config.json")
+        for part in ("unet", "vae", "text"):
+            weights.check_config(raw.get(part) or {}, CONFIG_LIMITS, f"{folder / 'config.json'} ({part})")
+        config = DecoderConfig.from_dict(raw)
         path = folder / "model.safetensors"
         header = weights.read_header(path)
         device = weights.pick_device(device)
@@ -946,7 +963,7 @@ class UnCLIPDecoder(nn.Module):
             model = cls(config)
         weights.check_keys(weights.shapes(model), {k: shape for k, (shape, _) in header.items()}, str(path),
                            what="the decoder")
-        return weights.assign(model, weights.read_weights(path, device=device, dtype=dtype), device, dtype)
+        return weights.assign(model, weights.read_weights(path, device=device, dtype=dtype), device, dtype, str(path))
 
     @classmethod
     def from_official(cls, folder: str | Path, device=None, dtype: torch.dtype | None = None,
@@ -963,9 +980,11 @@ class UnCLIPDecoder(nn.Module):
             raise FileNotFoundError(f"{folder} is not a stable-diffusion-2-1-unclip folder: missing {missing} "
                                     f"(expected {needed})")
         _check_official_schedulers(folder)
-        config = DecoderConfig(unet=UNetConfig.from_diffusers(weights.read_json(folder / "unet" / "config.json")),
-                               vae=VAEConfig.from_diffusers(weights.read_json(folder / "vae" / "config.json")),
-                               text=CLIPTextConfig.from_hf(weights.read_json(folder / "text_encoder" / "config.json")))
+        raw = {part: weights.read_json(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
+        for part, values in raw.items():
+            weights.check_config(values, CONFIG_LIMITS, str(folder / part / "config.json"))
+        config = DecoderConfig(unet=UNetConfig.from_diffusers(raw["unet"]), vae=VAEConfig.from_diffusers(raw["vae"]),
+                               text=CLIPTextConfig.from_hf(raw["text_encoder"]))
         suffix = f".{variant}" if variant else ""
         headers = {}  # component -> {weight file: {key: (shape, dtype)}}
         for component, stems in OFFICIAL_COMPONENTS.items():
@@ -983,7 +1002,7 @@ class UnCLIPDecoder(nn.Module):
                 wanted = [k for k in header if official_key(component, k) is not None]
                 for key, tensor in weights.read_weights(path, wanted, device, dtype).items():
                     state[official_key(component, key)] = tensor
-        return weights.assign(model, state, device, dtype)
+        return weights.assign(model, state, device, dtype, str(folder))
 
 # ---- 10. loaders: the official diffusers folder ----------------------------------------------------------------------
 # The weight-holding folders of the diffusers layout and their file stems, in diffusers' order of preference

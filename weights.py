@@ -4,13 +4,18 @@
   2. the file: `find_weights` (an `*.index.json` stands for its shards), `read_header` (names, shapes, dtypes, no
      data) and `read_weights` (`.safetensors`, or `torch.load(weights_only=True)`, which refuses any pickle that
      would construct more than tensors and so cannot run code; memory-mapped, cast one tensor at a time);
-  3. before any data is read, `check_keys`: one error naming every missing, unexpected and mis-shaped key;
-  4. `assign`: fill a model built on the meta device, with no second copy.
-Writers use `atomic_write` (a temporary file of this process, then `os.replace`): never a half-written file.
+  3. before any data is read, `check_config` (every config value typed and bounded) and `check_keys` (one error
+     naming every missing, unexpected and mis-shaped key); as data is read, no NaN or infinity;
+  4. `assign`: fill a model built on the meta device, with no second copy; an integer tensor is never taken for a
+     floating-point parameter.
+Writers use `atomic_write` (a temporary file of this process, then `os.replace`): never a half-written file; `lock`
+makes one process the only writer of a file or folder. A folder written by train.py records its run in each
+`config.json` under RUN_KEY (`run_record`); `read_config` reads a config without it.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -20,6 +25,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+
+try:
+    import fcntl  # POSIX; Windows has no advisory lock here, so concurrent writers there are not excluded
+except ImportError:
+    fcntl = None
 
 Shape = tuple[int, ...]
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -59,12 +69,16 @@ def stored_dtype(*headers: Mapping[str, tuple[Shape, torch.dtype]]) -> torch.dty
 
 # ---- 2. finding and reading weight files --------------------------------------------------------------------------
 def inside(folder: Path, name: str, source: str) -> Path:
-    """folder / name, refused when `name` (read from `source`) is absolute or climbs out with `..`. The test is on
-    the name, not the resolved path: a hub cache's files are links into its `blobs/` folder by design."""
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or os.path.normpath(name).startswith("..") or ".." in parts:
+    """folder / name, refused when `name` (read from `source`) is absolute, climbs out with `..`, or resolves
+    outside `folder` through a link. A hub snapshot's files are links into its repository's `blobs/` by design, so
+    the bound of a folder `.../snapshots/REV` is the repository folder two levels up."""
+    folder = Path(folder)
+    path = folder / str(name)
+    bound = folder.parent.parent if folder.parent.name == "snapshots" else folder
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts \
+            or not path.resolve().is_relative_to(bound.resolve()):
         raise ValueError(f"{source} names {name!r}, which lies outside {folder}: refused")
-    return Path(folder) / name
+    return path
 
 def index_shards(index: Path) -> list[str]:
     """The shard file names of a sharded checkpoint's `*.index.json` (its `weight_map` values), sorted."""
@@ -129,16 +143,20 @@ def read_header(path: Path) -> dict[str, tuple[Shape, torch.dtype]]:
 def read_weights(path: Path, names: Iterable[str] | None = None, device="cpu",
                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors `names` (all when None) of a weight file, floats cast to `dtype` one at a time (each source
-    tensor is freed once cast); integer tensors keep their type."""
+    tensor is freed once cast); integer tensors keep their type. With a `dtype` (a model being loaded) a float
+    tensor holding NaN or infinity is refused, naming it: such a weight would poison every output."""
     path, wanted = Path(path), None if names is None else set(names)
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    def cast(key: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        if dtype is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {key} holds NaN or infinite values; the file is damaged: fetch it again")
+        return t
 
     if path.suffix == ".safetensors":
         with _safetensors(path) as f:
-            return {k: cast(f.get_tensor(k)) for k in f.keys() if wanted is None or k in wanted}
-    return {k: cast(t) for k, t in _torch_load(path).items() if wanted is None or k in wanted}
+            return {k: cast(k, f.get_tensor(k)) for k in f.keys() if wanted is None or k in wanted}
+    return {k: cast(k, t) for k, t in _torch_load(path).items() if wanted is None or k in wanted}
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; a missing or unparsable file is an error naming it."""
@@ -153,7 +171,33 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
 
-# ---- 3. the strict comparison -------------------------------------------------------------------------------------
+RUN_KEY = "run"  # the entry of a component's config.json that names the train.py run that wrote it
+
+def read_config(path: Path) -> dict:
+    """A component's config.json (`read_json`) without its RUN_KEY record, which describes where it came from."""
+    return {k: v for k, v in read_json(path).items() if k != RUN_KEY}
+
+def run_record(path: Path) -> dict | None:
+    """The RUN_KEY record of a config.json ({"id": ..., "config": {...}}), None when it has none."""
+    return read_json(path).get(RUN_KEY) if Path(path).is_file() else None
+
+# ---- 3. the checks before any data is read ------------------------------------------------------------------------
+def check_config(values: Mapping, limits: Mapping[str, tuple[float, float]], source: str) -> None:
+    """Each field of `values` named in `limits` (low, high) is a finite number in [low, high], an int unless a bound
+    is a float (a list: every item); one ValueError naming every bad field and `source`. Run before the config is
+    built, so a bad value is reported as itself, not as a ZeroDivisionError or a request for terabytes."""
+    bad = []
+    for name, (low, high) in limits.items():
+        value = values.get(name)
+        kind = float if isinstance(low, float) or isinstance(high, float) else int
+        for item in (value if isinstance(value, (list, tuple)) else [value]) if value is not None else []:
+            number = isinstance(item, (int, float) if kind is float else int) and not isinstance(item, bool)
+            if not (number and math.isfinite(item) and low <= item <= high):
+                bad.append(f"{name}={value!r} (need {'an integer' if kind is int else 'a number'} in [{low}, {high}])")
+                break
+    if bad:
+        raise ValueError(f"{source}: config values out of range: {'; '.join(bad)}. Fix the file or fetch it again.")
+
 def check_keys(expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], source: str,
                what: str = "the model", note: str = "") -> None:
     """One ValueError naming every missing, unexpected and mis-shaped key. Both dicts are keyed by the *file's*
@@ -177,10 +221,18 @@ def shapes(module: nn.Module) -> dict[str, Shape]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 # ---- 4. filling a meta-device model -------------------------------------------------------------------------------
-def assign(model: nn.Module, state: Mapping[str, torch.Tensor], device, dtype: torch.dtype) -> nn.Module:
-    """Fill a meta-device model with `state` (checked first), floats cast: the parameters become these tensors."""
+def assign(model: nn.Module, state: Mapping[str, torch.Tensor], device, dtype: torch.dtype,
+           source: str = "the weights", strict: bool = True) -> nn.Module:
+    """Fill a meta-device model with `state` (checked first), floats cast: the parameters become these tensors. An
+    integer tensor where the model has a float parameter is refused (casting it would run a model of garbage)."""
+    own = model.state_dict()
+    ints = [f"{k} ({v.dtype})" for k, v in state.items()
+            if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if ints:
+        raise ValueError(f"{source}: integer tensors where the model has floating-point weights: {', '.join(ints)}. "
+                         f"This is not a checkpoint of this model; fetch the original file.")
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=strict, assign=True)
     return model.eval()
 
 # ---- writing ------------------------------------------------------------------------------------------------------
@@ -201,3 +253,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def write_json(path: Path, value) -> None:
     """`value` as indented JSON at `path`, atomically."""
     atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=1), encoding="utf-8"))
+
+def lock(path: Path, wait: bool):
+    """The open file `path` (created), exclusively locked until it is closed or the process ends, kill -9 included.
+    `wait=False`: BlockingIOError when another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError:
+            handle.close()
+            raise
+    return handle
