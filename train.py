@@ -65,7 +65,7 @@ import unet
 import vq
 import weights
 from world import (ATTRIBUTES, CAPTION_REQUESTS, CAPTIONS, COMBOS, IMAGE_SIZE, JITTERS, QUESTIONS, T2I_REQUESTS,
-                   VALUES, World, build_world, judge, judge_accuracy, parse_caption, to_image)
+                   Combo, VALUES, World, build_world, judge, judge_accuracy, parse_caption, to_image)
 from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER, Tokenizer, chat_conversation,
                        train_tokenizer)
 
@@ -1153,6 +1153,29 @@ def results_table(run: Run) -> str:
                  f"{m['world_size']} process(es), load average {m['load_average_1_5_15min']}, {m['platform']}")
     return "\n".join(lines)
 
+# What sample.py shows on this run when given no picture or prompt: a test image of a held-in combination, edits of
+# it to other held-in ones (the edit task; the chat's second turn, on the picture in its history) and a held-in
+# text-to-image request (held-out pairs are not drawn at this scale).
+DEMO = {"image": Combo("square", "red", "large", "left"), "edit": ("colour", "green"), "chat": ("shape", "circle"),
+        "t2i": Combo("circle", "blue", "small", "top")}
+
+def write_generation_config(run: Run) -> list[str]:
+    """OUT/generation_config.json, the defaults sample.py takes for this run: the settings its evaluation measured
+    with (greedy decoding, unconstrained, the decoder's steps and guidance, no negative image), the requests phrased
+    as the LLM was taught them (world.py's first of each), and OUT/demo.png (DEMO's image). The names written."""
+    image = DEMO["image"]
+    index = COMBOS.index(image) * len(JITTERS) + COMBOS.index(image) % len(JITTERS)  # its first test jitter
+    to_image(run.world.images[index]).save(run.out / "demo.png")
+    settings = {"temperature": 0.0, "max_new_tokens": CODES_PER_IMAGE + 8, "constrained": False, "negative": False,
+                "steps": run.cfg.decoder.sample_steps, "guidance": run.cfg.decoder.guidance, "sampler": "pndm",
+                "seed": run.cfg.seed}
+    prompts = {"caption": CAPTION_REQUESTS[0], "vqa": QUESTIONS["shape"],
+               "t2i": T2I_REQUESTS[0].format(DEMO["t2i"].caption), "edit": image.edit(*DEMO["edit"])[0],
+               "chat": [CAPTION_REQUESTS[0], image.edit(*DEMO["chat"])[0]]}
+    weights.write_json(run.out / "generation_config.json", {"settings": settings, "prompts": prompts,
+                                                            "demo_image": "demo.png", "demo": image.caption})
+    return ["generation_config.json", "demo.png"]
+
 def write_reports(run: Run, outputs: dict) -> None:
     """metrics.json, the evaluation images with index.json, samples.png, curves.png, codes.png, and the table."""
     if not run.main:
@@ -1170,7 +1193,19 @@ def write_reports(run: Run, outputs: dict) -> None:
     report = {"metrics": run.metrics, "timings_s": run.timings, "machine": machine_info(run),
               "config": dataclasses.asdict(run.cfg)}
     weights.write_json(run.out / "metrics.json", report)
+    write_generation_config(run)
     print(results_table(run))
+    print(summary(run))
+
+def summary(run: Run) -> str:
+    """The last lines of a run: how many targets it met, what it wrote, and what to run next."""
+    checked = [(group, name) for group, name in TARGETS if name in run.metrics.get(group, {})]
+    met = sum(run.metrics[group][name] >= TARGETS[group, name] for group, name in checked)
+    written = sorted(p.name + "/" * p.is_dir() for p in run.out.iterdir() if not p.name.startswith("."))
+    ready = all((run.out / part).is_dir() for part in ("seed", "llama", "decoder"))
+    return (f"{met} of {len(checked)} targets met\nwritten in {run.out}: {', '.join(written)}\nnext: " +
+            (f"python sample.py --ckpt {run.out}" if ready else f"python train.py --tiny --out {run.out} --stages "
+             f"0,1,2,3,4,5 (this run did not write seed/, llama/ and decoder/)"))
 
 # The stages in the paper's order: each a plain function `stage_x(run, prev) -> dict` (see `Run`).
 STAGES = ((0, stage_clip), (1, stage_qformer), (2, stage_codebook), (3, stage_decoder),
