@@ -38,15 +38,18 @@ Usage:
   python train.py --tiny --smoke               # a handful of steps per stage (tests)
   torchrun --nproc_per_node=2 train.py --tiny  # data parallel (gloo on CPU, nccl on CUDA)
   python train.py --help                       # every field of the config dataclasses is a flag
+  python sample.py --ckpt out/tiny             # then every task on what was trained (its generation_config.json)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import os
 import platform
 import random
+import re
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -172,27 +175,54 @@ def _parse_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
     return text.lower() in ("1", "true", "yes", "on")
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -> None:
+def field_comments(dc) -> dict[str, str]:
+    """The comment after each field of a config dataclass in this file (and its `#` continuation lines): the flag's
+    help, written once beside the field it explains."""
+    comments, name = {}, None
+    for line in inspect.getsource(type(dc)).splitlines():
+        if m := re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line):
+            name = m.group(1)
+            comments[name] = m.group(2) or ""
+        elif (m := re.match(r"\s+#\s*(.*)$", line)) and name:
+            comments[name] = f"{comments[name]} {m.group(1)}".strip()
+    return comments
+
+def _add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, dc, prefix: str = "") -> None:
     """One flag per field, typed by its default, nested dataclasses prefixed (--clip.steps), dashes or underscores
-    (--no-causal == --no_causal); a bool is a switch (`--resume`) that also takes a value (`--resume false`)."""
+    (--no-causal == --no_causal); a bool is a switch (`--resume`) that also takes a value (`--resume false`). The
+    help is the field's comment and its default."""
+    comments = field_comments(dc)
     for f in dataclasses.fields(dc):
         value, name = getattr(dc, f.name), prefix + f.name
-        if dataclasses.is_dataclass(value):
-            _add_dataclass_args(parser, value, name + ".")
+        if dataclasses.is_dataclass(value):  # one group per stage, headed by its config's docstring
+            _add_dataclass_args(parser.add_argument_group(f"--{name}.*", type(value).__doc__), value, name + ".")
             continue
-        flags, shown = sorted({"--" + name, "--" + name.replace("_", "-")}), f"(default: {value!r})"
+        flags = sorted({"--" + name, "--" + name.replace("_", "-")})
+        shown = " ".join(filter(None, [comments.get(f.name, ""), "(switch, default off)" if value is False else
+                                       f"(default {value})"]))
         if isinstance(value, bool):
             parser.add_argument(*flags, dest=name, type=_parse_bool, nargs="?", const=True, default=value, help=shown)
         elif isinstance(value, (int, float, str)):
-            parser.add_argument(*flags, dest=name, type=type(value), default=value, help=shown)
+            parser.add_argument(*flags, dest=name, type=type(value), default=value, help=shown,
+                                metavar=type(value).__name__.upper())
         else:
             raise TypeError(f"config field {name} has a type the CLI cannot parse: {type(value).__name__}")
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: each flag once, in its dashed spelling (the underscore one is accepted too), a switch without a value."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        flag = max(action.option_strings, key=lambda s: (s.count("-"), len(s)))
+        return flag if action.nargs in ("?", 0) else f"{flag} {action.metavar}"
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from the command line: defaults, then --smoke, then the flags that were given."""
     cfg = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     usage="python train.py --tiny [options]", formatter_class=_HelpFormatter,
+                                     epilog=__doc__[__doc__.index("Usage:"):])
     _add_dataclass_args(parser, cfg)
     args = vars(parser.parse_args(argv))
     if args["smoke"]:
@@ -411,7 +441,8 @@ def caption_accuracy(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: 
 @torch.no_grad()
 def batched(fn, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """fn over x in chunks (precomputing frozen features of the whole world without a memory spike)."""
-    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    chunks = tqdm(range(0, len(x), batch_size), desc="caching features", leave=False, disable=None)  # None: a tty
+    return torch.cat([fn(x[i:i + batch_size]) for i in chunks])
 
 def stage_clip(run: Run, prev: dict) -> dict:
     """Stage 0: the tiny CLIP. Returns the model, the caption ids and the frozen features every later stage uses:
@@ -570,7 +601,7 @@ def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: 
     """Image embeddings (N, E) -> N images with the project's unCLIP pipeline (PNDM, CFG), in chunks, each chunk
     seeded from `noise_seed` so that the result does not depend on the chunking of an earlier run."""
     images = []
-    for i in range(0, len(embeds), batch_size):
+    for i in tqdm(range(0, len(embeds), batch_size), desc="drawing", leave=False, disable=None):
         images += decoder(embeds[i:i + batch_size].cpu(), steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                           noise_level=cfg.noise_level, seed=noise_seed + i)
     return images
@@ -884,7 +915,7 @@ def generate_batched(model: llama.Llama, tokenizer: Tokenizer, prompts: list[lis
     """Greedy continuations of many prompts, left-padded into batches (llama.Llama.generate); constrained
     decoding stays off, so every image span is what the model wrote on its own."""
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="evaluating", leave=False, disable=None):
         out += model.generate(prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,),
                               image_vocab=tokenizer.image_vocab)
     return out
