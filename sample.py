@@ -264,11 +264,14 @@ class SeedLlama:
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
         """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None);
         the text's own `<image>`-like letters are escaped. A broken image span (not 32 codes, or never closed: an
-        unconstrained model can write one) is not drawn: the answer is then the raw text, and the note says why."""
+        unconstrained model can write one) is not drawn: the answer is then its text without the image tokens, and
+        the note says why."""
         try:
             texts, images = self.image_vocab.split(new_ids)
         except ValueError as e:
-            return (escape(self.tokenizer.decode(new_ids, skip_special_tokens=True)), [],
+            vocab = self.image_vocab
+            text = [i for i in new_ids if not vocab.is_code(i) and i not in (vocab.boi_id, vocab.eoi_id)]
+            return (escape(self.tokenizer.decode(text, skip_special_tokens=True)), [],
                     f"(no picture: the model wrote a broken image span: {e}; --constrained prevents that)")
         return "<image>".join(escape(self.tokenizer.decode(t, skip_special_tokens=True)) for t in texts), images, None
 
