@@ -6,7 +6,14 @@ What runs (paper: "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01
 The prompts are the official templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_8B.py / _14B.py,
 and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt as `<img>` + 32 codes + `</img>`.
 `--ckpt official` fetches the released files (urllib only) into a cache laid out as on the Hugging Face hub;
-`--ckpt PATH` reads train.py's `PATH/seed/`, `PATH/llama/` and `PATH/decoder/`. Every task works with either.
+`--ckpt PATH` reads train.py's `PATH/seed/`, `PATH/llama/` and `PATH/decoder/`, with the settings, prompts and demo
+picture of its `generation_config.json` as defaults. Every task works with either; each CLI task is one call of
+
+    pipe = SeedLlama.from_pretrained("out/tiny")            # or "official"; device, dtype: the best present
+    pipe.caption("shape.png")                               # -> str; an image is a path, a PIL image or 32 codes
+    pipe.answer("shape.png", "what colour is the shape?")   # -> str
+    pipe.text_to_image("draw a large red circle on the left.", seed=1)  # -> PIL image (settings by keyword)
+    pipe.edit("shape.png", "make it blue"); pipe.reconstruct("shape.png"); pipe.chat().turn("hello")
 
 Deliberate deviations from the official scripts:
   * t2i and edit append `<img>` to the prompt (the flask demo's `force_boi`), so the answer is always an image.
@@ -102,6 +109,8 @@ def read_generation_config(folder: Path) -> dict:
         return {}
     raw = read_json(path)
     settings, prompts = raw.get("settings", {}), raw.get("prompts", {})
+    if not isinstance(settings, dict) or not isinstance(prompts, dict):
+        raise ValueError(f"{path}: 'settings' and 'prompts' must be JSON objects")
     unknown = sorted(set(raw) - {"settings", "prompts", "demo_image", "demo"}) + \
         sorted(set(settings) - {f.name for f in fields(Settings)}) + sorted(set(prompts) - set(OFFICIAL_PROMPTS))
     if unknown:
@@ -576,9 +585,10 @@ TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
 def build_parser() -> argparse.ArgumentParser:
     """Every generation flag is a `Settings` field; given, it overrides the checkpoint's own value."""
     p = argparse.ArgumentParser(
-        description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image. "
-                    "The generation flags default to the checkpoint's own values: the official ones shown below for "
-                    f"--ckpt official, those train.py measured with (its {GENERATION_CONFIG}) for a train.py folder.",
+        description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image.\n"
+                    "The generation flags (--seed to --constrained) default to the checkpoint's own values: the\n"
+                    f"official ones shown below for --ckpt official, the run's {GENERATION_CONFIG} for a train.py "
+                    "folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="examples:\n"
                "  python sample.py --ckpt official                   # every task on the built-in picture\n"
