@@ -389,7 +389,7 @@ def test_train_py_checkpoint_every_task(tmp_path):
     """What `python train.py --tiny --smoke` writes is what `sample.py --ckpt PATH` reads."""
     subprocess.run([sys.executable, str(ROOT / "train.py"), "--tiny", "--smoke", "--out", str(tmp_path / "run")],
                    check=True, capture_output=True, timeout=600, cwd=ROOT)
-    proc = run_sample(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *FAST],
+    proc = run_sample(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *FAST, "--negative", "uncond"],
                       {**os.environ, "HF_HUB_OFFLINE": "1"})
     check_all_tasks(proc.stdout, tmp_path / "out", n_codes=sample.SeedLlama.from_pretrained(
         str(tmp_path / "run"), "cpu").image_vocab.n_codes)
