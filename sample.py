@@ -661,6 +661,10 @@ def check_arguments(args) -> None:
     if args.image is not None:
         load_image(args.image)  # an unreadable picture or a decompression bomb, named now
     check_settings(replace(Settings(), **settings_given(args)))
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create the folder ({e.strerror}); choose another") from None
 
 def main(argv: list[str] | None = None) -> int:
     """Every error a user can cause (a file, an argument, a download) is one line on stderr: exit 2 for arguments,
@@ -674,7 +678,6 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
     out, failed = Path(args.out), 0
     try:
-        out.mkdir(parents=True, exist_ok=True)
         pipe = SeedLlama.from_pretrained(args.ckpt, args.device, getattr(torch, args.dtype) if args.dtype else None,
                                          model=args.model, weights=args.weights, low_vram=args.low_vram)
         pipe.settings = check_settings(replace(pipe.settings, **settings_given(args)))

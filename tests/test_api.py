@@ -147,6 +147,11 @@ def test_a_decompression_bomb_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bomb} is refused" in err and "Downscale it" in err and err.count("\n") == 1
 
+def test_an_out_folder_that_cannot_be_made_is_named(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert sample.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "file/sub")]) == 2
+    assert f"--out {tmp_path / 'file/sub'}: cannot create the folder" in capsys.readouterr().err
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "expected a folder written by train.py"),
     (lambda d: [(d / p).mkdir(parents=True) for p in ("seed", "llama", "decoder")] and
