@@ -232,7 +232,7 @@ class SeedLlama:
     def _picture(self, request: str, codes: list[int] | None, settings: Settings, return_codes: bool):
         text, images, note = self.respond(request, codes, settings, force_image=True)
         if not images:
-            raise NoPicture(f"the model answered {text.strip()!r}, which holds no picture {note or ''}")
+            raise NoPicture(f"{(note or '(no picture)').strip('()')}; the answer's text: {text.strip()!r}")
         picture = self.draw(images[0], settings, self.negative_codes(settings))
         return (picture, images[0]) if return_codes else picture
 
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 RUNNERS[task](pipe, args, out)
             except NoPicture as e:  # the other tasks still run
-                print(f"  no picture: {e}")
+                print(f"  {e}")
                 failed += 1
     except (DownloadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -236,3 +236,15 @@ def test_train_help_explains_every_flag(capsys):
         in " ".join(text.split())
     assert "torchrun --nproc_per_node=2 train.py --tiny" in text and "--decoder.*" in text
     assert train.parse_config(["--tiny", "--no_causal", "--decoder.sample-steps", "5"]).decoder.sample_steps == 5
+
+def test_a_broken_span_is_no_picture_and_the_cli_goes_on(pipe, run_folder, monkeypatch, tmp_path, capsys):
+    """An unconstrained answer whose image span never closes: the API raises NoPicture, the CLI prints it, runs the
+    next task and exits 1."""
+    vocab = pipe.image_vocab
+    monkeypatch.setattr(pipe, "generate", lambda *a, **k: [vocab.boi_id] + [vocab.code_offset] * 5)
+    with pytest.raises(sample.NoPicture, match="never closed by </img>; --constrained prevents that"):
+        pipe.text_to_image("draw")
+    monkeypatch.setattr(sample.SeedLlama, "from_pretrained", lambda *a, **k: pipe)
+    assert sample.main(["--ckpt", str(run_folder[0]), "--out", str(tmp_path)]) == 1
+    shown = capsys.readouterr().out
+    assert shown.count("never closed by </img>") == 4 and "[chat] two scripted turns" in shown  # t2i, edit, 2 turns
