@@ -198,8 +198,9 @@ def _add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGrou
             _add_dataclass_args(parser.add_argument_group(f"--{name}.*", type(value).__doc__), value, name + ".")
             continue
         flags = sorted({"--" + name, "--" + name.replace("_", "-")})
-        shown = " ".join(filter(None, [comments.get(f.name, ""), "(switch, default off)" if value is False else
-                                       f"(default {value})"]))
+        default = f"(default {value})" if not isinstance(value, bool) else \
+            "(switch, default on; 'false' turns it off)" if value else "(switch, default off)"
+        shown = " ".join(filter(None, [comments.get(f.name, ""), default]))
         if isinstance(value, bool):
             parser.add_argument(*flags, dest=name, type=_parse_bool, nargs="?", const=True, default=value, help=shown)
         elif isinstance(value, (int, float, str)):
