@@ -65,10 +65,12 @@ def test_train_py_writes_its_defaults_and_a_summary(run_folder):
 
 
 def test_checkpoint_files_are_readable_by_other_users(run_folder):
-    """weights.atomic_write gives every checkpoint and weight file mode 0644, whatever the umask."""
+    """weights.atomic_write and Tokenizer.save give every checkpoint, weight and tokenizer file mode 0644, whatever
+    the umask (their temporary files are made by mkstemp, mode 0600)."""
     out = run_folder[0]
-    written = [*(out / "ckpt").glob("*.pt"), *out.glob("*/model.safetensors"), *out.glob("*/config.json")]
-    assert len(written) >= 10
+    written = [*(out / "ckpt").glob("*.pt"), *out.glob("*/model.safetensors"), *out.glob("*/*.json"),
+               out / "llama/tokenizer.model"]
+    assert len(written) >= 14
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, f"{path} is not readable by others"
 
