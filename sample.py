@@ -6,7 +6,14 @@ What runs (paper: "Making LLaMA SEE and Draw with SEED Tokenizer", arXiv:2310.01
 The prompts are the official templates (AILab-CVC/SEED @ 93b3cf4 scripts/seed_llama_inference_8B.py / _14B.py,
 and gradio_demo/conversation.py for multi-turn chat); an image enters a prompt as `<img>` + 32 codes + `</img>`.
 `--ckpt official` fetches the released files (urllib only) into a cache laid out as on the Hugging Face hub;
-`--ckpt PATH` reads train.py's `PATH/seed/`, `PATH/llama/` and `PATH/decoder/`. Every task works with either.
+`--ckpt PATH` reads train.py's `PATH/seed/`, `PATH/llama/` and `PATH/decoder/`, with the settings, prompts and demo
+picture of its `generation_config.json` as defaults. Every task works with either; each CLI task is one call of
+
+    pipe = SeedLlama.from_pretrained("out/tiny")            # or "official"; device, dtype: the best present
+    pipe.caption("shape.png")                               # -> str; an image is a path, a PIL image or 32 codes
+    pipe.answer("shape.png", "what colour is the shape?")   # -> str
+    pipe.text_to_image("draw a large red circle on the left.", seed=1)  # -> PIL image (settings by keyword)
+    pipe.edit("shape.png", "make it blue"); pipe.reconstruct("shape.png"); pipe.chat().turn("hello")
 
 Deliberate deviations from the official scripts:
   * t2i and edit append `<img>` to the prompt (the flask demo's `force_boi`), so the answer is always an image.
@@ -24,6 +31,7 @@ import errno
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -41,15 +49,17 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from llama import GenerationConfig, Llama
-from tokenizer import CODES_PER_IMAGE, Tokenizer
+from tokenizer import CODES_PER_IMAGE, Tokenizer, check_image_codes
 from seed import SeedTokenizer, load_image
 from unet import OFFICIAL_COMPONENTS, SAMPLERS, UnCLIPDecoder
-from weights import atomic_write, index_shards, inside, lock, pick_device, pick_dtype, run_record
+from weights import (HALF_DTYPES, atomic_write, index_shards, inside, lock, pick_device, pick_dtype, read_json,
+                     run_record, write_json)
 
-# ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
+# ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder, and the API on top of them ------------------------
 @dataclass
 class Settings:
-    """How to generate; the CLI's defaults are these fields (the LLM's: llama.GenerationConfig's official values)."""
+    """How to generate: the official defaults (the LLM's: llama.GenerationConfig's values); a train.py run carries
+    its own in GENERATION_CONFIG."""
     temperature: float = GenerationConfig.temperature  # 0 = greedy
     top_p: float = GenerationConfig.top_p
     top_k: int = GenerationConfig.top_k                # 0 = all
@@ -62,14 +72,87 @@ class Settings:
     negative: bool = True          # generated images: the LLM's unconditional codes as the negative image
     seed: int = 0
 
+# The range of every number in Settings: outside it a run means nothing or never ends (a guidance of 1e30 overflows
+# the sampler into NaN; the schedule has 1000 timesteps, so at most 1000 steps).
+LIMITS = {"temperature": (0, 10), "top_p": (0, 1), "top_k": (0, 1_000_000), "max_new_tokens": (1, 1_000_000),
+          "llm_guidance": (0, 100), "steps": (1, 1000), "guidance": (0, 100), "seed": (0, 2 ** 63 - 1)}
+FLAGS = {"llm_guidance": "--llm-cfg"}  # a field's flag is --its-name, but for these
+
+def check_settings(settings: Settings, source: str | None = None) -> Settings:
+    """`settings` when every field has its type and lies in LIMITS (top_p above 0), else a ValueError that names the
+    flag, or the field and the file `source` it was read from."""
+    for f in fields(Settings):
+        value = getattr(settings, f.name)
+        name = f"{f.name} in {source}" if source else FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        if f.type in (bool, str):
+            ok, want = isinstance(value, f.type) and (f.type is bool or value in SAMPLERS), \
+                f"one of {', '.join(SAMPLERS)}" if f.type is str else "true or false"
+        else:
+            lo, hi = LIMITS[f.name]
+            ok = isinstance(value, (int, float) if f.type is float else int) and not isinstance(value, bool) \
+                and math.isfinite(value) and lo <= value <= hi and (f.name != "top_p" or value > 0)
+            kind, bracket = "a number" if f.type is float else "an integer", "(" if f.name == "top_p" else "["
+            want = f"{kind} in {bracket}{lo}, {hi}]"
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value!r}")
+    return settings
+
+# What each task asks when no prompt is given: the official script's examples, adapted to the built-in test picture.
+OFFICIAL_PROMPTS = {
+    "caption": "Please describe the image in one sentence.", "vqa": "What is in this picture?",
+    "t2i": "Can you generate an image of a dog on the green grass?",
+    "edit": "Can you make it a winter scene with snow?",
+    "chat": ["What is in this picture?", "Now draw the same scene at night."]}  # a turn on the picture, then /draw
+GENERATION_CONFIG = "generation_config.json"  # in a train.py run: {"settings", "prompts", "demo_image", "demo"}
+
+def read_generation_config(folder: Path) -> dict:
+    """The defaults train.py wrote for its run: SeedLlama's `settings`, `prompts` and `demo` (picture, description).
+    A folder without the file (made by hand, or by an older train.py) gets the official defaults."""
+    path = folder / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    raw = read_json(path)
+    settings, prompts = raw.get("settings", {}), raw.get("prompts", {})
+    if not isinstance(settings, dict) or not isinstance(prompts, dict):
+        raise ValueError(f"{path}: 'settings' and 'prompts' must be JSON objects")
+    unknown = sorted(set(raw) - {"settings", "prompts", "demo_image", "demo"}) + \
+        sorted(set(settings) - {f.name for f in fields(Settings)}) + sorted(set(prompts) - set(OFFICIAL_PROMPTS))
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {', '.join(unknown)}; delete them, or run train.py again")
+    for task, text in prompts.items():
+        if not (isinstance(text, str) if task != "chat" else
+                isinstance(text, list) and len(text) == 2 and all(isinstance(t, str) for t in text)):
+            raise ValueError(f"{path}: prompts.{task} must be {'two strings' if task == 'chat' else 'a string'}")
+    config = {"settings": check_settings(replace(Settings(), **settings), str(path)), "prompts": prompts}
+    if "demo_image" in raw:
+        config["demo"] = (load_image(inside(folder, str(raw["demo_image"]), str(path))),
+                          str(raw.get("demo", raw["demo_image"])))
+    return config
+
+def escape(text: str) -> str:
+    """Text that holds `<image>`, `<img>`, `</img>` or `<img_k>` as letters (the model can write them) with a space
+    after the `<`: re-encoded in a chat's history it must stay text, never become a placeholder or an image token."""
+    return re.sub(r"<(?=/?im(?:g|age))", "< ", text)
+
+class NoPicture(ValueError):
+    """A picture was asked for and the LLM's answer holds no valid image span (an unconstrained model can break one)."""
+
 class SeedLlama:
-    """The SEED tokenizer, SEED-LLaMA with its text tokenizer and the unCLIP decoder. With `low_vram` every model
-    stays in host memory and `running(model)` moves only the one at work to the device and back."""
+    """SEED-LLaMA end to end: the SEED tokenizer, the LLM with its text tokenizer, and the unCLIP decoder.
+
+    `SeedLlama.from_pretrained("official" or a train.py folder)`, then `caption`, `answer`, `text_to_image`, `edit`,
+    `reconstruct` and `chat`. An `image` is a path, a PIL image, or its 32 codes; every call takes `self.settings`
+    (the checkpoint's own) with any of its fields overridden by keyword (`pipe.text_to_image("...", seed=3)`). With
+    `low_vram` every model stays in host memory and `running(model)` moves only the one at work to the device."""
 
     def __init__(self, seed, llm, tokenizer, decoder, device: torch.device, low_vram: bool = False,
-                 template: str = "8B"):
+                 template: str = "8B", settings: Settings | None = None, prompts: dict | None = None,
+                 demo: tuple[Image.Image, str] | None = None):
         self.seed, self.llm, self.tokenizer, self.decoder = seed, llm, tokenizer, decoder
         self.device, self.low_vram, self.template = device, low_vram, template
+        self.settings = check_settings(settings or Settings())
+        self.prompts = {**OFFICIAL_PROMPTS, **(prompts or {})}
+        self.demo = demo  # the picture a task shows when given none (None: the built-in test picture)
         self.image_vocab = tokenizer.image_vocab
         # The three parts were trained together: their interfaces must agree, or the outputs are garbage.
         if self.image_vocab is None:
@@ -83,6 +166,79 @@ class SeedLlama:
             raise ValueError(f"the decoder draws from {decoder.config.embed_dim}-d image embeddings but the SEED "
                              f"tokenizer makes {seed.config.embed_dim}-d ones")
         self._uncond_codes = None
+
+    @classmethod
+    def from_pretrained(cls, ckpt: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+                        model: str = "8b", weights: str | None = None, low_vram: bool = False) -> "SeedLlama":
+        """`ckpt` = "official" (the released weights, fetched into the cache once; `model` "8b" or "14b", `weights`
+        a folder of your own in the hub layout) or a folder written by train.py, with its GENERATION_CONFIG.
+        `device`: the best present (cuda, mps, cpu) by default; `dtype`: half on accelerators, fp32 on the CPU."""
+        device = pick_device(device)  # an absent device is named, with the ones present
+        home = torch.device("cpu") if low_vram else device  # where the weights live between uses
+        if str(ckpt) == "official":
+            return cls(*load_official(weights_root(weights), model, home, dtype or pick_dtype(device)), device,
+                       low_vram, template=model.upper())
+        folder = Path(ckpt)
+        # train.py instruction-tunes in the official 8B chat template
+        return cls(*load_run(folder, home, dtype), device, low_vram, "8B", **read_generation_config(folder))
+
+    def _settings(self, overrides: dict) -> Settings:
+        return check_settings(replace(self.settings, **overrides)) if overrides else self.settings
+
+    # -- the API: plain values in, plain values out -----------------------------------------------------------
+    def caption(self, image, prompt: str | None = None, **settings) -> str:
+        """A description of `image`, asked in the checkpoint's own words unless `prompt` is given."""
+        return self.answer(image, prompt or self.prompts["caption"], **settings)
+
+    def answer(self, image, question: str, **settings) -> str:
+        """The LLM's answer to `question` about `image` (a picture it draws instead shows as `[image]`)."""
+        text, _, _ = self.respond(question, self.codes(image), self._settings(settings))
+        return text.replace("<image>", "[image]").strip()
+
+    def text_to_image(self, prompt: str, return_codes: bool = False, **settings):
+        """The picture the LLM writes for `prompt` (its 32 codes, drawn by the decoder); (picture, codes) when asked."""
+        return self._picture(prompt, None, self._settings(settings), return_codes)
+
+    def edit(self, image, instruction: str, return_codes: bool = False, **settings):
+        """`image` changed as `instruction` says; (picture, codes) when asked."""
+        return self._picture(instruction, self.codes(image), self._settings(settings), return_codes)
+
+    def reconstruct(self, image, return_codes: bool = False, **settings):
+        """`image` -> its 32 codes -> embedding -> decoder: what the codes keep of it; (picture, codes) when asked."""
+        codes = self.codes(image)
+        picture = self.draw(codes, self._settings(settings))
+        return (picture, codes) if return_codes else picture
+
+    def chat(self, **settings) -> "Chat":
+        """A conversation: `chat.turn(text, image=None, draw=False)` -> (answer, pictures); the history is kept."""
+        return Chat(self, self._settings(settings))
+
+    # -- the steps under it -----------------------------------------------------------------------------------
+    def codes(self, image) -> list[int]:
+        """The 32 codes of `image` (a path, a PIL image, or the codes themselves, checked)."""
+        if isinstance(image, (list, tuple)):
+            return check_image_codes(list(image), self.image_vocab.n_codes)
+        return self.encode_image(image)
+
+    def encode_image(self, image) -> list[int]:
+        """Picture (or its path) -> its 32 codes (SEED resizes it to 224 x 224 with CLIP's normalisation)."""
+        pixels = self.seed.preprocess(load_image(image))[None]  # (3, S, S) -> (1, 3, S, S)
+        with self.running(self.seed):
+            return self.seed.encode(pixels.to(self.device))[0].tolist()
+
+    def respond(self, request: str, codes: list[int] | None, settings: Settings, force_image: bool = False):
+        """One official single-turn exchange, the image before the text as in the scripts: (answer with `<image>`
+        where each picture is, the codes of each picture, a note on a broken span or None)."""
+        message = ("<image>" if codes is not None else "") + escape(request)
+        prompt = self.tokenizer.encode_chat([message], self.template, images=[codes] if codes is not None else [])
+        return self.read(self.generate(prompt, settings, force_image=force_image))
+
+    def _picture(self, request: str, codes: list[int] | None, settings: Settings, return_codes: bool):
+        text, images, note = self.respond(request, codes, settings, force_image=True)
+        if not images:
+            raise NoPicture(f"{(note or '(no picture)').strip('()')}; the answer's text: {text.strip()!r}")
+        picture = self.draw(images[0], settings, self.negative_codes(settings))
+        return (picture, images[0]) if return_codes else picture
 
     @contextlib.contextmanager
     def running(self, model: torch.nn.Module):
@@ -98,44 +254,45 @@ class SeedLlama:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def encode_image(self, image: Image.Image) -> list[int]:
-        """Picture -> its 32 codes (SEED resizes it to 224 x 224 with CLIP's normalisation)."""
-        pixels = self.seed.preprocess(image)[None]  # (3, S, S) -> (1, 3, S, S)
-        with self.running(self.seed):
-            return self.seed.encode(pixels.to(self.device))[0].tolist()
-
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
                  max_new_tokens: int | None = None, on_token=None) -> list[int]:
         """Sample the LLM's continuation of `prompt_ids` until `</s>` (or `<s>`: the 8B model's generation_config.json
         names id 1 as its eos). `force_image` starts the answer with `<img>`, leaves room for the whole span (32 codes
-        + `</img>`) and guides its codes by `settings.llm_guidance`."""
+        + `</img>`) and guides its codes by `settings.llm_guidance`. Without `on_token`, a progress bar (terminals)."""
         max_new_tokens = max_new_tokens or settings.max_new_tokens
         if force_image:
             max_new_tokens = max(max_new_tokens, CODES_PER_IMAGE + 1)
         guidance = settings.llm_guidance if force_image else 1.0
         uncond = self.tokenizer.encode_chat([""], self.template) if guidance != 1.0 else None
         generator = torch.Generator(self.device).manual_seed(settings.seed)
-        with self.running(self.llm):
+        with self.running(self.llm), tqdm(total=max_new_tokens, desc="SEED-LLaMA", unit="token", leave=False,
+                                          file=sys.stderr, disable=None if on_token is None else True) as bar:
             return self.llm.generate(
                 [prompt_ids], do_sample=settings.temperature > 0, temperature=settings.temperature or 1.0,
                 top_k=settings.top_k or None, top_p=settings.top_p, max_new_tokens=max_new_tokens,
                 stop_ids=(self.tokenizer.eos_id, self.tokenizer.bos_id), constrain_images=settings.constrained,
                 force_image=force_image, guidance_scale=guidance, uncond_prompt=uncond, image_vocab=self.image_vocab,
-                generator=generator, on_token=on_token)[0]
+                generator=generator, on_token=on_token or (lambda row, token: bar.update()))[0]
 
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
-        """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None).
-        A broken image span (not 32 codes, or never closed: an unconstrained model can write one) is not drawn: the
-        answer is then the raw decoded text, and the note says why."""
+        """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None);
+        the text's own `<image>`-like letters are escaped. A broken image span (not 32 codes, or never closed: an
+        unconstrained model can write one) is not drawn: the answer is then its text without the image tokens, and
+        the note says why."""
         try:
-            return *self.tokenizer.decode_with_images(new_ids), None
+            texts, images = self.image_vocab.split(new_ids)
         except ValueError as e:
-            return (self.tokenizer.decode(new_ids, skip_special_tokens=True), [],
+            vocab = self.image_vocab
+            text = [i for i in new_ids if not vocab.is_code(i) and i not in (vocab.boi_id, vocab.eoi_id)]
+            return (escape(self.tokenizer.decode(text, skip_special_tokens=True)), [],
                     f"(no picture: the model wrote a broken image span: {e}; --constrained prevents that)")
+        return "<image>".join(escape(self.tokenizer.decode(t, skip_special_tokens=True)) for t in texts), images, None
 
-    def unconditional_codes(self, settings: Settings) -> list[int]:
-        """The codes the LLM draws from `<s><img>` alone: the negative image of the official evaluation's
-        classifier-free guidance. Sampled once per run (constrained, so it is always a valid span)."""
+    def negative_codes(self, settings: Settings) -> list[int] | None:
+        """The codes the LLM draws from `<s><img>` alone when `settings.negative`: the negative image of the official
+        evaluation's classifier-free guidance. Sampled once per pipeline (constrained: always a valid span)."""
+        if not settings.negative:
+            return None
         if self._uncond_codes is None:
             ids = self.generate(self.tokenizer.encode("<s>"), replace(settings, constrained=True, llm_guidance=1.0),
                                 force_image=True, max_new_tokens=CODES_PER_IMAGE + 1)
@@ -143,13 +300,20 @@ class SeedLlama:
         return self._uncond_codes
 
     def draw(self, codes: list[int], settings: Settings, negative: list[int] | None = None) -> Image.Image:
-        """32 codes -> image embedding -> unCLIP decoder -> picture (768 x 768 for the official decoder)."""
+        """32 codes -> image embedding -> unCLIP decoder -> picture (768 x 768 for the official decoder), with a
+        progress bar over the UNet calls on a terminal (PNDM makes one more than its steps)."""
         rows = [codes] + ([negative] if negative is not None else [])
         with self.running(self.seed):
             embeds = self.seed.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
-        with self.running(self.decoder):
-            return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
-                                guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
+        calls = settings.steps + (settings.sampler == "pndm")
+        with self.running(self.decoder), tqdm(total=calls, desc="unCLIP", unit="step", leave=False, file=sys.stderr,
+                                              disable=None) as bar:
+            hook = self.decoder.unet.register_forward_hook(lambda *_: bar.update())
+            try:
+                return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
+                                    guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
+            finally:
+                hook.remove()
 
 def check_one_run(folder: Path) -> None:
     """A train.py folder's seed/, llama/ and decoder/ must come from one run: each config.json records its run id
@@ -160,32 +324,31 @@ def check_one_run(folder: Path) -> None:
                          f"{', '.join(f'{name}/ of run {i}' for name, i in ids.items())}. Train every stage into "
                          f"one folder (train.py --resume, or a new --out).")
 
-def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: str = "8b", weights: str | None = None,
-                  low_vram: bool = False) -> SeedLlama:
-    """`ckpt` = "official" (the released weights, fetched into the cache) or a folder written by train.py."""
-    home = torch.device("cpu") if low_vram else device  # where the weights live between uses
-    if ckpt == "official":
-        # Half precision reads the fp16 unCLIP files (half the download); the others are cast as they load.
-        variant = "fp16" if dtype in (torch.float16, torch.bfloat16) else None
-        files = resolve_official(weights_root(weights), model, variant)
-        seed = SeedTokenizer.from_official(files.quantizer, files.vit, device=home, dtype=dtype)
-        llm = Llama.from_official(files.llm, device=home, dtype=dtype)
-        tokenizer = Tokenizer(files.tokenizer)
-        decoder = UnCLIPDecoder.from_official(files.unclip, device=home, dtype=dtype, variant=variant)
-        template = model.upper()
-    else:
-        folder = Path(ckpt)
-        missing = [str(folder / name) for name in ("seed", "llama", "decoder") if not (folder / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"--ckpt {ckpt}: expected a folder written by train.py with seed/, llama/ and "
-                                    f"decoder/ (or 'official'); missing: {', '.join(missing)}")
-        check_one_run(folder)
-        seed = SeedTokenizer.from_pretrained(folder / "seed", device=home, dtype=dtype)
-        llm = Llama.from_pretrained(folder / "llama", device=home, dtype=dtype)
-        tokenizer = Tokenizer(folder / "llama")
-        decoder = UnCLIPDecoder.from_pretrained(folder / "decoder", device=home, dtype=dtype)
-        template = "8B"  # train.py instruction-tunes in the official 8B chat template
-    return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
+def load_official(root: Path, model: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The released SEED tokenizer, SEED-LLaMA, its text tokenizer and the unCLIP decoder, fetched under `root`."""
+    # Half precision reads the fp16 unCLIP files (half the download); the others are cast as they load.
+    variant = "fp16" if dtype in HALF_DTYPES else None
+    files = resolve_official(root, model, variant)
+    with tqdm(total=3, desc="loading the official weights", unit="model", file=sys.stderr, disable=None) as bar:
+        seed = SeedTokenizer.from_official(files.quantizer, files.vit, device=device, dtype=dtype)
+        bar.update()
+        llm = Llama.from_official(files.llm, device=device, dtype=dtype)
+        bar.update()
+        decoder = UnCLIPDecoder.from_official(files.unclip, device=device, dtype=dtype, variant=variant)
+        bar.update()
+    return seed.eval(), llm.eval(), Tokenizer(files.tokenizer), decoder.eval()
+
+def load_run(folder: Path, device: torch.device, dtype: torch.dtype | None) -> tuple:
+    """What train.py wrote into `folder`: seed/, llama/ (with its tokenizer) and decoder/."""
+    missing = [str(folder / name) for name in ("seed", "llama", "decoder") if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--ckpt {folder}: expected a folder written by train.py with seed/, llama/ and "
+                                f"decoder/ (or 'official'); missing: {', '.join(missing)}")
+    check_one_run(folder)
+    seed = SeedTokenizer.from_pretrained(folder / "seed", device=device, dtype=dtype)
+    llm = Llama.from_pretrained(folder / "llama", device=device, dtype=dtype)
+    decoder = UnCLIPDecoder.from_pretrained(folder / "decoder", device=device, dtype=dtype)
+    return seed.eval(), llm.eval(), Tokenizer(folder / "llama"), decoder.eval()
 
 # ---- The built-in test picture -------------------------------------------------------------------------------------
 def test_picture(size: int = 448) -> Image.Image:
@@ -214,55 +377,56 @@ def test_picture(size: int = 448) -> Image.Image:
 def show_codes(label: str, codes: list[int]) -> None:
     print(f"  {label} codes ({len(codes)}): {' '.join(map(str, codes))}")
 
-def save(image: Image.Image, out: Path, name: str) -> None:
+VIEW_SIZE = 256  # a smaller picture (train.py's are 32 px) is also saved enlarged to about this size, for viewing
+
+def save(image: Image.Image, out: Path, name: str, settings: Settings, **record) -> None:
+    """OUT/name.png and beside it OUT/name.json: what made it (`record`: task, prompt, input, codes) and the settings;
+    a small picture also as OUT/name_xK.png, K times larger without smoothing."""
     path = out / f"{name}.png"
     image.save(path)
-    print(f"  saved {path}")
+    write_json(out / f"{name}.json", {"image": path.name, **record, "settings": asdict(settings)})
+    print(f"  saved {path} (+ {name}.json)")
+    if (k := VIEW_SIZE // max(image.size)) > 1:
+        image.resize((image.width * k, image.height * k), Image.NEAREST).save(out / f"{name}_x{k}.png")
 
-def input_image(args) -> tuple[Image.Image, str]:
-    if args.image is None:
-        return test_picture(), "the built-in test picture (a house on a meadow, a sun)"
-    return load_image(args.image), args.image
+def input_image(pipe: SeedLlama, args) -> tuple[Image.Image, str]:
+    if args.image is not None:
+        return load_image(args.image), args.image
+    return pipe.demo or (test_picture(), "the built-in test picture (a house on a meadow, a sun)")
 
-def run_reconstruct(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
-    image, name = input_image(args)
+def run_reconstruct(pipe: SeedLlama, args, out: Path) -> None:
+    image, name = input_image(pipe, args)
     print(f"[reconstruct] {name} -> 32 codes -> image embedding -> unCLIP decoder")
     codes = pipe.encode_image(image)
     show_codes("input", codes)
-    save(pipe.draw(codes, settings), out, "reconstruct")
+    save(pipe.reconstruct(codes), out, "reconstruct", pipe.settings, task="reconstruct", input=name, codes=codes)
 
-def ask(pipe: SeedLlama, settings: Settings, out: Path, task: str, question: str, codes: list[int] | None,
-        force_image: bool = False) -> None:
-    """One official single-turn prompt (image first, then the text, as the scripts) -> printed answer, with each
-    image the answer holds drawn and saved."""
-    message = ("<image>" if codes is not None else "") + question
-    prompt = pipe.tokenizer.encode_chat([message], pipe.template, images=[codes] if codes is not None else [])
-    text, images, note = pipe.read(pipe.generate(prompt, settings, force_image=force_image))
-    print(f"  answer: {text.replace('<image>', '[image]').strip()}")
-    if note:
-        print(f"  {note}")
-    for k, image_codes in enumerate(images):
-        show_codes(f"answer image {k}", image_codes)
-        negative = pipe.unconditional_codes(settings) if settings.negative else None
-        save(pipe.draw(image_codes, settings, negative), out, task if k == 0 else f"{task}_{k}")
-
-def run_on_image(task: str, what: str = "prompt", force_image: bool = False):
+def run_on_image(task: str, what: str = "prompt"):
     """caption / vqa / edit: the image first, then the text, as the official scripts ask."""
-    def run(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
-        image, name = input_image(args)
-        question = args.prompt or DEFAULT_PROMPTS[task]
+    def run(pipe: SeedLlama, args, out: Path) -> None:
+        image, name = input_image(pipe, args)
+        question = args.prompt or pipe.prompts[task]
         print(f"[{task}] {name}; {what}: {question}")
         codes = pipe.encode_image(image)
         show_codes("input", codes)
-        ask(pipe, settings, out, task, question, codes, force_image)
+        if task != "edit":
+            print(f"  answer: {pipe.answer(codes, question)}")
+            return
+        picture, new = pipe.edit(codes, question, return_codes=True)
+        show_codes("answer image", new)
+        save(picture, out, task, pipe.settings, task=task, prompt=question, input=name, input_codes=codes,
+             codes=new, negative_codes=pipe.negative_codes(pipe.settings))
     return run
 
-def run_t2i(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
-    request = args.prompt or DEFAULT_PROMPTS["t2i"]
+def run_t2i(pipe: SeedLlama, args, out: Path) -> None:
+    request = args.prompt or pipe.prompts["t2i"]
     print(f"[t2i] {request}")
-    if settings.negative:
-        show_codes("unconditional (negative)", pipe.unconditional_codes(settings))
-    ask(pipe, settings, out, "t2i", request, None, force_image=True)
+    if pipe.settings.negative:
+        show_codes("unconditional (negative)", pipe.negative_codes(pipe.settings))
+    picture, codes = pipe.text_to_image(request, return_codes=True)
+    show_codes("answer image", codes)
+    save(picture, out, "t2i", pipe.settings, task="t2i", prompt=request, codes=codes,
+         negative_codes=pipe.negative_codes(pipe.settings))
 
 class TextStream:
     """The LLM's `on_token` callback for the chat: prints the answer's text as it is generated, up to its first
@@ -290,36 +454,46 @@ class TextStream:
 class Chat:
     """A multi-turn conversation as the official demo keeps it: the messages as text with `<image>` placeholders
     and the codes of every image in order, the user's (encoded once) and the model's (kept as generated, never
-    re-encoded from pixels). Every turn re-sends the whole history in the official multi-turn template."""
+    re-encoded from pixels). Every turn re-sends the whole history in the official multi-turn template. With `out`
+    every picture is saved there; `echo` prints the turn as it happens (the CLI)."""
 
-    def __init__(self, pipe: SeedLlama, settings: Settings, out: Path):
-        self.pipe, self.settings, self.out = pipe, settings, out
+    def __init__(self, pipe: SeedLlama, settings: Settings, out: Path | None = None, echo: bool = False):
+        self.pipe, self.settings, self.out, self.echo = pipe, settings, out, echo
         self.messages, self.images, self.saved = [], [], 0
 
-    def turn(self, text: str, image: Image.Image | None = None, draw: bool = False) -> None:
-        """One exchange: the user's text (and picture), the model's answer (and pictures, when `draw` or when the
-        model chooses to draw). The history only changes once the answer is there, so a failed turn leaves no trace."""
-        message, new_images = text, []
+    def turn(self, text: str, image=None, draw: bool = False) -> tuple[str, list[Image.Image]]:
+        """One exchange: the user's text (and picture: a path, PIL image or codes) -> (the answer with `[image]` where
+        each picture is, the pictures); `draw` asks for one. The history only changes once the answer is there, so a
+        failed turn leaves no trace. Text that looks like an image token is escaped: it stays text."""
+        message, new_images = escape(text), []
         if image is not None:  # the official scripts put the image before the text of the turn
-            new_images = [self.pipe.encode_image(image)]
-            show_codes("your image", new_images[0])
-            message = "<image>" + text
+            new_images = [self.pipe.codes(image)]
+            message = "<image>" + message
+            if self.echo:
+                show_codes("your image", new_images[0])
         prompt = self.prompt(message, new_images)
-        print("  assistant: ", end="", flush=True)
-        stream = TextStream(self.pipe.tokenizer, self.pipe.image_vocab.boi_id)
+        stream = TextStream(self.pipe.tokenizer, self.pipe.image_vocab.boi_id) if self.echo else None
+        if stream:
+            print("  assistant: ", end="", flush=True)
         answer, images, note = self.pipe.read(self.pipe.generate(prompt, self.settings, force_image=draw,
                                                                  on_token=stream))
-        stream.finish(answer.replace("<image>", "[image]").strip())
-        if note:
-            print(f"  {note}")
-        for codes in images:
-            show_codes("assistant image", codes)
-            negative = self.pipe.unconditional_codes(self.settings) if self.settings.negative else None
+        shown = answer.replace("<image>", "[image]").strip()
+        if stream:
+            stream.finish(shown)
+            if note:
+                print(f"  {note}")
+        pictures = [self.pipe.draw(codes, self.settings, self.pipe.negative_codes(self.settings)) for codes in images]
+        for codes, picture in zip(images, pictures):
             self.saved += 1
-            save(self.pipe.draw(codes, self.settings, negative), self.out, f"chat_{self.saved}")
+            if self.echo:
+                show_codes("assistant image", codes)
+            if self.out is not None:
+                save(picture, self.out, f"chat_{self.saved}", self.settings, task="chat", prompt=message,
+                     history=self.messages, codes=codes)
         # The answer keeps its `<image>` placeholders and its codes: the next prompt re-inserts the same span.
         self.messages += [message, answer.strip()]
         self.images += new_images + images
+        return shown, pictures
 
     def prompt(self, message: str, new_images: list[list[int]]) -> list[int]:
         """The ids of the history plus `message`; the oldest exchanges are forgotten while the prompt leaves fewer
@@ -331,87 +505,121 @@ class Chat:
                 return ids
             dropped = self.messages[0].count("<image>") + self.messages[1].count("<image>")
             self.messages, self.images = self.messages[2:], self.images[dropped:]
-            print("  (the oldest exchange was dropped to fit the context window)")
+            if self.echo:
+                print("  (the oldest exchange was dropped to fit the context window)")
 
     def reset(self) -> None:
         self.messages, self.images = [], []
 
-def run_chat(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
-    chat = Chat(pipe, settings, out)
-    interactive = sys.stdin.isatty()
-    print("[chat] type a message; '/image PATH [text]' attaches a picture, '/draw TEXT' asks for one, "
-          "'/reset' starts over, '/quit' leaves.")
-    while True:
+    def save(self, path: Path) -> None:
+        """The conversation as JSON: the messages (`<image>` where each picture is) and the codes of each picture."""
+        write_json(path, {"template": self.pipe.template, "messages": self.messages, "images": self.images,
+                          "settings": asdict(self.settings)})
+
+CHAT_HELP = """  /image PATH [text]  attach a picture (quote a PATH that holds spaces) and say something about it
+  /draw TEXT          ask for a picture
+  /save [FILE]        write the conversation (messages, the codes of every picture) as JSON; default OUT/chat.json
+  /reset              forget the conversation
+  /help               this list
+  /quit               leave (so do Ctrl-D and Ctrl-C at the prompt); anything else is a message to the model"""
+
+def read_line(interactive: bool) -> str | None:
+    """The next line of input, or None at its end (Ctrl-D, a closed pipe) and on Ctrl-C at the prompt."""
+    try:
+        return input("you> " if interactive else "")
+    except (EOFError, KeyboardInterrupt):
         if interactive:
-            print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/quit", "/exit"):
-            break
-        line = line.strip()
-        if not line:
+            print()
+        return None
+
+def chat_command(chat: Chat, line: str, out: Path) -> None:
+    """One line of the chat: a command, answered here, or a message for the model."""
+    command, _, rest = line.partition(" ")
+    if not command.startswith("/"):
+        chat.turn(line)
+    elif command == "/reset":
+        chat.reset()
+        print("  (conversation cleared)")
+    elif command == "/help":
+        print(CHAT_HELP)
+    elif command == "/save":
+        path = Path(rest.strip()) if rest.strip() else out / "chat.json"
+        chat.save(path)
+        print(f"  saved {path}")
+    elif command == "/image":
+        # the path is the first word, or a quoted string when it holds spaces
+        quote = rest[:1] if rest[:1] in ("'", '"') else " "
+        path, _, text = rest[1:].partition(quote) if quote != " " else rest.partition(" ")
+        if not path:
+            raise ValueError("usage: /image PATH [text]")
+        chat.turn(text.strip(), load_image(path))
+    elif command == "/draw" and rest.strip():
+        chat.turn(rest, draw=True)
+    else:
+        print(f"  unknown command {line!r}: /help lists the commands" if command != "/draw" else "  usage: /draw TEXT")
+
+def run_chat(pipe: SeedLlama, args, out: Path) -> None:
+    chat = Chat(pipe, pipe.settings, out, echo=True)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (once imported, input() has line editing and an up-arrow history)
+    if hasattr(sys.stdin, "reconfigure"):  # a stray byte that is not UTF-8 becomes U+FFFD, not the end of the chat
+        sys.stdin.reconfigure(errors="replace")
+    print("[chat] type a message; '/image PATH [text]' attaches a picture, '/draw TEXT' asks for one, '/help' lists "
+          "the commands, '/quit' leaves.")
+    while (line := read_line(interactive)) is not None and line.strip() not in ("/quit", "/exit"):
+        if not line.strip():
             continue
         if not interactive:
-            print(f"you> {line}")
-        command, _, rest = line.partition(" ")
+            print(f"you> {line.strip()}")
         try:
-            if command == "/reset":
-                chat.reset()
-                print("  (conversation cleared)")
-            elif command == "/image":
-                # the path is the first word, or a quoted string when it holds spaces
-                quote = rest[:1] if rest[:1] in ("'", '"') else " "
-                path, _, text = rest[1:].partition(quote) if quote != " " else rest.partition(" ")
-                if not path:
-                    raise ValueError("usage: /image PATH [text]")
-                chat.turn(text.strip(), load_image(path))
-            elif command == "/draw":
-                chat.turn(rest, draw=True)
-            else:
-                chat.turn(line)
-        except (FileNotFoundError, ValueError) as e:  # a bad path or a broken span ends the turn, not the chat
-            print(f"  error: {e}")
+            chat_command(chat, line.strip(), out)
+        except KeyboardInterrupt:
+            print("\n  (interrupted: this turn is dropped, the conversation is kept)")
+        except Exception as e:  # any one bad turn (a path, a picture, a span, memory) ends the turn, never the chat
+            print(f"\n  error: {e} (the conversation is kept)")
 
-def run_chat_demo(pipe: SeedLlama, settings: Settings, args, out: Path) -> None:
+def run_chat_demo(pipe: SeedLlama, args, out: Path) -> None:
     """`--task all`: a scripted two-turn chat on the input picture; the second turn asks for a new picture, so the
     history ends up holding one image of each origin."""
-    image, name = input_image(args)
+    image, name = input_image(pipe, args)
+    first, second = pipe.prompts["chat"]
     print(f"[chat] two scripted turns on {name}")
-    chat = Chat(pipe, settings, out)
-    print("you> [image] What is in this picture?")
-    chat.turn("What is in this picture?", image)
-    print("you> /draw Now draw the same scene at night.")
-    chat.turn("Now draw the same scene at night.", draw=True)
+    chat = Chat(pipe, pipe.settings, out, echo=True)
+    print(f"you> [image] {first}")
+    chat.turn(first, image)
+    print(f"you> /draw {second}")
+    chat.turn(second, draw=True)
 
 RUNNERS = {"reconstruct": run_reconstruct, "caption": run_on_image("caption"), "vqa": run_on_image("vqa"),
-           "t2i": run_t2i, "edit": run_on_image("edit", "instruction", force_image=True), "chat": run_chat,
-           "chat-demo": run_chat_demo}
-
+           "t2i": run_t2i, "edit": run_on_image("edit", "instruction"), "chat": run_chat, "chat-demo": run_chat_demo}
 # ---- The CLI -------------------------------------------------------------------------------------------------------
 TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
-DEFAULT_PROMPTS = {  # the vqa/t2i/edit questions are the official script's examples, adapted to the test picture
-    "caption": "Please describe the image in one sentence.", "vqa": "What is in this picture?",
-    "t2i": "Can you generate an image of a dog on the green grass?",
-    "edit": "Can you make it a winter scene with snow?"}
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every default is a `Settings` field."""
+    """Every generation flag is a `Settings` field; given, it overrides the checkpoint's own value."""
     p = argparse.ArgumentParser(
-        description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image.",
+        description="SEED-LLaMA end to end: image -> 32 codes -> LLaMA -> text / 32 codes -> unCLIP -> image.\n"
+                    "The generation flags (--seed to --constrained) default to the checkpoint's own values: the\n"
+                    f"official ones shown below for --ckpt official, the run's {GENERATION_CONFIG} for a train.py "
+                    "folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         epilog="examples:\n"
                "  python sample.py --ckpt official                   # every task on the built-in picture\n"
                "  python sample.py --ckpt official --task vqa --image cat.jpg --prompt 'What is this animal?'\n"
                "  python sample.py --ckpt official --task chat --low-vram\n"
-               "  python sample.py --ckpt out/tiny --task t2i --prompt 'draw a large red circle on the left'\n"
-               "chat commands: '/image PATH [text]' attaches a picture, '/draw TEXT' asks for a picture,\n"
-               "  '/reset' forgets the conversation, '/quit' (or end of input) leaves.\n"
+               "  python sample.py --ckpt out/tiny                   # every task on the run's own demo picture\n"
+               "  python sample.py --ckpt out/tiny --task t2i --prompt 'draw a large red circle on the left.'\n"
+               "chat commands:\n" + CHAT_HELP + "\n"
                "environment: HF_ENDPOINT (hub mirror), SEED_EVA_VIT_URL, HF_HUB_OFFLINE=1, SEED_CACHE, XDG_CACHE_HOME.")
     p.add_argument("--ckpt", required=True, help="'official' for the released weights (downloaded once into the "
                    "cache), or a folder written by train.py holding seed/, llama/ and decoder/")
     p.add_argument("--task", default="all", choices=["all"] + TASKS,
                    help="default: all = reconstruct, caption, vqa, t2i, edit and a scripted two-turn chat, one after "
                         "the other; 'chat' alone reads turns from the terminal")
-    p.add_argument("--image", help="input picture for reconstruct/caption/vqa/edit (default: a built-in test picture)")
+    p.add_argument("--image", help="input picture for reconstruct/caption/vqa/edit (default: a built-in test picture, "
+                                   "or the train.py run's demo picture)")
     p.add_argument("--prompt", help="request (caption, t2i), question (vqa) or instruction (edit); each has a default")
     p.add_argument("--model", default="8b", choices=sorted(LLM_REPOS),
                    help="the SEED-LLaMA of --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
@@ -420,74 +628,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps, "
                    "float32 on cpu; half precision also selects the fp16 unCLIP files, half the download")
-    p.add_argument("--seed", type=int, default=Settings.seed, help="same seed, same outputs (default %(default)s)")
-    # The LLM's decoding (defaults: the official values of llama.GenerationConfig), then the decoder's drawing.
-    p.add_argument("--temperature", type=float, default=Settings.temperature, help="0 = greedy (default %(default)s)")
-    p.add_argument("--top-p", type=float, default=Settings.top_p, help="nucleus sampling mass (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=Settings.top_k, help="0 = all tokens (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
-                   help="longest answer in tokens (default %(default)s); capped by the context window, raised to 33 "
-                        "when an image is requested so that its span fits")
-    p.add_argument("--llm-cfg", type=float, default=Settings.llm_guidance, metavar="SCALE", dest="llm_guidance",
-                   help="classifier-free guidance of the LLM on the image codes of t2i, edit and chat /draw, against "
-                        "the chat template around an empty request; 1 = off (default %(default)s, as officially)")
-    p.add_argument("--steps", type=int, default=Settings.steps,
-                   help="unCLIP denoising steps (default %(default)s; PNDM makes one UNet call more)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=Settings.sampler,
-                   help="the unCLIP decoder's sampler: pndm (the official scheduler) or ddim (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=Settings.guidance,
-                   help="the unCLIP decoder's classifier-free guidance scale (default %(default)s)")
-    p.add_argument("--negative", choices=["uncond", "none"], default="uncond",
-                   help="negative image of generated images: 'uncond' = the codes the LLM samples from '<s><img>' "
-                        "alone (as the official evaluation), 'none' = a zero label (default uncond; reconstructions "
-                        "always use none)")
-    p.add_argument("--constrained", action="store_true", help="after <img>, only image codes for 32 tokens, then "
-                   "</img>: every image span is valid (the official code samples freely)")
+    s = Settings()
+
+    def setting(flag: str, help: str, **kw) -> None:
+        p.add_argument(flag, default=None, help=f"{help} (default {getattr(s, kw.get('dest', flag[2:]))})", **kw)
+
+    setting("--seed", "same seed, same outputs", type=int)
+    # The LLM's decoding, then the decoder's drawing.
+    setting("--temperature", "0 = greedy", type=float)
+    setting("--top-p", "nucleus sampling mass", type=float, dest="top_p")
+    setting("--top-k", "0 = all tokens", type=int, dest="top_k")
+    setting("--max-new-tokens", "longest answer in tokens, capped by the context window, raised to 33 when an image "
+            "is requested so that its span fits", type=int, dest="max_new_tokens")
+    setting("--llm-cfg", "classifier-free guidance of the LLM on the image codes of t2i, edit and chat /draw, "
+            "against the chat template around an empty request; 1 = off, as officially", type=float,
+            metavar="SCALE", dest="llm_guidance")
+    setting("--steps", "unCLIP denoising steps; PNDM makes one UNet call more", type=int)
+    setting("--sampler", "the unCLIP decoder's sampler: pndm (the official scheduler) or ddim",
+            choices=sorted(SAMPLERS))
+    setting("--guidance", "the unCLIP decoder's classifier-free guidance scale", type=float)
+    p.add_argument("--negative", choices=["uncond", "none"], help="negative image of generated images: 'uncond' = the "
+                   "codes the LLM samples from '<s><img>' alone (as the official evaluation), 'none' = a zero label "
+                   "(default uncond; reconstructions always use none)")
+    p.add_argument("--constrained", action="store_const", const=True, help="after <img>, only image codes for 32 "
+                   "tokens, then </img>: every image span is valid (the official code samples freely)")
     p.add_argument("--low-vram", action="store_true", help="keep every model in host memory and move only the "
                    "running one to the GPU: SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
-    p.add_argument("--out", default="samples", help="folder for the PNG files (default ./samples)")
+    p.add_argument("--out", default="samples", help="folder for the pictures, each with a JSON of what made it "
+                                                   "(default ./samples)")
     return p
 
-def settings_from(args) -> Settings:
-    """Every `Settings` field is the flag of its name; --negative alone is a word."""
-    return Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "negative"},
-                    negative=args.negative == "uncond")
+def settings_given(args) -> dict:
+    """The Settings fields whose flag was given (the rest stay the checkpoint's own)."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings)
+             if f.name != "negative" and getattr(args, f.name) is not None}
+    if args.negative is not None:
+        given["negative"] = args.negative == "uncond"
+    return given
+
+def check_arguments(args) -> None:
+    """Bad arguments fail here, before minutes of loading."""
+    pick_device(args.device)  # an absent device is named, with the ones present
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    if args.task == "chat" and args.image is not None:
+        raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
+    if args.image is not None:
+        load_image(args.image)  # an unreadable picture or a decompression bomb, named now
+    check_settings(replace(Settings(), **settings_given(args)))
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create the folder ({e.strerror}); choose another") from None
 
 def main(argv: list[str] | None = None) -> int:
+    """Every error a user can cause (a file, an argument, a download) is one line on stderr: exit 2 for arguments,
+    1 for the rest (a task whose answer held no picture too)."""
     args = build_parser().parse_args(argv)
-    try:  # fail on bad arguments before minutes of loading
-        device = pick_device(args.device)  # an absent device is named, with the ones present
-        if args.image is not None and not Path(args.image).is_file():
-            raise FileNotFoundError(f"--image {args.image}: no such file")
-        if args.task == "chat" and args.image is not None:
-            raise ValueError("--image does not apply to --task chat: attach pictures with '/image PATH' in the chat")
-        for ok, what in [(args.temperature >= 0, "--temperature must be >= 0"),
-                         (args.top_k >= 0, "--top-k must be >= 0"), (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-                         (args.steps >= 1, "--steps must be >= 1"),
-                         (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-                         (args.llm_guidance >= 0, "--llm-cfg must be >= 0"),
-                         (args.guidance >= 0, "--guidance must be >= 0")]:
-            if not ok:
-                raise ValueError(what)
-    except (FileNotFoundError, ValueError) as e:
+    try:
+        check_arguments(args)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # Half precision on accelerators, as the official code; fp32 on the CPU, where half matmuls are slow.
-    dtype = getattr(torch, args.dtype) if args.dtype else pick_dtype(device)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
+    out, failed = Path(args.out), 0
     try:
-        pipe = load_pipeline(args.ckpt, device, dtype, model=args.model, weights=args.weights, low_vram=args.low_vram)
-        settings = settings_from(args)
-        for task in tasks:  # a bad picture or a broken span ends the run with the error, not a traceback
-            RUNNERS[task](pipe, settings, args, out)
-    except (DownloadError, FileNotFoundError, ValueError) as e:
+        pipe = SeedLlama.from_pretrained(args.ckpt, args.device, getattr(torch, args.dtype) if args.dtype else None,
+                                         model=args.model, weights=args.weights, low_vram=args.low_vram)
+        pipe.settings = check_settings(replace(pipe.settings, **settings_given(args)))
+        torch.manual_seed(pipe.settings.seed)
+        for task in tasks:
+            try:
+                RUNNERS[task](pipe, args, out)
+            except NoPicture as e:  # the other tasks still run
+                print(f"  {e}")
+                failed += 1
+    except (DownloadError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
-
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1 if failed else 0
 # ---- The official files, laid out as on the hub (https://huggingface.co/<repo>/resolve/main/<file>) ----------------
 TOKENIZER_REPO = "AILab-CVC/seed-tokenizer-2"
 TOKENIZER_FILES = ["seed_quantizer.pt", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",

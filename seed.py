@@ -38,6 +38,7 @@ import io
 import logging
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -392,8 +393,12 @@ def load_image(image) -> Image.Image:
 
 def _open(source, name: str) -> Image.Image:
     try:
-        image = Image.open(source)
-        image.load()  # decode now, so a truncated file fails here with a clear error
+        with warnings.catch_warnings():  # past Image.MAX_IMAGE_PIXELS: refused before decoding (a decompression bomb)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            image.load()  # decode now, so a truncated file fails here with a clear error
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name} is refused: {e} Downscale it below {Image.MAX_IMAGE_PIXELS} pixels.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read {name} as an image: {e}") from e
     return image

@@ -439,6 +439,7 @@ class Tokenizer:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the files from the machine's other users
             os.replace(tmp, folder / name)
 
 # --- image tokens and spans ---------------------------------------------------------------------------------------

@@ -39,15 +39,18 @@ Usage:
   python train.py --tiny --smoke               # a handful of steps per stage (tests)
   torchrun --nproc_per_node=2 train.py --tiny  # data parallel (gloo on CPU, nccl on CUDA)
   python train.py --help                       # every field of the config dataclasses is a flag
+  python sample.py --ckpt out/tiny             # then every task on what was trained (its generation_config.json)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import os
 import platform
 import random
+import re
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -66,7 +69,7 @@ import unet
 import vq
 import weights
 from world import (ATTRIBUTES, CAPTION_REQUESTS, CAPTIONS, COMBOS, IMAGE_SIZE, JITTERS, QUESTIONS, T2I_REQUESTS,
-                   VALUES, World, build_world, judge, judge_accuracy, parse_caption, to_image)
+                   Combo, VALUES, World, build_world, judge, judge_accuracy, parse_caption, to_image)
 from tokenizer import (BOI_TOKEN, CODES_PER_IMAGE, EOI_TOKEN, IMAGE_PLACEHOLDER, Tokenizer, chat_conversation,
                        train_tokenizer)
 
@@ -193,27 +196,55 @@ def _parse_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
     return text.lower() in ("1", "true", "yes", "on")
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, dc, prefix: str = "") -> None:
+def field_comments(dc) -> dict[str, str]:
+    """The comment after each field of a config dataclass in this file (and its `#` continuation lines): the flag's
+    help, written once beside the field it explains."""
+    comments, name = {}, None
+    for line in inspect.getsource(type(dc)).splitlines():
+        if m := re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line):
+            name = m.group(1)
+            comments[name] = m.group(2) or ""
+        elif (m := re.match(r"\s+#\s*(.*)$", line)) and name:
+            comments[name] = f"{comments[name]} {m.group(1)}".strip()
+    return comments
+
+def _add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, dc, prefix: str = "") -> None:
     """One flag per field, typed by its default, nested dataclasses prefixed (--clip.steps), dashes or underscores
-    (--no-causal == --no_causal); a bool is a switch (`--resume`) that also takes a value (`--resume false`)."""
+    (--no-causal == --no_causal); a bool is a switch (`--resume`) that also takes a value (`--resume false`). The
+    help is the field's comment and its default."""
+    comments = field_comments(dc)
     for f in dataclasses.fields(dc):
         value, name = getattr(dc, f.name), prefix + f.name
-        if dataclasses.is_dataclass(value):
-            _add_dataclass_args(parser, value, name + ".")
+        if dataclasses.is_dataclass(value):  # one group per stage, headed by its config's docstring
+            _add_dataclass_args(parser.add_argument_group(f"--{name}.*", type(value).__doc__), value, name + ".")
             continue
-        flags, shown = sorted({"--" + name, "--" + name.replace("_", "-")}), f"(default: {value!r})"
+        flags = sorted({"--" + name, "--" + name.replace("_", "-")})
+        default = f"(default {value})" if not isinstance(value, bool) else \
+            "(switch, default on; 'false' turns it off)" if value else "(switch, default off)"
+        shown = " ".join(filter(None, [comments.get(f.name, ""), default]))
         if isinstance(value, bool):
             parser.add_argument(*flags, dest=name, type=_parse_bool, nargs="?", const=True, default=value, help=shown)
         elif isinstance(value, (int, float, str)):
-            parser.add_argument(*flags, dest=name, type=type(value), default=value, help=shown)
+            parser.add_argument(*flags, dest=name, type=type(value), default=value, help=shown,
+                                metavar=type(value).__name__.upper())
         else:
             raise TypeError(f"config field {name} has a type the CLI cannot parse: {type(value).__name__}")
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: each flag once, in its dashed spelling (the underscore one is accepted too), a switch without a value."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        flag = max(action.option_strings, key=lambda s: (s.count("-"), len(s)))
+        return flag if action.nargs in ("?", 0) else f"{flag} {action.metavar}"
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """TrainConfig from the command line: defaults, then --smoke, then the flags that were given."""
     cfg = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     usage="python train.py --tiny [options]", formatter_class=_HelpFormatter,
+                                     epilog=__doc__[__doc__.index("Usage:"):])
     _add_dataclass_args(parser, cfg)
     args = vars(parser.parse_args(argv))
     if args["smoke"]:
@@ -485,7 +516,8 @@ def caption_accuracy(image_emb: torch.Tensor, caption_emb: torch.Tensor, combo: 
 @torch.no_grad()
 def batched(fn, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """fn over x in chunks (precomputing frozen features of the whole world without a memory spike)."""
-    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    chunks = tqdm(range(0, len(x), batch_size), desc="caching features", leave=False, disable=None)  # None: a tty
+    return torch.cat([fn(x[i:i + batch_size]) for i in chunks])
 
 def stage_clip(run: Run, prev: dict) -> dict:
     """Stage 0: the tiny CLIP. Returns the model, the caption ids and the frozen features every later stage uses:
@@ -644,7 +676,7 @@ def decode_embeddings(decoder: "unet.UnCLIPDecoder", embeds: torch.Tensor, cfg: 
     """Image embeddings (N, E) -> N images with the project's unCLIP pipeline (PNDM, CFG), in chunks, each chunk
     seeded from `noise_seed` so that the result does not depend on the chunking of an earlier run."""
     images = []
-    for i in range(0, len(embeds), batch_size):
+    for i in tqdm(range(0, len(embeds), batch_size), desc="drawing", leave=False, disable=None):
         images += decoder(embeds[i:i + batch_size].cpu(), steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                           noise_level=cfg.noise_level, seed=noise_seed + i)
     return images
@@ -958,7 +990,7 @@ def generate_batched(model: llama.Llama, tokenizer: Tokenizer, prompts: list[lis
     """Greedy continuations of many prompts, left-padded into batches (llama.Llama.generate); constrained
     decoding stays off, so every image span is what the model wrote on its own."""
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="evaluating", leave=False, disable=None):
         out += model.generate(prompts[i:i + batch_size], max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,),
                               image_vocab=tokenizer.image_vocab)
     return out
@@ -1227,6 +1259,29 @@ def results_table(run: Run) -> str:
                  f"{m['world_size']} process(es), load average {m['load_average_1_5_15min']}, {m['platform']}")
     return "\n".join(lines)
 
+# What sample.py shows on this run when given no picture or prompt: a test image of a held-in combination, edits of
+# it to other held-in ones (the edit task; the chat's second turn, on the picture in its history) and a held-in
+# text-to-image request (held-out pairs are not drawn at this scale).
+DEMO = {"image": Combo("square", "red", "large", "left"), "edit": ("colour", "green"), "chat": ("shape", "circle"),
+        "t2i": Combo("circle", "blue", "small", "top")}
+
+def write_generation_config(run: Run) -> list[str]:
+    """OUT/generation_config.json, the defaults sample.py takes for this run: the settings its evaluation measured
+    with (greedy decoding, unconstrained, the decoder's steps and guidance, no negative image), the requests phrased
+    as the LLM was taught them (world.py's first of each), and OUT/demo.png (DEMO's image). The names written."""
+    image = DEMO["image"]
+    index = COMBOS.index(image) * len(JITTERS) + COMBOS.index(image) % len(JITTERS)  # its first test jitter
+    to_image(run.world.images[index]).save(run.out / "demo.png")
+    settings = {"temperature": 0.0, "max_new_tokens": CODES_PER_IMAGE + 8, "constrained": False, "negative": False,
+                "steps": run.cfg.decoder.sample_steps, "guidance": run.cfg.decoder.guidance, "sampler": "pndm",
+                "seed": run.cfg.seed}
+    prompts = {"caption": CAPTION_REQUESTS[0], "vqa": QUESTIONS["shape"],
+               "t2i": T2I_REQUESTS[0].format(DEMO["t2i"].caption), "edit": image.edit(*DEMO["edit"])[0],
+               "chat": [CAPTION_REQUESTS[0], image.edit(*DEMO["chat"])[0]]}
+    weights.write_json(run.out / "generation_config.json", {"settings": settings, "prompts": prompts,
+                                                            "demo_image": "demo.png", "demo": image.caption})
+    return ["generation_config.json", "demo.png"]
+
 def write_reports(run: Run, outputs: dict) -> None:
     """metrics.json, the evaluation images with index.json, samples.png, curves.png, codes.png, and the table."""
     if not run.main:
@@ -1244,7 +1299,19 @@ def write_reports(run: Run, outputs: dict) -> None:
     report = {"metrics": run.metrics, "timings_s": run.timings, "machine": machine_info(run),
               "config": dataclasses.asdict(run.cfg)}
     weights.write_json(run.out / "metrics.json", report)
+    write_generation_config(run)
     print(results_table(run))
+    print(summary(run))
+
+def summary(run: Run) -> str:
+    """The last lines of a run: how many targets it met, what it wrote, and what to run next."""
+    checked = [(group, name) for group, name in TARGETS if name in run.metrics.get(group, {})]
+    met = sum(run.metrics[group][name] >= TARGETS[group, name] for group, name in checked)
+    written = sorted(p.name + "/" * p.is_dir() for p in run.out.iterdir() if not p.name.startswith("."))
+    ready = all((run.out / part).is_dir() for part in ("seed", "llama", "decoder"))
+    return (f"{met} of {len(checked)} targets met\nwritten in {run.out}: {', '.join(written)}\nnext: " +
+            (f"python sample.py --ckpt {run.out}" if ready else f"python train.py --tiny --out {run.out} --stages "
+             f"0,1,2,3,4,5 (this run did not write seed/, llama/ and decoder/)"))
 
 # The stages in the paper's order: each a plain function `stage_x(run, prev) -> dict` (see `Run`).
 STAGES = ((0, stage_clip), (1, stage_qformer), (2, stage_codebook), (3, stage_decoder),

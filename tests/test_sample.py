@@ -389,10 +389,10 @@ def test_train_py_checkpoint_every_task(tmp_path):
     """What `python train.py --tiny --smoke` writes is what `sample.py --ckpt PATH` reads."""
     subprocess.run([sys.executable, str(ROOT / "train.py"), "--tiny", "--smoke", "--out", str(tmp_path / "run")],
                    check=True, capture_output=True, timeout=600, cwd=ROOT)
-    proc = run_sample(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *FAST],
+    proc = run_sample(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"), *FAST, "--negative", "uncond"],
                       {**os.environ, "HF_HUB_OFFLINE": "1"})
-    check_all_tasks(proc.stdout, tmp_path / "out", n_codes=sample.load_pipeline(
-        str(tmp_path / "run"), torch.device("cpu"), torch.float32).image_vocab.n_codes)
+    check_all_tasks(proc.stdout, tmp_path / "out", n_codes=sample.SeedLlama.from_pretrained(
+        str(tmp_path / "run"), "cpu").image_vocab.n_codes)
 
 def test_broken_span_is_reported_not_drawn():
     """An unconstrained model may write `<img>` + too few codes: the answer is shown as text, nothing is drawn."""
@@ -406,14 +406,14 @@ def test_broken_span_is_reported_not_drawn():
     pipe = Stub()
     vocab = pipe.image_vocab
     text, images, note = pipe.read([vocab.boi_id, vocab.code_offset + 3, vocab.eoi_id])
-    assert images == [] and "<img_00003>" in text and "exactly 32 codes" in note
+    assert images == [] and text == "" and "exactly 32 codes" in note and "exactly 32 codes" in note
     good = vocab.span_ids(list(range(32)))
     assert pipe.read(good) == ("<image>", [list(range(32))], None)
 
 def test_native_checkpoint_missing_part(tmp_path):
     (tmp_path / "ckpt/seed").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="llama.*decoder"):
-        sample.load_pipeline(str(tmp_path / "ckpt"), torch.device("cpu"), torch.float32)
+        sample.SeedLlama.from_pretrained(str(tmp_path / "ckpt"), "cpu")
 
 # ------------------------------------------------------------------------------------------------------
 # Host RAM while loading the reduced official set
@@ -426,14 +426,14 @@ import sample
 def hwm():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024
 before = hwm()
-pipe = sample.load_pipeline('official', torch.device('cpu'), torch.float32)
+pipe = sample.SeedLlama.from_pretrained('official', 'cpu', torch.float32)
 params = sum(p.numel() * p.element_size() for m in (pipe.seed, pipe.llm, pipe.decoder) for p in m.state_dict().values())
 print(before, hwm(), params)
 """
 
 def probe_ram(cache: Path, env: dict) -> tuple[int, int, int, int]:
     """(VmHWM after the imports, VmHWM after loading every model in fp32, bytes of the loaded state, bytes of the
-    weight files) for `load_pipeline('official')` on the cache, in a fresh process."""
+    weight files) for `SeedLlama.from_pretrained('official')` on the cache, in a fresh process."""
     proc = subprocess.run([sys.executable, "-c", RAM_PROBE.format(root=str(ROOT))], env=env, text=True,
                           capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -498,7 +498,7 @@ def test_peak_host_ram_while_loading(official_run, hub, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--image", "no/such.png"], "--image no/such.png: no such file"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--steps", "0"], "not available here|--steps"),
-    (["--top-p", "0"], "--top-p must be in"),
+    (["--top-p", "0"], r"--top-p must be a number in \(0, 1\], got 0.0"),
     (["--task", "chat", "--image", __file__], "attach pictures with '/image PATH'"),
 ])
 def test_bad_arguments_fail_before_loading(argv, message, capsys, tmp_path):
@@ -512,7 +512,7 @@ def test_14b_comes_from_its_own_repo(hub_env, tmp_path):
 def test_low_vram_pipeline_and_chat_history(native_ckpt, tmp_path):
     """--low-vram moves each model to the device only while it runs (here cpu -> cpu: the code path); a chat keeps
     the drawn image as codes in its history, and the next prompt holds exactly those codes."""
-    pipe = sample.load_pipeline(str(native_ckpt), torch.device("cpu"), torch.float32, low_vram=True)
+    pipe = sample.SeedLlama.from_pretrained(str(native_ckpt), "cpu", torch.float32, low_vram=True)
     assert pipe.low_vram and pipe.template == "8B"
     settings = sample.Settings(max_new_tokens=4, constrained=True, steps=1, negative=False)
     chat = sample.Chat(pipe, settings, tmp_path)
@@ -551,6 +551,9 @@ class _Recorder:
     def __init__(self, call):
         self.call, self.kwargs = call, []
 
+    def __getattr__(self, name):  # the model's other attributes (the decoder's unet)
+        return getattr(self.call, name)
+
     def __call__(self, *args, **kwargs):
         self.kwargs.append(kwargs)
         return self.call(*args, **kwargs)
@@ -558,10 +561,10 @@ class _Recorder:
 def test_llm_cfg_and_sampler_options_reach_the_models(native_ckpt, tmp_path, monkeypatch):
     """--llm-cfg guides the LLM's image codes against the template around an empty request (t2i, edit, /draw; never
     the negative image's codes), --sampler picks the decoder's sampler; both change what comes out."""
-    pipe = sample.load_pipeline(str(native_ckpt), torch.device("cpu"), torch.float32)
+    pipe = sample.SeedLlama.from_pretrained(str(native_ckpt), "cpu", torch.float32)
     llm, decoder = _Recorder(pipe.llm.generate), _Recorder(pipe.decoder)
     pipe.llm.generate, pipe.decoder = llm, decoder
-    monkeypatch.setattr(sample, "load_pipeline", lambda *args, **kwargs: pipe)
+    monkeypatch.setattr(sample.SeedLlama, "from_pretrained", lambda *args, **kwargs: pipe)
     argv = ["--ckpt", "tiny", "--out", str(tmp_path), "--device", "cpu", "--constrained", "--max-new-tokens", "8",
             "--steps", "2", "--negative", "none", "--llm-cfg", "3", "--sampler", "ddim"]
     for task in ("t2i", "edit"):
@@ -570,7 +573,7 @@ def test_llm_cfg_and_sampler_options_reach_the_models(native_ckpt, tmp_path, mon
         [(3.0, pipe.tokenizer.encode_chat([""], "8B"))] * 2
     assert [kwargs["sampler"] for kwargs in decoder.kwargs] == ["ddim"] * 2
     settings = sample.Settings(max_new_tokens=8, constrained=True, steps=2, negative=False)
-    pipe.unconditional_codes(replace(settings, llm_guidance=3.0))
+    pipe.negative_codes(replace(settings, llm_guidance=3.0, negative=True))
     assert llm.kwargs[-1]["guidance_scale"] == 1.0 and llm.kwargs[-1]["uncond_prompt"] is None
 
     prompt = pipe.tokenizer.encode_chat(["draw"], "8B")
@@ -587,10 +590,29 @@ def test_generation_defaults_are_the_official_ones_once():
     from llama import GenerationConfig
 
     official, args = GenerationConfig(), sample.build_parser().parse_args(["--ckpt", "x"])
-    settings = sample.settings_from(args)
+    assert sample.settings_given(args) == {}, "a flag not given leaves the checkpoint's own value"
+    settings = sample.Settings()
     assert (settings.temperature, settings.top_p, settings.top_k, settings.max_new_tokens, settings.llm_guidance) \
         == (official.temperature, official.top_p, official.top_k, official.max_new_tokens, official.guidance_scale)
     assert settings == sample.Settings() and settings.sampler == "pndm"
     assert "default 512" in sample.build_parser().format_help().replace("\n", " ").replace("  ", " ")
     with pytest.raises(SystemExit):  # an abbreviation is not taken for the flag it starts
         sample.build_parser().parse_args(["--ckpt", "x", "--temp", "0.5"])
+
+def test_api_on_the_reduced_official_release(hub, monkeypatch):
+    """SeedLlama.from_pretrained("official") on a complete copy in the hub layout (read as it is, no network): every
+    API call returns its plain value, and an image given as a path, a PIL image or its codes is the same image."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = sample.SeedLlama.from_pretrained("official", "cpu", torch.float32, weights=str(hub.root))
+    assert pipe.settings == sample.Settings() and pipe.prompts == sample.OFFICIAL_PROMPTS and pipe.template == "8B"
+    fast = dict(max_new_tokens=4, constrained=True, steps=1, negative=False)
+    picture = sample.test_picture(64)
+    codes = pipe.codes(picture)
+    assert isinstance(pipe.caption(picture, **fast), str) and isinstance(pipe.answer(codes, "What?", **fast), str)
+    drawn, drawn_codes = pipe.text_to_image("a dog", return_codes=True, **fast)
+    assert isinstance(drawn, Image.Image) and len(drawn_codes) == 32
+    assert isinstance(pipe.edit(codes, "snow", **fast), Image.Image)
+    again = pipe.reconstruct(codes, **fast)
+    assert np.array_equal(np.asarray(again), np.asarray(pipe.reconstruct(picture, **fast)))
+    text, pictures = pipe.chat(**fast).turn("draw", draw=True)
+    assert text == "[image]" and len(pictures) == 1
