@@ -333,6 +333,11 @@ class Llama(nn.Module):
                 layer.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
                                                 self.config.head_dim, w.dtype, w.device)
 
+    def free_cache(self):
+        """Drop the KV cache that generate keeps for reuse (its memory is freed; the next generate makes one)."""
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
     def prefill(self, idx: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Run the (left-padded) prompts idx (B, T) into the cache from slot 0; logits of the last slot (B, V)."""
         return self.lm_head(self.hidden(idx, 0, pad)[:, -1])  # the head only where a token is sampled

@@ -37,11 +37,11 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from llama import GenerationConfig, Llama
+from llama import GenerationConfig, Llama, quantize_int8
 from tokenizer import CODES_PER_IMAGE, Tokenizer
 from seed import SeedTokenizer, load_image
 from unet import OFFICIAL_COMPONENTS, SAMPLERS, UnCLIPDecoder
-from weights import index_shards, pick_device, pick_dtype
+from weights import index_shards, inference_dtype, on_device, pick_device, pin_to_host
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder behind four calls ----------------------------------
 @dataclass
@@ -81,25 +81,16 @@ class SeedLlama:
                              f"tokenizer makes {seed.config.embed_dim}-d ones")
         self._uncond_codes = None
 
-    @contextlib.contextmanager
-    def running(self, model: torch.nn.Module):
-        """--low-vram: `model` is on the device only for the duration of the block."""
-        if not self.low_vram:
-            yield model
-            return
-        model.to(self.device)
-        try:
-            yield model
-        finally:
-            model.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+    def running(self, *parts):
+        """--low-vram: `parts` (modules or single tensors) are on the device only for the duration of the block."""
+        return on_device(self.device, *parts) if self.low_vram else contextlib.nullcontext()
 
     def encode_image(self, image: Image.Image) -> list[int]:
         """Picture -> its 32 codes (SEED resizes it to 224 x 224 with CLIP's normalisation)."""
         pixels = self.seed.preprocess(image)[None]  # (3, S, S) -> (1, 3, S, S)
-        with self.running(self.seed):
-            return self.seed.encode(pixels.to(self.device))[0].tolist()
+        t = self.seed
+        with self.running(t.visual_encoder, t.ln_vision, t.qformer, t.encode_task_layer, t.quantize):
+            return t.encode(pixels.to(self.device))[0].tolist()
 
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
                  max_new_tokens: int | None = None, on_token=None) -> list[int]:
@@ -113,12 +104,15 @@ class SeedLlama:
         uncond = self.tokenizer.encode_chat([""], self.template) if guidance != 1.0 else None
         generator = torch.Generator(self.device).manual_seed(settings.seed)
         with self.running(self.llm):
-            return self.llm.generate(
+            ids = self.llm.generate(
                 [prompt_ids], do_sample=settings.temperature > 0, temperature=settings.temperature or 1.0,
                 top_k=settings.top_k or None, top_p=settings.top_p, max_new_tokens=max_new_tokens,
                 stop_ids=(self.tokenizer.eos_id, self.tokenizer.bos_id), constrain_images=settings.constrained,
                 force_image=force_image, guidance_scale=guidance, uncond_prompt=uncond, image_vocab=self.image_vocab,
                 generator=generator, on_token=on_token)[0]
+            if self.low_vram:  # the KV cache was made on the device inside the block: it leaves with the weights
+                self.llm.free_cache()
+        return ids
 
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
         """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None).
@@ -142,16 +136,21 @@ class SeedLlama:
     def draw(self, codes: list[int], settings: Settings, negative: list[int] | None = None) -> Image.Image:
         """32 codes -> image embedding -> unCLIP decoder -> picture (768 x 768 for the official decoder)."""
         rows = [codes] + ([negative] if negative is not None else [])
-        with self.running(self.seed):
-            embeds = self.seed.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
-        with self.running(self.decoder):
+        t, d = self.seed, self.decoder
+        with self.running(t.quantize, t.decode_task_layer, t.pos_embed_image, t.blocks_image, t.image_down,
+                          t.distill_image_proj):
+            embeds = t.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
+        # the text encoder never moves: E("") was computed at load and is all the decoder reads of it
+        with self.running(*(m for m in (d.unet, d.vae, d.noise_augmentation, d.empty_prompt_states) if m is not None)):
             return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
                                 guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
 
 def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: str = "8b", weights: str | None = None,
                   low_vram: bool = False) -> SeedLlama:
     """`ckpt` = "official" (the released weights, fetched into the cache) or a folder written by train.py."""
-    home = torch.device("cpu") if low_vram else device  # where the weights live between uses
+    # --low-vram: the weights live in host memory; the decoder loads on the device so that its text encoder runs
+    # E("") there once, then joins the others (place_low_vram)
+    home = torch.device("cpu") if low_vram else device
     if ckpt == "official":
         # Half precision reads the fp16 unCLIP files (half the download); the others are cast as they load.
         variant = "fp16" if dtype in (torch.float16, torch.bfloat16) else None
@@ -159,7 +158,7 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         seed = SeedTokenizer.from_official(files.quantizer, files.vit, device=home, dtype=dtype)
         llm = Llama.from_official(files.llm, device=home, dtype=dtype)
         tokenizer = Tokenizer(files.tokenizer)
-        decoder = UnCLIPDecoder.from_official(files.unclip, device=home, dtype=dtype, variant=variant)
+        decoder = UnCLIPDecoder.from_official(files.unclip, device=device, dtype=dtype, variant=variant)
         template = model.upper()
     else:
         folder = Path(ckpt)
@@ -170,9 +169,19 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         seed = SeedTokenizer.from_pretrained(folder / "seed", device=home, dtype=dtype)
         llm = Llama.from_pretrained(folder / "llama", device=home, dtype=dtype)
         tokenizer = Tokenizer(folder / "llama")
-        decoder = UnCLIPDecoder.from_pretrained(folder / "decoder", device=home, dtype=dtype)
+        decoder = UnCLIPDecoder.from_pretrained(folder / "decoder", device=device, dtype=dtype)
         template = "8B"  # train.py instruction-tunes in the official 8B chat template
+    if low_vram:
+        place_low_vram(seed, llm, decoder)
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
+
+def place_low_vram(*models: torch.nn.Module) -> None:
+    """--low-vram placement: every weight in pinned host memory (SeedLlama.running moves what a phase needs), and
+    the GPU emptied of what loading left there."""
+    for m in models:
+        pin_to_host(m)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 # ---- The built-in test picture -------------------------------------------------------------------------------------
 def test_picture(size: int = 448) -> Image.Image:
@@ -405,8 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="folder of the official files laid out as on the hub (missing files are "
                                      "downloaded into it); default: $SEED_CACHE or ~/.cache/seed-from-scratch")
     p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps, "
-                   "float32 on cpu; half precision also selects the fp16 unCLIP files, half the download")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps; "
+                   "on cpu bfloat16 where the CPU has it natively (AVX512-BF16), else float32; half precision also "
+                   "selects the fp16 unCLIP files, half the download")
+    p.add_argument("--int8", action="store_true", help="SEED-LLaMA's attention and MLP weights in int8 with "
+                   "per-channel scales (llama.quantize_int8): a quarter of the fp32 bytes per token")
+    p.add_argument("--compile", action="store_true", help="torch.compile the LLM's decode step (CUDA graphs on "
+                   "cuda); the first answer waits for the compilation")
     p.add_argument("--seed", type=int, default=Settings.seed, help="same seed, same outputs (default %(default)s)")
     # The LLM's decoding (defaults: the official values of llama.GenerationConfig), then the decoder's drawing.
     p.add_argument("--temperature", type=float, default=Settings.temperature, help="0 = greedy (default %(default)s)")
@@ -459,14 +473,21 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # Half precision on accelerators, as the official code; fp32 on the CPU, where half matmuls are slow.
-    dtype = getattr(torch, args.dtype) if args.dtype else pick_dtype(device)
+    # Half precision on accelerators, as the official code; on the CPU bf16 only where it is native.
+    dtype = getattr(torch, args.dtype) if args.dtype else inference_dtype(device)
+    if args.dtype is None and device.type == "cpu":
+        print(f"dtype: {str(dtype).removeprefix('torch.')} (this CPU "
+              f"{'has' if dtype == torch.bfloat16 else 'lacks'} native bf16; --dtype to choose)")
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
     try:
         pipe = load_pipeline(args.ckpt, device, dtype, model=args.model, weights=args.weights, low_vram=args.low_vram)
+        if args.int8:
+            quantize_int8(pipe.llm)
+        if args.compile:
+            pipe.llm.compile_decode()
         settings = settings_from(args)
         for task in tasks:  # a bad picture or a broken span ends the run with the error, not a traceback
             RUNNERS[task](pipe, settings, args, out)
