@@ -88,9 +88,8 @@ class SeedLlama:
     def encode_image(self, image: Image.Image) -> list[int]:
         """Picture -> its 32 codes (SEED resizes it to 224 x 224 with CLIP's normalisation)."""
         pixels = self.seed.preprocess(image)[None]  # (3, S, S) -> (1, 3, S, S)
-        t = self.seed
-        with self.running(t.visual_encoder, t.ln_vision, t.qformer, t.encode_task_layer, t.quantize):
-            return t.encode(pixels.to(self.device))[0].tolist()
+        with self.running(*phase_parts(self.seed, self.decoder)["encode"]):
+            return self.seed.encode(pixels.to(self.device))[0].tolist()
 
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
                  max_new_tokens: int | None = None, on_token=None) -> list[int]:
@@ -136,12 +135,10 @@ class SeedLlama:
     def draw(self, codes: list[int], settings: Settings, negative: list[int] | None = None) -> Image.Image:
         """32 codes -> image embedding -> unCLIP decoder -> picture (768 x 768 for the official decoder)."""
         rows = [codes] + ([negative] if negative is not None else [])
-        t, d = self.seed, self.decoder
-        with self.running(t.quantize, t.decode_task_layer, t.pos_embed_image, t.blocks_image, t.image_down,
-                          t.distill_image_proj):
-            embeds = t.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
-        # the text encoder never moves: E("") was computed at load and is all the decoder reads of it
-        with self.running(*(m for m in (d.unet, d.vae, d.noise_augmentation, d.empty_prompt_states) if m is not None)):
+        parts = phase_parts(self.seed, self.decoder)
+        with self.running(*parts["embed"]):
+            embeds = self.seed.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
+        with self.running(*parts["draw"]):
             return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
                                 guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
 
@@ -174,6 +171,16 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
     if low_vram:
         place_low_vram(seed, llm, decoder)
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
+
+def phase_parts(seed: SeedTokenizer, decoder: UnCLIPDecoder) -> dict[str, tuple]:
+    """What each phase of the pipeline runs, the parts --low-vram moves to the device for it (the LLM phase: all
+    of the LLM). The text encoder is in none: E("") was computed at load and is all the decoder reads of it."""
+    encode = (seed.visual_encoder, seed.ln_vision, seed.qformer, seed.encode_task_layer, seed.quantize)
+    embed = (seed.quantize, seed.decode_task_layer, seed.pos_embed_image, seed.blocks_image, seed.image_down,
+             seed.distill_image_proj)
+    draw = tuple(m for m in (decoder.unet, decoder.vae, decoder.noise_augmentation, decoder.empty_prompt_states)
+                 if m is not None)
+    return {"encode": encode, "embed": embed, "draw": draw}
 
 def place_low_vram(*models: torch.nn.Module) -> None:
     """--low-vram placement: every weight in pinned host memory (SeedLlama.running moves what a phase needs), and

@@ -28,7 +28,8 @@ ALLOWED_LOCAL = {
     "seed": {"qformer", "vq", "weights"},
     "llama": {"weights"}, "unet": {"weights"},
     **{script: {"weights", "tokenizer", "world", "vq", "qformer", "seed", "llama", "unet"}
-       for script in ("train", "sample", "bench")},
+       for script in ("train", "sample")},
+    "bench": {"weights", "tokenizer", "world", "vq", "qformer", "seed", "llama", "unet", "train", "sample"},
 }
 # Third-party packages allowed at run time (requirements.txt, minus pytest).
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors", "tqdm"}
