@@ -1,10 +1,15 @@
-"""bench.py: speed of our models against the reference implementations, on CPU, random weights.
+"""bench.py: speed of our models against the reference implementations, random weights, side by side in one run.
 
-    python bench.py [llama] [llama_load] [unet] [--threads 2] [--repeats 3]     # default: every benchmark
+    python bench.py [llama] [llama_load] [unet] [train] [gpu] [--threads 2] [--repeats 3] [--json] [--dry-run]
 
-Each `bench_<name>(args)` builds both implementations with the same weights, checks that they agree, times them and
-prints a table (`llama_load` measures the loader's peak host RAM instead); one whose reference library is absent
-says so and is skipped. Run it on a quiet machine: other load matters.
+Each `bench_<name>(args)` builds both implementations with the same weights, checks that they agree, times them
+(best of --repeats rounds after a warm-up, the contenders taking turns within a round) and prints a table or, with
+--json, returns one object for `{name: result}`. `llama`: transformers fp32 / bf16 against ours fp32 / bf16 / int8,
+with the weight bytes each decoded token streams and a memory copy timed in the same rounds, so that each decode
+rate is also a fraction of the bandwidth bound. `llama_load`: the loader's peak host RAM. `unet`: one CFG step
+against diffusers. `train`: one step of train.py's stages, the old recipe against the current one. `gpu`: the
+full-size models on CUDA (skipped without one); `--dry-run` runs `llama` and `gpu` at tiny sizes on the CPU. A
+benchmark whose reference library is absent says so and runs ours alone or is skipped. Run on a quiet machine.
 """
 import argparse
 import contextlib
@@ -301,7 +306,7 @@ def run_pipeline(tok, llm, decoder, device, low_vram: bool) -> float | None:
     """sample.py's t2i-after-caption path once (encode an image, 64 new tokens, embed 32 codes, a 2-step CFG
     decode to pixels), resident or with --low-vram's placement; the peak GPU memory in GiB (None on the CPU)."""
     import sample
-    parts = sample.phase_parts(tok, decoder)
+    parts = sample.phase_parts(tok, llm, decoder)
     place = (lambda *p: weights.on_device(device, *p)) if low_vram else (lambda *p: contextlib.nullcontext())
     if low_vram:
         sample.place_low_vram(tok, llm, decoder)
@@ -311,7 +316,7 @@ def run_pipeline(tok, llm, decoder, device, low_vram: bool) -> float | None:
     with torch.inference_mode():
         with place(*parts["encode"]):
             codes = tok.encode(torch.randn(1, 3, S, S, device=device))
-        with place(llm):
+        with place(*parts["generate"]):
             llm.generate([list(range(1, 50))], max_new_tokens=64)
             llm.free_cache()
         with place(*parts["embed"]):
@@ -508,19 +513,18 @@ def print_train(result: dict) -> None:
 BENCHMARKS = {"llama": (bench_llama, print_llama), "llama_load": (bench_llama_load, None),
               "unet": (bench_unet, None), "train": (bench_train, print_train), "gpu": (bench_gpu, print_gpu)}
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
-    parser.add_argument("names", nargs="*", default=["llama", "llama_load", "unet", "train", "gpu"],
-                        help=f"benchmarks to run, of {list(BENCHMARKS)}")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per measurement (the best is kept)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("names", nargs="*", default=list(BENCHMARKS),
+                        help=f"benchmarks to run, of {list(BENCHMARKS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds per measurement, the best kept (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object {benchmark: result} instead of "
                         "tables (llama, train, gpu)")
-    parser.add_argument("--dry-run", action="store_true", help="llama and gpu at tiny sizes on whatever device is "
-                        "there (the CPU included): the logic, not the numbers (tests)")
+    parser.add_argument("--dry-run", action="store_true", help="llama and gpu at tiny sizes on the CPU: the "
+                        "logic, not the numbers (tests)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:

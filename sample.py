@@ -61,7 +61,7 @@ class Settings:
 
 class SeedLlama:
     """The SEED tokenizer, SEED-LLaMA with its text tokenizer and the unCLIP decoder. With `low_vram` every model
-    stays in host memory and `running(model)` moves only the one at work to the device and back."""
+    stays in pinned host memory and `running(phase)` puts only what that phase runs on the device, for the phase."""
 
     def __init__(self, seed, llm, tokenizer, decoder, device: torch.device, low_vram: bool = False,
                  template: str = "8B"):
@@ -81,14 +81,16 @@ class SeedLlama:
                              f"tokenizer makes {seed.config.embed_dim}-d ones")
         self._uncond_codes = None
 
-    def running(self, *parts):
-        """--low-vram: `parts` (modules or single tensors) are on the device only for the duration of the block."""
-        return on_device(self.device, *parts) if self.low_vram else contextlib.nullcontext()
+    def running(self, phase: str):
+        """--low-vram: what `phase` runs (phase_parts) is on the device only for the duration of the block."""
+        if not self.low_vram:
+            return contextlib.nullcontext()
+        return on_device(self.device, *phase_parts(self.seed, self.llm, self.decoder)[phase])
 
     def encode_image(self, image: Image.Image) -> list[int]:
         """Picture -> its 32 codes (SEED resizes it to 224 x 224 with CLIP's normalisation)."""
         pixels = self.seed.preprocess(image)[None]  # (3, S, S) -> (1, 3, S, S)
-        with self.running(*phase_parts(self.seed, self.decoder)["encode"]):
+        with self.running("encode"):
             return self.seed.encode(pixels.to(self.device))[0].tolist()
 
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
@@ -102,7 +104,7 @@ class SeedLlama:
         guidance = settings.llm_guidance if force_image else 1.0
         uncond = self.tokenizer.encode_chat([""], self.template) if guidance != 1.0 else None
         generator = torch.Generator(self.device).manual_seed(settings.seed)
-        with self.running(self.llm):
+        with self.running("generate"):
             ids = self.llm.generate(
                 [prompt_ids], do_sample=settings.temperature > 0, temperature=settings.temperature or 1.0,
                 top_k=settings.top_k or None, top_p=settings.top_p, max_new_tokens=max_new_tokens,
@@ -135,10 +137,9 @@ class SeedLlama:
     def draw(self, codes: list[int], settings: Settings, negative: list[int] | None = None) -> Image.Image:
         """32 codes -> image embedding -> unCLIP decoder -> picture (768 x 768 for the official decoder)."""
         rows = [codes] + ([negative] if negative is not None else [])
-        parts = phase_parts(self.seed, self.decoder)
-        with self.running(*parts["embed"]):
+        with self.running("embed"):
             embeds = self.seed.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
-        with self.running(*parts["draw"]):
+        with self.running("draw"):
             return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
                                 guidance_scale=settings.guidance, seed=settings.seed, sampler=settings.sampler)[0]
 
@@ -172,15 +173,15 @@ def load_pipeline(ckpt: str, device: torch.device, dtype: torch.dtype, model: st
         place_low_vram(seed, llm, decoder)
     return SeedLlama(seed.eval(), llm.eval(), tokenizer, decoder.eval(), device, low_vram, template)
 
-def phase_parts(seed: SeedTokenizer, decoder: UnCLIPDecoder) -> dict[str, tuple]:
-    """What each phase of the pipeline runs, the parts --low-vram moves to the device for it (the LLM phase: all
-    of the LLM). The text encoder is in none: E("") was computed at load and is all the decoder reads of it."""
+def phase_parts(seed: SeedTokenizer, llm: Llama, decoder: UnCLIPDecoder) -> dict[str, tuple]:
+    """What each phase of the pipeline runs: the parts --low-vram moves to the device for it. The text encoder is
+    in none: E("") was computed at load and is all the decoder reads of it."""
     encode = (seed.visual_encoder, seed.ln_vision, seed.qformer, seed.encode_task_layer, seed.quantize)
     embed = (seed.quantize, seed.decode_task_layer, seed.pos_embed_image, seed.blocks_image, seed.image_down,
              seed.distill_image_proj)
     draw = tuple(m for m in (decoder.unet, decoder.vae, decoder.noise_augmentation, decoder.empty_prompt_states)
                  if m is not None)
-    return {"encode": encode, "embed": embed, "draw": draw}
+    return {"encode": encode, "generate": (llm,), "embed": embed, "draw": draw}
 
 def place_low_vram(*models: torch.nn.Module) -> None:
     """--low-vram placement: every weight in pinned host memory (SeedLlama.running moves what a phase needs), and
