@@ -713,16 +713,22 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tup
 def llm_loss(model: llama.Llama, rows: list[tuple[list[int], list[int]]], pad_id: int, device,
              micro_batches: int = 1) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled tokens of (ids, labels) rows. The rows are sorted by length
-    and cut into `micro_batches` groups, each padded only to its own longest row, and the head runs only where a
-    label is: the summed losses over the count of labels equal the loss of the whole batch padded as one, with
-    no compute spent on padding or on prompt positions."""
+    and cut into `micro_batches` groups, each padded only to its own longest row (groups of one length are one
+    batch), and the head runs only where a label is: the summed losses over the count of labels equal the loss of
+    the whole batch padded as one, with no compute spent on padding or on prompt positions."""
     if micro_batches < 1:
         raise ValueError(f"--llm.micro-batches must be >= 1, got {micro_batches}")
     rows = sorted(rows, key=lambda r: len(r[0]))
-    size = -(-len(rows) // micro_batches)
-    total, count = 0.0, 0
+    size, groups = -(-len(rows) // micro_batches), []
     for k in range(0, len(rows), size):
-        ids, labels = collate(rows[k:k + size], pad_id, device)
+        chunk = rows[k:k + size]
+        if groups and len(groups[-1][-1][0]) == len(chunk[-1][0]):  # as long as the group before: joining pads nothing
+            groups[-1] += chunk
+        else:
+            groups.append(chunk)
+    total, count = 0.0, 0
+    for group in groups:
+        ids, labels = collate(group, pad_id, device)
         target = labels[:, 1:]  # the logits at t predict labels[t + 1]
         where = target != IGNORE
         total = total + F.cross_entropy(model(ids[:, :-1], where=where).float(), target[where], reduction="sum")

@@ -53,3 +53,24 @@ def test_json_refuses_a_table_only_benchmark(capsys):
     with pytest.raises(SystemExit):
         bench.main(["unet", "--json"])
     assert "--json applies to" in capsys.readouterr().err
+
+def test_length_grouped_loss_equals_one_padded_batch():
+    """train.llm_loss (sorted micro-batches, the head on labelled positions only) gives the old recipe's loss and
+    gradients: bench.py train times the two as the same computation."""
+    import torch
+    import llama
+    import train
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig.preset("tiny"))
+    rows = []
+    for n in (7, 19, 12, 19, 5, 30):
+        ids = torch.randint(1, 700, (n,)).tolist()
+        rows.append((ids, [train.IGNORE] * (n // 2) + ids[n // 2:]))
+    old = bench.padded_llm_loss(model, rows, pad_id=0)
+    grad_old = torch.autograd.grad(old, model.lm_head.weight)[0]
+    for micro_batches in (1, 3, 6):
+        new = train.llm_loss(model, rows, 0, "cpu", micro_batches)
+        torch.testing.assert_close(new, old)
+        torch.testing.assert_close(torch.autograd.grad(new, model.lm_head.weight)[0], grad_old)
+    with pytest.raises(ValueError, match="micro-batches"):
+        train.llm_loss(model, rows, 0, "cpu", 0)
