@@ -256,6 +256,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_len = None  # KV cache slots generate makes: None = what a call needs (compile_decode: all)
         for module in self.modules():  # HF initializer_range 0.02; only matters when training from scratch
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -352,6 +353,7 @@ class Llama(nn.Module):
         """Wrap decode_step in torch.compile (one graph for every step; CUDA graphs on CUDA); generate uses it."""
         mode = "reduce-overhead" if self.lm_head.weight.device.type == "cuda" else None
         self.decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        self.cache_len = self.config.max_seq_len  # one cache shape for every call: no recompilation per prompt
         return self
 
     @torch.inference_mode()
@@ -380,7 +382,7 @@ class Llama(nn.Module):
         max_new = min(cfg.max_new_tokens, self.config.max_seq_len - idx.shape[1])  # stop at the context end
         if max_new == 0:
             return out
-        self.setup_cache(idx.shape[0], idx.shape[1] + max_new)
+        self.setup_cache(idx.shape[0], self.cache_len or idx.shape[1] + max_new)
         logits = self.prefill(idx, pad)
         return self.decode_loop(logits, out, cfg, span, idx.shape[1], pad, max_new, generator, on_token)
 

@@ -347,3 +347,14 @@ def test_sampling_filters_match_transformers():
     for p in (0.5, 0.9):
         want = generation.TopPLogitsWarper(p)(None, logits.clone())
         assert torch.equal(llama.top_p_filter(logits, p), want)
+
+def test_decode_step_is_one_graph(tiny):
+    """What compile_decode needs: the static step traces whole (fullgraph; dynamo's eager backend, so no compiler
+    runs here) for the float and the int8 model, and generate gives the same tokens through it."""
+    torch._dynamo.reset()
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    for model in (copy.deepcopy(tiny), quantize_int8(copy.deepcopy(tiny))):
+        eager = model.generate(prompts, max_new_tokens=6)
+        model.decode_step = torch.compile(model.decode_step, backend="eager", fullgraph=True, dynamic=False)
+        model.cache_len = model.config.max_seq_len
+        assert model.generate(prompts, max_new_tokens=6) == eager
