@@ -186,7 +186,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(linear.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        # (torch 2.13's packed kernel crashes on rows whose width is not a multiple of 16: those dequantise)
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)

@@ -152,6 +152,15 @@ def test_int8_close_to_float(tiny, dtype):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     assert len(model.generate([idx[0].tolist()], max_new_tokens=5)[0]) == 5
 
+def test_int8_any_width():
+    """Widths that are not a multiple of 16 (train.py's tiny FFN is 344) take the dequantising path on the CPU."""
+    torch.manual_seed(7)
+    model = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=40, max_seq_len=32)).bfloat16()
+    float_logits = model(torch.arange(1, 9)[None]).float()
+    quantize_int8(model)
+    with torch.no_grad():
+        assert (model(torch.arange(1, 9)[None]).float() - float_logits).abs().max() <= 0.05 * float_logits.abs().max()
+
 def test_bf16_on_cpu_generates_like_fp32(tiny):
     bf16 = copy.deepcopy(tiny).to(torch.bfloat16)
     idx = torch.randint(0, 770, (1, 10))
