@@ -175,7 +175,8 @@ class Linear(nn.Linear):
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights and one float scale per output channel, W ~ scales[:, None] * weight
     (weight-only quantisation as pytorch-labs/gpt-fast quantize.py WeightOnlyInt8QuantHandler). On the CPU with bf16
-    activations the packed int8 kernel; elsewhere dequantise-and-matmul, which torch.compile fuses on CUDA."""
+    activations and a few rows (decoding) the packed int8 kernel; otherwise dequantise-and-matmul, which
+    torch.compile fuses on CUDA."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -186,8 +187,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(linear.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (torch 2.13's packed kernel crashes on rows whose width is not a multiple of 16: those dequantise)
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0:
+        # The packed kernel's time grows with the rows: past about 16 (a prompt) one dequantised bf16 GEMM is faster
+        # (bench.py llama's prefill); torch 2.13's kernel also crashes on widths that are not multiples of 16.
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and rows <= 16:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)

@@ -151,6 +151,9 @@ def test_int8_close_to_float(tiny, dtype):
     assert (a - b).abs().max() <= 0.05 * b.abs().max(), (a - b).abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     assert len(model.generate([idx[0].tolist()], max_new_tokens=5)[0]) == 5
+    layer, x = model.model.layers[0].mlp.up_proj, torch.randn(3, 32, dtype=dtype)  # 3 rows: packed in bf16
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float()) * layer.scales.float()
+    torch.testing.assert_close(layer(x).float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0.02)
 
 def test_int8_any_width():
     """Widths that are not a multiple of 16 (train.py's tiny FFN is 344) take the dequantising path on the CPU."""
