@@ -417,7 +417,10 @@ class Llama(nn.Module):
             if all(done) or step == max_new - 1:
                 break
             feed = tok.repeat(n_rows // n_prompts)  # the unconditional rows follow their conditional row
-            logits = self.decode_step(feed, torch.tensor(start + step, device=feed.device), pad)
+            if self.cache_len or feed.device.type != "cpu":  # the static step: compiled, or a GPU
+                logits = self.decode_step(feed, torch.tensor(start + step, device=feed.device), pad)
+            else:  # eager on the CPU, SDPA over the filled slots alone is faster than over the masked cache
+                logits = self(feed[:, None], start + step, pad)[:, 0]
         return out
 
     # ---- checkpoints (the reading itself is the loading section at the end of the file) ---------------------
