@@ -4,8 +4,9 @@ SEED-LLaMA (Ge et al., "Making LLaMA SEE and Draw with SEED Tokenizer", ICLR 202
 LLaMA (arXiv:2302.13971), fine-tuned from Vicuna-7B ("8B") or LLaMA-2-chat-13B ("14B"), with tokenizer.py's image
 tokens added: one next-token model reads an image (its 32 SEED codes in the prompt) and draws one (32 in its output).
 
-In llama2.c's order: `LlamaConfig` and `GenerationConfig`, RMSNorm, RoPE, `KVCache`, attention, MLP, block,
-`Llama` (forward, `prefill`, `decode_one_token`, `generate`), sampling and the image-span options, loading.
+In llama2.c's order: `LlamaConfig` and `GenerationConfig`, RMSNorm, RoPE, `KVCache`, the linear layers (bf16 and
+int8), attention, MLP, block, `Llama` (forward, `prefill`, the static `decode_step`, `generate`), `quantize_int8`,
+sampling and the image-span options, loading.
 
 Mirrors transformers==4.30.2 models/llama/modeling_llama.py (the version AILab-CVC/SEED pins; SEED's
 models/llama_xformer.py is a copy of it with xformers attention) and generation/utils.py (the sampling warpers),
@@ -155,20 +156,60 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, torch.Tensor):  # the static step: one slot given as a tensor, the whole cache read
+            self.k.index_copy_(2, start.view(1), k)
+            self.v.index_copy_(2, start.view(1), v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # views (B, nkv, end, hs): no copy
 
+class Linear(nn.Linear):
+    """nn.Linear without bias, except that one row of bf16 activations on the CPU goes through torch.mv: decoding
+    one token is exactly that, and there oneDNN's bf16 GEMM streams the weights at about 2/3 of mv's rate (AVX512,
+    torch 2.13; `python bench.py llama` shows the result)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == self.in_features:
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weights and one float scale per output channel, W ~ scales[:, None] * weight
+    (weight-only quantisation as pytorch-labs/gpt-fast quantize.py WeightOnlyInt8QuantHandler). On the CPU with bf16
+    activations and a few rows (decoding) the packed int8 kernel; otherwise dequantise-and-matmul, which
+    torch.compile fuses on CUDA."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127  # (out,): the row's max -> 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))  # in [-127, 127]
+        self.register_buffer("scales", scales.to(linear.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The packed kernel's time grows with the rows: past about 16 (a prompt) one dequantised bf16 GEMM is faster
+        # (bench.py llama's prefill); torch 2.13's kernel also crashes on widths that are not multiples of 16.
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and rows <= 16:
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim)
+        self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim)
+        self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim)
         self.cache: KVCache | None = None  # set by Llama.setup_cache
 
     def forward(self, x, cos, sin, mask, start_pos):
@@ -190,9 +231,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        self.gate_proj = Linear(config.dim, config.ffn_dim)
+        self.up_proj = Linear(config.dim, config.ffn_dim)
+        self.down_proj = Linear(config.ffn_dim, config.dim)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -221,11 +262,12 @@ class Llama(nn.Module):
             layers=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
             norm=RMSNorm(config.dim, config.norm_eps),
         ))
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)  # untied from embed_tokens
+        self.lm_head = Linear(config.dim, config.vocab_size)  # untied from embed_tokens
         # computed once; rebuilt on the real device after a meta-device load (they hold no learned values)
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_len = None  # KV cache slots generate makes: None = what a call needs (compile_decode: all)
         for module in self.modules():  # HF initializer_range 0.02; only matters when training from scratch
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -234,36 +276,59 @@ class Llama(nn.Module):
         """Final-normed hidden states (B, T, C) of the tokens idx (B, T).
 
         start_pos: None = no cache (training, tests); an int = the cache slot of idx[:, 0]: the keys/values
-            are written to the cache from there and attention reads every slot before them.
+            are written to the cache from there and attention reads every slot before them; a 0-d int64 tensor =
+            the static decode step (one token, T = 1; see `decode_step`).
         pad: (B,) number of left-padding slots of each row. A row's first real token gets position 0 (so a
             padded prompt gives what it gives alone) and padding slots are never attended.
         """
-        B, T = idx.shape
-        start = 0 if start_pos is None else start_pos
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"{start + T} positions exceed the context of max_seq_len={self.config.max_seq_len}")
-        x = self.model.embed_tokens(idx)  # (B, T, C)
-        slots = torch.arange(start, start + T, device=idx.device)  # the cache slot of each new token
-        keys = torch.arange(start + T, device=idx.device)  # the slots the new tokens may read
-        if pad is None:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
-            # SDPA's is_causal covers a prompt from slot 0 and a single new token; a later chunk needs the mask
-            mask = keys <= slots[:, None] if start > 0 and T > 1 else None  # (T, S), True = may attend
+        if isinstance(start_pos, torch.Tensor):
+            cos, sin, mask = self.static_positions(start_pos, pad)
         else:
-            pos = (slots - pad[:, None]).clamp(min=0)  # (B, T) rotary positions
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, hs)
-            mask = (keys <= slots[:, None]) & (keys >= pad[:, None, None])  # (B, T, S): causal, no padding keys
-            # a padding query sees itself: a row with every key masked would make SDPA return NaN, and NaN
-            # values would then leak into the real rows (0 * NaN) even though their weight is zero
-            mask = (mask | (keys == slots[:, None]))[:, None]  # (B, 1, T, S)
+            cos, sin, mask = self.positions(idx.shape[1], start_pos, pad)
+        x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # HF builds them in fp32 and casts to the activations
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, start_pos)
         return self.model.norm(x)
 
-    def forward(self, idx: torch.Tensor, start_pos: int | None = None, pad: torch.Tensor | None = None):
-        """Logits (B, T, vocab_size) of every position; see `hidden` for the arguments."""
-        return self.lm_head(self.hidden(idx, start_pos, pad))
+    def positions(self, T: int, start_pos: int | None, pad: torch.Tensor | None):
+        """Rotary cos, sin and the attention mask (None: SDPA's own causal or full case) of T new tokens."""
+        start, device = 0 if start_pos is None else start_pos, self.rope_cos.device
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"{start + T} positions exceed the context of max_seq_len={self.config.max_seq_len}")
+        slots = torch.arange(start, start + T, device=device)  # the cache slot of each new token
+        keys = torch.arange(start + T, device=device)  # the slots the new tokens may read
+        if pad is None:
+            # SDPA's is_causal covers a prompt from slot 0 and a single new token; a later chunk needs the mask
+            mask = keys <= slots[:, None] if start > 0 and T > 1 else None  # (T, S), True = may attend
+            return self.rope_cos[start:start + T], self.rope_sin[start:start + T], mask  # (T, hs)
+        pos = (slots - pad[:, None]).clamp(min=0)  # (B, T) rotary positions
+        mask = (keys <= slots[:, None]) & (keys >= pad[:, None, None])  # (B, T, S): causal, no padding keys
+        # a padding query sees itself: a row with every key masked would make SDPA return NaN, and NaN
+        # values would then leak into the real rows (0 * NaN) even though their weight is zero
+        mask = (mask | (keys == slots[:, None]))[:, None]  # (B, 1, T, S)
+        return self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], mask  # (B, 1, T, hs)
+
+    def static_positions(self, slot: torch.Tensor, pad: torch.Tensor | None):
+        """`positions` of one new token at cache slot `slot` (a 0-d tensor), over every slot of the cache: the
+        same shapes whatever the slot, so that one compiled graph serves every step."""
+        cache = self.model.layers[0].self_attn.cache
+        if cache is None:
+            raise RuntimeError("the static decode step needs Llama.setup_cache(batch_size, max_seq_len) first")
+        keys = torch.arange(cache.k.shape[2], device=slot.device)  # (S,) every slot; the unwritten ones masked
+        if pad is None:
+            pos, mask = slot.view(1), (keys <= slot).view(1, 1, 1, -1)  # (1,), (1, 1, 1, S)
+            return self.rope_cos[pos], self.rope_sin[pos], mask  # (1, hs)
+        pos = (slot - pad).clamp(min=0)[:, None]  # (B, 1)
+        mask = ((keys <= slot) & (keys >= pad[:, None]))[:, None, None]  # (B, 1, 1, S)
+        return self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], mask  # (B, 1, 1, hs)
+
+    def forward(self, idx: torch.Tensor, start_pos: int | None = None, pad: torch.Tensor | None = None,
+                where: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of every position; see `hidden` for the arguments. where: a (B, T) bool mask:
+        the head only at those positions, logits (N, vocab_size) in row-major order (training: the labelled ones)."""
+        h = self.hidden(idx, start_pos, pad)
+        return self.lm_head(h if where is None else h[where])
 
     # ---- inference over the KV cache (gpt-fast style) ------------------------------------------------------
 
@@ -280,13 +345,27 @@ class Llama(nn.Module):
                 layer.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
                                                 self.config.head_dim, w.dtype, w.device)
 
+    def free_cache(self):
+        """Drop the KV cache that generate keeps for reuse (its memory is freed; the next generate makes one)."""
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
     def prefill(self, idx: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """Run the (left-padded) prompts idx (B, T) into the cache from slot 0; logits of the last slot (B, V)."""
         return self.lm_head(self.hidden(idx, 0, pad)[:, -1])  # the head only where a token is sampled
 
-    def decode_one_token(self, tok: torch.Tensor, pos: int, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed tok (B,) at cache slot pos; logits of the next token (B, V)."""
-        return self.lm_head(self.hidden(tok[:, None], pos, pad)[:, 0])
+    def decode_step(self, tok: torch.Tensor, slot: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed tok (B,) at cache slot `slot` (a 0-d int64 tensor); logits of the next token (B, V). Static shapes,
+        as gpt-fast's decode step: the key and value are written in place and attention reads the whole cache
+        through a mask, so nothing depends on a Python int that changes per token (`compile_decode`)."""
+        return self.lm_head(self.hidden(tok[:, None], slot, pad)[:, 0])
+
+    def compile_decode(self) -> Llama:
+        """Wrap decode_step in torch.compile (one graph for every step; CUDA graphs on CUDA); generate uses it."""
+        mode = "reduce-overhead" if self.lm_head.weight.device.type == "cuda" else None
+        self.decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        self.cache_len = self.config.max_seq_len  # one cache shape for every call: no recompilation per prompt
+        return self
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
@@ -314,7 +393,7 @@ class Llama(nn.Module):
         max_new = min(cfg.max_new_tokens, self.config.max_seq_len - idx.shape[1])  # stop at the context end
         if max_new == 0:
             return out
-        self.setup_cache(idx.shape[0], idx.shape[1] + max_new)
+        self.setup_cache(idx.shape[0], self.cache_len or idx.shape[1] + max_new)
         logits = self.prefill(idx, pad)
         return self.decode_loop(logits, out, cfg, span, idx.shape[1], pad, max_new, generator, on_token)
 
@@ -345,7 +424,10 @@ class Llama(nn.Module):
             if all(done) or step == max_new - 1:
                 break
             feed = tok.repeat(n_rows // n_prompts)  # the unconditional rows follow their conditional row
-            logits = self.decode_one_token(feed, start + step, pad)
+            if self.cache_len or feed.device.type != "cpu":  # the static step: compiled, or a GPU
+                logits = self.decode_step(feed, torch.tensor(start + step, device=feed.device), pad)
+            else:  # eager on the CPU, SDPA over the filled slots alone is faster than over the masked cache
+                logits = self(feed[:, None], start + step, pad)[:, 0]
         return out
 
     # ---- checkpoints (the reading itself is the loading section at the end of the file) ---------------------
@@ -386,6 +468,17 @@ class Llama(nn.Module):
         name = hf.get("torch_dtype", hf.get("dtype"))
         stored = getattr(torch, name) if name in ("float32", "float16", "bfloat16") else None
         return _load(LlamaConfig.from_hf(hf), find_weights(folder, OFFICIAL_WEIGHT_FILES), device, dtype, stored)
+
+def quantize_int8(model: Llama) -> Llama:
+    """Int8 weights, in place, for the attention and MLP linears of every block (Int8Linear: per-output-channel
+    scales). Embeddings, norms and lm_head keep the model's float dtype: the head's rows are the 8192 image codes
+    too, and one token reads only one embedding row. The fastest CPU path wants a bf16 model."""
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    return model
 
 # ---- sampling and the image-span options ----------------------------------------------------------------
 def batch_rows(prompts: Sequence[Sequence[int]], cfg: GenerationConfig, image_vocab,

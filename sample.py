@@ -48,12 +48,12 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from llama import GenerationConfig, Llama
+from llama import GenerationConfig, Llama, quantize_int8
 from tokenizer import CODES_PER_IMAGE, Tokenizer, check_image_codes
 from seed import SeedTokenizer, load_image
 from unet import OFFICIAL_COMPONENTS, SAMPLERS, UnCLIPDecoder
-from weights import (HALF_DTYPES, atomic_write, index_shards, inside, lock, pick_device, pick_dtype, read_json,
-                     run_record, write_json)
+from weights import (HALF_DTYPES, atomic_write, index_shards, inference_dtype, inside, lock, on_device,
+                     pick_device, pin_to_host, read_json, run_record, write_json)
 
 # ---- The pipeline: SEED tokenizer + SEED-LLaMA + unCLIP decoder, and the API on top of them ------------------------
 @dataclass
@@ -143,7 +143,8 @@ class SeedLlama:
     `SeedLlama.from_pretrained("official" or a train.py folder)`, then `caption`, `answer`, `text_to_image`, `edit`,
     `reconstruct` and `chat`. An `image` is a path, a PIL image, or its 32 codes; every call takes `self.settings`
     (the checkpoint's own) with any of its fields overridden by keyword (`pipe.text_to_image("...", seed=3)`). With
-    `low_vram` every model stays in host memory and `running(model)` moves only the one at work to the device."""
+    `low_vram` every model stays in pinned host memory and `running(phase)` puts only what that phase runs on
+    the device, for the phase."""
 
     def __init__(self, seed, llm, tokenizer, decoder, device: torch.device, low_vram: bool = False,
                  template: str = "8B", settings: Settings | None = None, prompts: dict | None = None,
@@ -172,15 +173,20 @@ class SeedLlama:
                         model: str = "8b", weights: str | None = None, low_vram: bool = False) -> "SeedLlama":
         """`ckpt` = "official" (the released weights, fetched into the cache once; `model` "8b" or "14b", `weights`
         a folder of your own in the hub layout) or a folder written by train.py, with its GENERATION_CONFIG.
-        `device`: the best present (cuda, mps, cpu) by default; `dtype`: half on accelerators, fp32 on the CPU."""
+        `device`: the best present (cuda, mps, cpu) by default; `dtype`: half on accelerators, on the CPU bf16
+        where it is native and fp32 elsewhere (weights.inference_dtype)."""
         device = pick_device(device)  # an absent device is named, with the ones present
-        home = torch.device("cpu") if low_vram else device  # where the weights live between uses
+        dtype = dtype or inference_dtype(device)
+        # --low-vram: the weights live in host memory; the decoder loads on the device so that its text encoder runs
+        # E("") there once, then joins the others in pinned host memory (place_low_vram)
+        home = torch.device("cpu") if low_vram else device
         if str(ckpt) == "official":
-            return cls(*load_official(weights_root(weights), model, home, dtype or pick_dtype(device)), device,
-                       low_vram, template=model.upper())
-        folder = Path(ckpt)
-        # train.py instruction-tunes in the official 8B chat template
-        return cls(*load_run(folder, home, dtype), device, low_vram, "8B", **read_generation_config(folder))
+            parts, kw = load_official(weights_root(weights), model, home, device, dtype), {"template": model.upper()}
+        else:  # train.py instruction-tunes in the official 8B chat template
+            parts, kw = load_run(Path(ckpt), home, device, dtype), read_generation_config(Path(ckpt))
+        if low_vram:
+            place_low_vram(parts[0], parts[1], parts[3])
+        return cls(*parts, device, low_vram, **kw)
 
     def _settings(self, overrides: dict) -> Settings:
         return check_settings(replace(self.settings, **overrides)) if overrides else self.settings
@@ -223,7 +229,7 @@ class SeedLlama:
     def encode_image(self, image) -> list[int]:
         """Picture (or its path) -> its 32 codes (SEED resizes it to 224 x 224 with CLIP's normalisation)."""
         pixels = self.seed.preprocess(load_image(image))[None]  # (3, S, S) -> (1, 3, S, S)
-        with self.running(self.seed):
+        with self.running("encode"):
             return self.seed.encode(pixels.to(self.device))[0].tolist()
 
     def respond(self, request: str, codes: list[int] | None, settings: Settings, force_image: bool = False):
@@ -240,19 +246,11 @@ class SeedLlama:
         picture = self.draw(images[0], settings, self.negative_codes(settings))
         return (picture, images[0]) if return_codes else picture
 
-    @contextlib.contextmanager
-    def running(self, model: torch.nn.Module):
-        """--low-vram: `model` is on the device only for the duration of the block."""
+    def running(self, phase: str):
+        """--low-vram: what `phase` runs (phase_parts) is on the device only for the duration of the block."""
         if not self.low_vram:
-            yield model
-            return
-        model.to(self.device)
-        try:
-            yield model
-        finally:
-            model.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            return contextlib.nullcontext()
+        return on_device(self.device, *phase_parts(self.seed, self.llm, self.decoder)[phase])
 
     def generate(self, prompt_ids: list[int], settings: Settings, force_image: bool = False,
                  max_new_tokens: int | None = None, on_token=None) -> list[int]:
@@ -265,14 +263,17 @@ class SeedLlama:
         guidance = settings.llm_guidance if force_image else 1.0
         uncond = self.tokenizer.encode_chat([""], self.template) if guidance != 1.0 else None
         generator = torch.Generator(self.device).manual_seed(settings.seed)
-        with self.running(self.llm), tqdm(total=max_new_tokens, desc="SEED-LLaMA", unit="token", leave=False,
-                                          file=sys.stderr, disable=None if on_token is None else True) as bar:
-            return self.llm.generate(
+        with self.running("generate"), tqdm(total=max_new_tokens, desc="SEED-LLaMA", unit="token", leave=False,
+                                               file=sys.stderr, disable=None if on_token is None else True) as bar:
+            ids = self.llm.generate(
                 [prompt_ids], do_sample=settings.temperature > 0, temperature=settings.temperature or 1.0,
                 top_k=settings.top_k or None, top_p=settings.top_p, max_new_tokens=max_new_tokens,
                 stop_ids=(self.tokenizer.eos_id, self.tokenizer.bos_id), constrain_images=settings.constrained,
                 force_image=force_image, guidance_scale=guidance, uncond_prompt=uncond, image_vocab=self.image_vocab,
                 generator=generator, on_token=on_token or (lambda row, token: bar.update()))[0]
+            if self.low_vram:  # the KV cache was made on the device inside the block: it leaves with the weights
+                self.llm.free_cache()
+        return ids
 
     def read(self, new_ids: list[int]) -> tuple[str, list[list[int]], str | None]:
         """Generated ids -> (text with `<image>` where each image was, the 32 codes of each image, a note or None);
@@ -303,11 +304,11 @@ class SeedLlama:
         """32 codes -> image embedding -> unCLIP decoder -> picture (768 x 768 for the official decoder), with a
         progress bar over the UNet calls on a terminal (PNDM makes one more than its steps)."""
         rows = [codes] + ([negative] if negative is not None else [])
-        with self.running(self.seed):
+        with self.running("embed"):
             embeds = self.seed.embed(torch.tensor(rows, device=self.device))  # (1 or 2, 32) -> (1 or 2, E)
         calls = settings.steps + (settings.sampler == "pndm")
-        with self.running(self.decoder), tqdm(total=calls, desc="unCLIP", unit="step", leave=False, file=sys.stderr,
-                                              disable=None) as bar:
+        with self.running("draw"), tqdm(total=calls, desc="unCLIP", unit="step", leave=False, file=sys.stderr,
+                                           disable=None) as bar:
             hook = self.decoder.unet.register_forward_hook(lambda *_: bar.update())
             try:
                 return self.decoder(embeds[:1], embeds[1:] if negative is not None else None, steps=settings.steps,
@@ -324,31 +325,51 @@ def check_one_run(folder: Path) -> None:
                          f"{', '.join(f'{name}/ of run {i}' for name, i in ids.items())}. Train every stage into "
                          f"one folder (train.py --resume, or a new --out).")
 
-def load_official(root: Path, model: str, device: torch.device, dtype: torch.dtype) -> tuple:
-    """The released SEED tokenizer, SEED-LLaMA, its text tokenizer and the unCLIP decoder, fetched under `root`."""
+def load_official(root: Path, model: str, home: torch.device, device: torch.device, dtype: torch.dtype) -> tuple:
+    """The released SEED tokenizer, SEED-LLaMA, its text tokenizer and the unCLIP decoder, fetched under `root`;
+    the decoder on `device`, the others on `home`."""
     # Half precision reads the fp16 unCLIP files (half the download); the others are cast as they load.
     variant = "fp16" if dtype in HALF_DTYPES else None
     files = resolve_official(root, model, variant)
     with tqdm(total=3, desc="loading the official weights", unit="model", file=sys.stderr, disable=None) as bar:
-        seed = SeedTokenizer.from_official(files.quantizer, files.vit, device=device, dtype=dtype)
+        seed = SeedTokenizer.from_official(files.quantizer, files.vit, device=home, dtype=dtype)
         bar.update()
-        llm = Llama.from_official(files.llm, device=device, dtype=dtype)
+        llm = Llama.from_official(files.llm, device=home, dtype=dtype)
         bar.update()
         decoder = UnCLIPDecoder.from_official(files.unclip, device=device, dtype=dtype, variant=variant)
         bar.update()
     return seed.eval(), llm.eval(), Tokenizer(files.tokenizer), decoder.eval()
 
-def load_run(folder: Path, device: torch.device, dtype: torch.dtype | None) -> tuple:
-    """What train.py wrote into `folder`: seed/, llama/ (with its tokenizer) and decoder/."""
+def load_run(folder: Path, home: torch.device, device: torch.device, dtype: torch.dtype) -> tuple:
+    """What train.py wrote into `folder`: seed/, llama/ (with its tokenizer) and decoder/; the decoder on `device`,
+    the others on `home`."""
     missing = [str(folder / name) for name in ("seed", "llama", "decoder") if not (folder / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"--ckpt {folder}: expected a folder written by train.py with seed/, llama/ and "
                                 f"decoder/ (or 'official'); missing: {', '.join(missing)}")
     check_one_run(folder)
-    seed = SeedTokenizer.from_pretrained(folder / "seed", device=device, dtype=dtype)
-    llm = Llama.from_pretrained(folder / "llama", device=device, dtype=dtype)
+    seed = SeedTokenizer.from_pretrained(folder / "seed", device=home, dtype=dtype)
+    llm = Llama.from_pretrained(folder / "llama", device=home, dtype=dtype)
     decoder = UnCLIPDecoder.from_pretrained(folder / "decoder", device=device, dtype=dtype)
     return seed.eval(), llm.eval(), Tokenizer(folder / "llama"), decoder.eval()
+
+def phase_parts(seed: SeedTokenizer, llm: Llama, decoder: UnCLIPDecoder) -> dict[str, tuple]:
+    """What each phase of the pipeline runs: the parts --low-vram moves to the device for it. The text encoder is
+    in none: E("") was computed at load and is all the decoder reads of it."""
+    encode = (seed.visual_encoder, seed.ln_vision, seed.qformer, seed.encode_task_layer, seed.quantize)
+    embed = (seed.quantize, seed.decode_task_layer, seed.pos_embed_image, seed.blocks_image, seed.image_down,
+             seed.distill_image_proj)
+    draw = tuple(m for m in (decoder.unet, decoder.vae, decoder.noise_augmentation, decoder.empty_prompt_states)
+                 if m is not None)
+    return {"encode": encode, "generate": (llm,), "embed": embed, "draw": draw}
+
+def place_low_vram(*models: torch.nn.Module) -> None:
+    """--low-vram placement: every weight in pinned host memory (SeedLlama.running moves what a phase needs), and
+    the GPU emptied of what loading left there."""
+    for m in models:
+        pin_to_host(m)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 # ---- The built-in test picture -------------------------------------------------------------------------------------
 def test_picture(size: int = 448) -> Image.Image:
@@ -597,6 +618,19 @@ RUNNERS = {"reconstruct": run_reconstruct, "caption": run_on_image("caption"), "
 # ---- The CLI -------------------------------------------------------------------------------------------------------
 TASKS = ["reconstruct", "caption", "vqa", "t2i", "edit", "chat"]
 
+def add_machine_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the models run: the device, the dtype, int8 weights, a compiled decode step, --low-vram."""
+    p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps; "
+                   "on cpu bfloat16 where the CPU has it natively (AVX512-BF16), else float32; half precision also "
+                   "selects the fp16 unCLIP files, half the download")
+    p.add_argument("--int8", action="store_true", help="SEED-LLaMA's attention and MLP weights in int8 with "
+                   "per-channel scales (llama.quantize_int8): a quarter of the fp32 bytes per token")
+    p.add_argument("--compile", action="store_true", help="torch.compile the LLM's decode step (CUDA graphs on "
+                   "cuda); the first answer waits for the compilation")
+    p.add_argument("--low-vram", action="store_true", help="keep every model in host memory and move only the "
+                   "running one to the GPU: SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
+
 def build_parser() -> argparse.ArgumentParser:
     """Every generation flag is a `Settings` field; given, it overrides the checkpoint's own value."""
     p = argparse.ArgumentParser(
@@ -625,9 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the SEED-LLaMA of --ckpt official: 8b (Vicuna template) or 14b (LLaMA-2 chat)")
     p.add_argument("--weights", help="folder of the official files laid out as on the hub (missing files are "
                                      "downloaded into it); default: $SEED_CACHE or ~/.cache/seed-from-scratch")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps, "
-                   "float32 on cpu; half precision also selects the fp16 unCLIP files, half the download")
+    add_machine_flags(p)
     s = Settings()
 
     def setting(flag: str, help: str, **kw) -> None:
@@ -652,8 +684,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default uncond; reconstructions always use none)")
     p.add_argument("--constrained", action="store_const", const=True, help="after <img>, only image codes for 32 "
                    "tokens, then </img>: every image span is valid (the official code samples freely)")
-    p.add_argument("--low-vram", action="store_true", help="keep every model in host memory and move only the "
-                   "running one to the GPU: SEED-LLaMA 8B in fp16 then fits a 16 GB GPU")
     p.add_argument("--out", default="samples", help="folder for the pictures, each with a JSON of what made it "
                                                    "(default ./samples)")
     return p
@@ -690,11 +720,19 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dtype is None and pick_device(args.device).type == "cpu":  # say which, as bf16 changes the numbers
+        bf16 = inference_dtype(torch.device("cpu")) == torch.bfloat16
+        print(f"dtype: {'bfloat16' if bf16 else 'float32'} (this CPU {'has' if bf16 else 'lacks'} native bf16; "
+              f"--dtype to choose)")
     tasks = [t for t in TASKS if t != "chat"] + ["chat-demo"] if args.task == "all" else [args.task]
     out, failed = Path(args.out), 0
     try:
         pipe = SeedLlama.from_pretrained(args.ckpt, args.device, getattr(torch, args.dtype) if args.dtype else None,
                                          model=args.model, weights=args.weights, low_vram=args.low_vram)
+        if args.int8:
+            quantize_int8(pipe.llm)
+        if args.compile:
+            pipe.llm.compile_decode()
         pipe.settings = check_settings(replace(pipe.settings, **settings_given(args)))
         torch.manual_seed(pipe.settings.seed)
         for task in tasks:
@@ -710,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 1 if failed else 0
+
 # ---- The official files, laid out as on the hub (https://huggingface.co/<repo>/resolve/main/<file>) ----------------
 TOKENIZER_REPO = "AILab-CVC/seed-tokenizer-2"
 TOKENIZER_FILES = ["seed_quantizer.pt", "tokenizer.model", "added_tokens.json", "special_tokens_map.json",

@@ -122,6 +122,7 @@ class LLMConfig:
     """Stages 4-5; the LLaMA's sizes are llama.py's `tiny` preset, its vocabulary the world's text + one per code."""
     text_vocab_size: int = 640   # at most this many SentencePiece pieces (3 special + 256 bytes + merges)
     batch_size: int = 32
+    micro_batches: int = 4       # each batch sorted by length and cut into this many, each padded to its own longest
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     reverse_ratio: float = 0.5   # official: half of the image-text pairs are trained image -> caption
@@ -438,6 +439,12 @@ class Run:
             weights.atomic_write(path, lambda tmp: torch.save(state, tmp))
         self.barrier()
 
+    def optimizer(self, params, **kwargs) -> torch.optim.AdamW:
+        """The AdamW of every stage: torch's fused kernel where it has one for this device (one kernel for all the
+        parameters instead of several per tensor; the same update up to float rounding)."""
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return torch.optim.AdamW(params, fused=self.device.type in _get_fused_kernels_supported_devices(), **kwargs)
+
     def save_pretrained(self, model: nn.Module, name: str, *extra) -> None:
         """A component in its native format (config.json, model.safetensors, the LLM's tokenizer files) in OUT/name/;
         its config.json records the run (weights.RUN_KEY), so that a folder mixing runs can be refused."""
@@ -529,7 +536,7 @@ def stage_clip(run: Run, prev: dict) -> dict:
     # The ViT input: [0, 1], then CLIP's mean/std, as `seed.SeedTokenizer.preprocess` normalises any PNG.
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (seed.CLIP_MEAN, seed.CLIP_STD))
     pixels, combo = (((world.images + 1) / 2 - mean) / std).to(dev), world.combo.to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+    optimizer = run.optimizer(model.parameters(), lr=cfg.lr, weight_decay=0.05)
 
     def step(i, gen):
         idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
@@ -571,7 +578,7 @@ def stage_qformer(run: Run, prev: dict) -> dict:
     trained = nn.ModuleDict({"ln_vision": tokenizer.ln_vision, "qformer": tokenizer.qformer}).requires_grad_(True)
     # BLIP-2's learnable ITC temperature `temp`, from 0.07, clamped to [0.001, 0.5] where it is used
     temperature = nn.ParameterDict({"temp": nn.Parameter(torch.tensor(cfg.temperature))}).to(dev)
-    optimizer = torch.optim.AdamW([*trained.parameters(), *temperature.parameters()], lr=cfg.lr, weight_decay=0.05)
+    optimizer = run.optimizer([*trained.parameters(), *temperature.parameters()], lr=cfg.lr, weight_decay=0.05)
 
     def step(i, gen):
         idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
@@ -634,7 +641,7 @@ def stage_codebook(run: Run, prev: dict) -> dict:
     head = nn.ParameterDict({"pos_embed_image": tokenizer.pos_embed_image})
     modules = {"trained": trained, "head": head, "recon": recon}
     params = [p for m in modules.values() for p in m.requires_grad_(True).parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = run.optimizer(params, lr=cfg.lr, weight_decay=0.0)
     train_idx = world.train_idx.to(dev)
 
     def step(i, gen):
@@ -722,7 +729,7 @@ def stage_decoder(run: Run, prev: dict) -> dict:
     ema.load_state_dict(model.state_dict())
     alphas_cumprod = unet.scaled_linear_alphas_cumprod().to(dev)
     images = world.images.to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = run.optimizer(model.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def step(i, gen):
         idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
@@ -809,6 +816,31 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device) -> tup
     labels = torch.tensor([l + [IGNORE] * (T - len(l)) for _, l in rows], device=device)
     return ids, labels
 
+def llm_loss(model: llama.Llama, rows: list[tuple[list[int], list[int]]], pad_id: int, device,
+             micro_batches: int = 1) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens of (ids, labels) rows. The rows are sorted by length
+    and cut into `micro_batches` groups, each padded only to its own longest row (groups of one length are one
+    batch), and the head runs only where a label is: the summed losses over the count of labels equal the loss of
+    the whole batch padded as one, with no compute spent on padding or on prompt positions."""
+    if micro_batches < 1:
+        raise ValueError(f"--llm.micro-batches must be >= 1, got {micro_batches}")
+    rows = sorted(rows, key=lambda r: len(r[0]))
+    size, groups = -(-len(rows) // micro_batches), []
+    for k in range(0, len(rows), size):
+        chunk = rows[k:k + size]
+        if groups and len(groups[-1][-1][0]) == len(chunk[-1][0]):  # as long as the group before: joining pads nothing
+            groups[-1] += chunk
+        else:
+            groups.append(chunk)
+    total, count = 0.0, 0
+    for group in groups:
+        ids, labels = collate(group, pad_id, device)
+        target = labels[:, 1:]  # the logits at t predict labels[t + 1]
+        where = target != IGNORE
+        total = total + F.cross_entropy(model(ids[:, :-1], where=where).float(), target[where], reduction="sum")
+        count += int(where.sum())
+    return total / count
+
 class LLMData:
     """The LLM's training sequences, drawn from the world's *train* images and their codes (stages 0-2). A held-out
     pair (world.HELD_OUT_PAIRS) is never an image to draw (caption -> image, a text-to-image reply, an edit target,
@@ -887,14 +919,13 @@ def train_llm(run: Run, stage: int, name: str, model: llama.Llama, steps: int, l
               sample, pad_id: int, step_offset: int = 0) -> None:
     """Next-token training of the trainable parameters of `model` on batches of `sample(rng) -> (ids, labels)`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = run.optimizer(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step(i, gen):
         # The global batch depends on (seed, stage, step) only; each rank trains on its share of it.
         rng = random.Random(int(torch.randint(2 ** 62, (1,), generator=gen)) + step_offset)
-        ids, labels = collate([sample(rng) for _ in range(batch_size)][run.rank::run.world_size], pad_id, run.device)
-        logits = model(ids[:, :-1])  # (B, T-1, V): the logits at t predict labels[t + 1]; IGNORE labels are skipped
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        rows = [sample(rng) for _ in range(batch_size)][run.rank::run.world_size]
+        return llm_loss(model, rows, pad_id, run.device, run.cfg.llm.micro_batches)
 
     model.train()
     run.train(stage, name, {"llm": model}, optimizer, steps, lr, step)

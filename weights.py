@@ -1,6 +1,7 @@
 """Weight files: the one home of what every loader and writer of this project shares, in the order a loader uses it.
 
-  1. where the model lives: `pick_device` (cuda, then Apple's mps, then cpu) and `pick_dtype`;
+  1. where the model lives: `pick_device` (cuda, then Apple's mps, then cpu), `pick_dtype` (`inference_dtype`: bf16
+     on a CPU that has it natively), and `pin_to_host` / `on_device` (--low-vram: a part on the GPU only while used);
   2. the file: `find_weights` (an `*.index.json` stands for its shards), `read_header` (names, shapes, dtypes, no
      data) and `read_weights` (`.safetensors`, or `torch.load(weights_only=True)`, which refuses any pickle that
      would construct more than tensors and so cannot run code; memory-mapped, cast one tensor at a time);
@@ -14,6 +15,7 @@ makes one process the only writer of a file or folder. A folder written by train
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,6 +64,40 @@ def pick_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch
     if device.type == "cpu":
         return torch.float32
     return stored if stored in HALF_DTYPES else torch.float16
+
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16, which AMX machines also have): there bf16 inference
+    streams half the bytes of fp32 at the same rate; elsewhere bf16 is emulated and slower than fp32."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+def inference_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """`pick_dtype`, except bf16 on a CPU with `fast_cpu_bf16` (for inference; training stays in fp32 there)."""
+    return torch.bfloat16 if device.type == "cpu" and fast_cpu_bf16() else pick_dtype(device, stored)
+
+def pin_to_host(module: nn.Module) -> nn.Module:
+    """Every parameter and buffer of `module` into page-locked host memory (ordinary host memory without CUDA), from
+    which `on_device` copies it to the GPU asynchronously and without a staging copy."""
+    for t in [*module.parameters(), *module.buffers()]:
+        t.data = t.data.cpu().pin_memory() if torch.cuda.is_available() else t.data.cpu()
+    return module
+
+@contextlib.contextmanager
+def on_device(device: torch.device, *parts: nn.Module | torch.Tensor):
+    """Run a block with `parts` (modules, or single parameters and buffers) on `device`, wherever they live otherwise.
+    On exit each tensor points at its host copy again: nothing is copied back, so the block must not change them
+    (inference). With --low-vram only the parts a phase needs move, and only for that phase."""
+    tensors = [t for part in parts for t in ([*part.parameters(), *part.buffers()] if isinstance(part, nn.Module)
+                                              else [part])]
+    moved = [(t, t.data) for t in {id(t): t for t in tensors}.values() if t.device != device]
+    for t, host in moved:
+        t.data = host.to(device, non_blocking=True)
+    try:
+        yield
+    finally:
+        for t, host in moved:
+            t.data = host
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 def stored_dtype(*headers: Mapping[str, tuple[Shape, torch.dtype]]) -> torch.dtype | None:
     """The dtype of the first floating-point tensor of these headers: the file's own type, for `pick_dtype`."""

@@ -1,5 +1,6 @@
 """llama.py, model side: shapes, KV cache, batching, generation options, loaders, and parity with the HF
 reference (the shared fixtures, and transformers' LlamaForCausalLM when installed)."""
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 import llama
 import weights
 from tokenizer import ImageVocab, Tokenizer
-from llama import GenerationConfig, Llama, LlamaConfig
+from llama import GenerationConfig, Int8Linear, Llama, LlamaConfig, quantize_int8
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # the test tokenizer's layout (tests/fixtures/llama): 640 pieces, codes at 640..767, <img> 768, </img> 769
@@ -106,8 +107,73 @@ def test_kv_cache_matches_uncached(tiny):
             full = tiny(idx, pad=p)
             tiny.setup_cache(2, 32)
             steps = [tiny(idx[:, :8], 0, p), tiny(idx[:, 8:12], 8, p)]  # a prompt, then a chunk at slot 8
-            steps += [tiny.decode_one_token(idx[:, t], t, p)[:, None] for t in range(12, 20)]  # one by one
+            steps += [tiny(idx[:, t:t + 1], t, p) for t in range(12, 16)]  # one by one, dynamic shapes
+            steps += [tiny.decode_step(idx[:, t], torch.tensor(t), p)[:, None] for t in range(16, 20)]  # static
             torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+def test_static_decode_step_equals_dynamic(tiny):
+    """The static step (slot as a tensor, the whole cache read through a mask) gives the dynamic step's logits,
+    padded or not, and leaves the same keys and values in the cache."""
+    torch.manual_seed(5)
+    idx = torch.randint(0, 770, (2, 14))
+    with torch.no_grad():
+        for p in (None, torch.tensor([0, 4])):
+            tiny.setup_cache(2, 40)
+            tiny(idx[:, :10], 0, p)
+            dynamic = torch.cat([tiny(idx[:, t:t + 1], t, p)[:, 0] for t in range(10, 14)])
+            keys = tiny.model.layers[1].self_attn.cache.k[:, :, :14].clone()
+            tiny.setup_cache(2, 40)
+            tiny(idx[:, :10], 0, p)
+            static = torch.cat([tiny.decode_step(idx[:, t], torch.tensor(t), p) for t in range(10, 14)])
+            torch.testing.assert_close(static, dynamic, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(tiny.model.layers[1].self_attn.cache.k[:, :, :14], keys)
+
+def test_head_only_where_asked(tiny):
+    idx = torch.randint(0, 770, (2, 9))
+    where = torch.rand(2, 9) < 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(idx, where=where), tiny(idx)[where])
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_close_to_float(tiny, dtype):
+    """quantize_int8: int8 attention and MLP weights (CPU: the packed kernel in bf16), embeddings, norms and the
+    head untouched; logits close to the float model's and generate runs unchanged on it."""
+    float_model = copy.deepcopy(tiny).to(dtype)
+    model = quantize_int8(copy.deepcopy(float_model))
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+    assert model.lm_head.weight.dtype == dtype and model.model.embed_tokens.weight.dtype == dtype
+    torch.manual_seed(6)
+    idx = torch.randint(0, 770, (2, 16))
+    with torch.no_grad():
+        a, b = model(idx).float(), float_model(idx).float()
+    # int8 rounding moves each weight by at most half a step of 1/127 of its row's largest
+    assert (a - b).abs().max() <= 0.05 * b.abs().max(), (a - b).abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert len(model.generate([idx[0].tolist()], max_new_tokens=5)[0]) == 5
+    layer, x = model.model.layers[0].mlp.up_proj, torch.randn(3, 32, dtype=dtype)  # 3 rows: packed in bf16
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float()) * layer.scales.float()
+    torch.testing.assert_close(layer(x).float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0.02)
+
+def test_int8_any_width():
+    """Widths that are not a multiple of 16 (train.py's tiny FFN is 344) take the dequantising path on the CPU."""
+    torch.manual_seed(7)
+    model = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, ffn_dim=40, max_seq_len=32)).bfloat16()
+    float_logits = model(torch.arange(1, 9)[None]).float()
+    quantize_int8(model)
+    with torch.no_grad():
+        assert (model(torch.arange(1, 9)[None]).float() - float_logits).abs().max() <= 0.05 * float_logits.abs().max()
+
+def test_bf16_on_cpu_generates_like_fp32(tiny):
+    bf16 = copy.deepcopy(tiny).to(torch.bfloat16)
+    idx = torch.randint(0, 770, (1, 10))
+    with torch.no_grad():
+        a, b = bf16(idx).float(), tiny(idx)
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+    # one bf16 row on the CPU takes the mv path of llama.Linear; it must be the same product
+    x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    layer = bf16.model.layers[0].mlp.up_proj
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), atol=2e-2, rtol=2e-2)
 
 def test_causal(tiny):
     idx = torch.randint(0, 770, (1, 12))
@@ -293,3 +359,14 @@ def test_sampling_filters_match_transformers():
     for p in (0.5, 0.9):
         want = generation.TopPLogitsWarper(p)(None, logits.clone())
         assert torch.equal(llama.top_p_filter(logits, p), want)
+
+def test_decode_step_is_one_graph(tiny):
+    """What compile_decode needs: the static step traces whole (fullgraph; dynamo's eager backend, so no compiler
+    runs here) for the float and the int8 model, and generate gives the same tokens through it."""
+    torch._dynamo.reset()
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    for model in (copy.deepcopy(tiny), quantize_int8(copy.deepcopy(tiny))):
+        eager = model.generate(prompts, max_new_tokens=6)
+        model.decode_step = torch.compile(model.decode_step, backend="eager", fullgraph=True, dynamic=False)
+        model.cache_len = model.config.max_seq_len
+        assert model.generate(prompts, max_new_tokens=6) == eager

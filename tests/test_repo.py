@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["weights.py", "tokenizer.py", "world.py", "vq.py", "qformer.py", "llama.py", "unet.py", "seed.py"]
 SCRIPTS = ["train.py", "sample.py", "bench.py"]
-LINE_BUDGET = 6110  # every top-level module together
+LINE_BUDGET = 6684  # every top-level module together
 OURS = {Path(m).stem for m in MODELS + SCRIPTS}
 # What each module may import from this repository (the design card's "house").
 ALLOWED_LOCAL = {
@@ -28,7 +28,8 @@ ALLOWED_LOCAL = {
     "seed": {"qformer", "vq", "weights"},
     "llama": {"weights"}, "unet": {"weights"},
     **{script: {"weights", "tokenizer", "world", "vq", "qformer", "seed", "llama", "unet"}
-       for script in ("train", "sample", "bench")},
+       for script in ("train", "sample")},
+    "bench": {"weights", "tokenizer", "world", "vq", "qformer", "seed", "llama", "unet", "train", "sample"},
 }
 # Third-party packages allowed at run time (requirements.txt, minus pytest).
 ALLOWED_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors", "tqdm"}

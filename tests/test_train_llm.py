@@ -119,7 +119,7 @@ def test_lora_starts_as_the_base_model_and_merges_exactly():
         assert (adapted - base).abs().max() > 1e-3
         train.merge_lora(model)
         assert not any(isinstance(m, train.LoRALinear) for m in model.modules())
-        assert sum(type(m) is nn.Linear for m in model.model.layers.modules()) == 7 * len(model.model.layers)
+        assert sum(isinstance(m, nn.Linear) for m in model.model.layers.modules()) == 7 * len(model.model.layers)
         torch.testing.assert_close(model(ids), adapted, atol=1e-4, rtol=1e-4)
     # the merged model has the official key layout again
     assert set(model.state_dict()) == set(llama.Llama(model.config).state_dict())
