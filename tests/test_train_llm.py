@@ -142,15 +142,29 @@ def test_smoke_trains_the_llm_and_writes_the_reports(tmp_path, capsys):
     assert llm["image_code_loss"] > 0 and 0 <= llm["valid_span_rate"] <= 1
     assert {"llm_pretrain", "llm_lora", "llm_sft", "total"} <= set(report["timings_s"])
     assert report["machine"]["cpu_count"] and report["metrics"]["judge"]["clean_all"] == 1.0
-    for name in ["samples.png", "curves.png", "codes.png"]:
-        assert Image.open(out / name).size[0] > 100
+    for name in train.FIGURES:
+        assert Image.open(out / name).size[0] > 100, name
+    curves = json.loads((out / "curves.json").read_text())
+    assert set(curves) == {"clip", "qformer", "codebook", "decoder", "llm_pretrain", "llm_lora", "llm_sft"}
+    assert all(c["loss"] and len(c["values"]) == train.SMOKE_STEPS for c in curves.values())
+    assert len(report["metrics"]["tokenizer"]["code_probes"]) == 32 and 0 <= llm["pretrain_valid_span_rate"] <= 1
+    assert len(llm["image_code_loss_by_position"]) == len(llm["pretrain_image_code_loss_by_position"]) == 33
     index = json.loads((out / "eval" / "index.json").read_text())
     assert {r["task"] for r in index} == {"t2i", "edit"}
     for r in index:
         assert r["file"] is None or (out / "eval" / r["file"]).exists()
+        assert r["prompt"] and set(r["target"]) == {"shape", "colour", "size", "position"}
         assert r["held_out"] == ((r["target"]["shape"], r["target"]["colour"]) in HELD_OUT_PAIRS)
     # the LLM folder is what sample.py reads: weights, config and the tokenizer files
     model = llama.Llama.from_pretrained(out / "llama")
     tok = Tokenizer(out / "llama")
     assert model.config.vocab_size == len(tok) and tok.image_vocab.n_codes == report["metrics"]["tokenizer"]["n_codes"]
     assert "llm/caption_exact" in capsys.readouterr().out  # the results table
+    # a --no-causal run beside it writes the same figures, and draws the first run's probes next to its own
+    other = tmp_path / "bidirectional"
+    train.main(["--tiny", "--smoke", "--threads", "1", "--no-causal", "--out", str(other), "--compare", str(out)])
+    for name in train.FIGURES:
+        assert (other / name).exists(), name
+    with pytest.raises(FileNotFoundError, match="--compare"):
+        train.main(["--tiny", "--smoke", "--threads", "1", "--stages", "0", "--out", str(other),
+                    "--compare", str(tmp_path / "missing")])
