@@ -122,6 +122,7 @@ class LLMConfig:
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     reverse_ratio: float = 0.5   # official: half of the image-text pairs are trained image -> caption
+    attribute_requests: float = 0.0  # fraction of text-to-image turns that name only some attributes (world.py)
     lora_steps: int = 60
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -747,8 +748,8 @@ class LLMData:
     pair (world.HELD_OUT_PAIRS) is never an image to draw (caption -> image, a text-to-image reply, an edit target,
     in multi-turn chats too), only an input: image -> caption, captioning, VQA, and the source image of an edit."""
 
-    def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder):
-        self.world, self.builder = world, builder
+    def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder, attribute_requests: float = 0.0):
+        self.world, self.builder, self.attribute_requests = world, builder, attribute_requests
         self.codes = codes.cpu().tolist()                                     # (1350, 32) as lists of ints
         self.combos = [COMBOS[c] for c in world.combo.tolist()]
         self.train = world.train_idx.tolist()
@@ -777,7 +778,12 @@ class LLMData:
         return user, self.combos[i].answer(attribute), [self.codes[i]] if with_image else []
 
     def t2i_turn(self, rng, i):
-        return rng.choice(T2I_REQUESTS).format(self.combos[i].caption), IMAGE_PLACEHOLDER, [self.codes[i]]
+        """A request for image i: its caption, or (with probability --llm.attribute-requests) only one to three
+        of its attributes, so that each attribute's words are tied to the codes on their own."""
+        text = self.combos[i].caption
+        if rng.random() < self.attribute_requests:
+            text = self.combos[i].describe(rng.sample(ATTRIBUTES, rng.randint(1, len(ATTRIBUTES) - 1)))
+        return rng.choice(T2I_REQUESTS).format(text), IMAGE_PLACEHOLDER, [self.codes[i]]
 
     def edit_turn(self, rng, i, with_image=True):
         """A random edit of image i whose target is drawable (not held out), keeping the jitter when the target
@@ -840,7 +846,7 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
         if run.main else None
     run.barrier()
     tokenizer = tokenizer or Tokenizer(folder)
-    data = LLMData(run.world, prev["codes"], SequenceBuilder(tokenizer))
+    data = LLMData(run.world, prev["codes"], SequenceBuilder(tokenizer), cfg.attribute_requests)
     run.seed_everything(4)
     config = llama.LlamaConfig.preset("tiny")  # its vocabulary is this tokenizer's: the world's text + 258 image tokens
     if config.vocab_size != len(tokenizer):
@@ -1095,7 +1101,7 @@ def evaluate_prefixes(run: Run, outputs: dict) -> dict:
     """Decode test images from their first k codes for every k in PREFIX_KS (`prefix_codes`), judge each result
     against the image's own attributes: per k the decoded images, the verdicts and each attribute's accuracy."""
     world, codes, tokenizer = run.world, outputs["codes"], outputs["tokenizer"]
-    indices = [int(i) for i in world.test_idx][::10][:4 if run.cfg.smoke else None]
+    indices = [int(i) for i in world.test_idx][::14][:4 if run.cfg.smoke else 20]
     fill, targets = most_common_codes(codes[world.train_idx.to(codes.device)]), [COMBOS[int(world.combo[i])]
                                                                                  for i in indices]
     result = {"ks": list(PREFIX_KS), "indices": indices, "images": {}, "right": {},
@@ -1454,12 +1460,13 @@ def write_code_figures(run: Run, outputs: dict, other: dict) -> None:
     probes = code_probes(codes, attribute_labels(world), world.train_idx, world.test_idx)
     run.metrics["tokenizer"]["code_probes"] = probes.tolist()  # (32 positions, ATTRIBUTES)
     run.metrics["tokenizer"].update({f"probe_best_{a}": probes[:, k].max().item() for k, a in enumerate(ATTRIBUTES)})
+    run.metrics["tokenizer"]["distinct_codes_per_image"] = sum(len(set(row)) for row in codes.tolist()) / len(codes)
     both = {name: probes.tolist()}
     if other.get("metrics", {}).get("tokenizer", {}).get("code_probes"):
         both[other["name"] + " (--compare)"] = other["metrics"]["tokenizer"]["code_probes"]
     draw_probes(both).save(run.out / "code_probes.png")
     draw_codes(run, codes, outputs["tokenizer"].quantize.n_codes).save(run.out / "codes.png")
-    shown = [int(i) for i in world.test_idx][::60][:5]
+    shown = [int(i) for i in world.test_idx][::62][:5]
     maps = cross_attention_maps(outputs["tokenizer"], outputs["vit_tokens"][shown])
     draw_attention(run, maps, shown, (0, 1, 8, 16, 24, 31)).save(run.out / "attention.png")
 
