@@ -28,6 +28,10 @@ blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage
     23 ids with bos, eos and pad, where the official ones use CLIP's BPE and BERT's WordPiece;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
     most codes would never be chosen, wasting the vocabulary the LLM learns);
+  * stage 2 adds an attribute-factorisation loss (`factor_loss`): with the official loss alone each code value
+    comes to name a whole (shape, colour, size, position) combination, repeated along the 32 positions, so the LLM
+    cannot draw an unseen pair from codes it has written; with it, positions 0-7 carry the shape, 8-15 the colour,
+    16-23 the size and 24-31 the position (code_probes.png);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
     several stages train a few modules called in different orders, which DDP wrappers make hard to read.
 
@@ -98,7 +102,8 @@ class CodebookStageConfig:
     w_cos: float = 2.0
     w_mse: float = 0.5
     restart_every: int = 25  # re-seed unused codes from encoder outputs every N steps (0: never)
-    w_factor: float = 0.0  # weight of the attribute-factorisation loss (`factor_loss`; 0: off)
+    w_factor: float = 1.0  # the attribute-factorisation loss (`factor_loss`; 0: the official loss alone). 3 composes
+    #                        more held-out pairs but drops held-in text-to-image below its target (README)
 
 @dataclass
 class DecoderStageConfig:
@@ -555,7 +560,8 @@ def code_probes(codes: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, 
 def stage_codebook(run: Run, prev: dict) -> dict:
     """Stage 2: encode_task_layer + VQ + decode_task_layer, the query reconstructor and the image-embedding head,
     Q-Former frozen. Loss (official weights) 5 * VQ + 2 * (1 - cos(rebuilt queries, queries)) + 0.5 * MSE(image
-    embedding from the codes, tiny-CLIP image embedding). Then every image's 32 codes and, on the test images, the
+    embedding from the codes, tiny-CLIP image embedding), + --codebook.w-factor * `factor_loss` of the code-space
+    vectors (not official; see the header). Then every image's 32 codes and, on the test images, the
     caption accuracy of the embeddings rebuilt from them and the cosine of their image embedding to tiny CLIP's."""
     cfg, world, dev = run.cfg.codebook, run.world, run.device
     tokenizer, queries, targets = prev["tokenizer"], prev["queries"], prev["image_embeds"]
@@ -781,7 +787,7 @@ class LLMData:
         """A request for image i: its caption, or (with probability --llm.attribute-requests) only one to three
         of its attributes, so that each attribute's words are tied to the codes on their own."""
         text = self.combos[i].caption
-        if rng.random() < self.attribute_requests:
+        if self.attribute_requests and rng.random() < self.attribute_requests:  # no draw when off: same stream
             text = self.combos[i].describe(rng.sample(ATTRIBUTES, rng.randint(1, len(ATTRIBUTES) - 1)))
         return rng.choice(T2I_REQUESTS).format(text), IMAGE_PLACEHOLDER, [self.codes[i]]
 
@@ -1147,8 +1153,9 @@ PREFIX_KS = (1, 2, 4, 8, 16, 32)  # prefix_decodes.png: images decoded from the 
 RIGHT, WRONG = (20, 140, 40), (200, 30, 30)  # the frame of a judged cell
 # What each stage's curve is (curves.png, curves.json): the loss `step_fn` returns.
 LOSS_NAMES = {"clip": "multi-positive InfoNCE", "qformer": "last-query ITC (InfoNCE)",
-              "codebook": "5 VQ + 2 (1-cos) + 0.5 MSE (+ factor)", "decoder": "v-prediction MSE",
-              "llm_pretrain": "next-token CE", "llm_lora": "next-token CE, replies", "llm_sft": "next-token CE, replies"}
+              "codebook": "5 VQ + 2 (1-cos) + 0.5 MSE + factor", "decoder": "v-prediction MSE",
+              "llm_pretrain": "next-token CE", "llm_lora": "next-token CE, replies",
+              "llm_sft": "next-token CE, replies"}
 
 def machine_info(run: Run) -> dict:
     """Where the run ran: the numbers that make its timings meaningful (a busy machine is slower)."""
@@ -1211,11 +1218,12 @@ def save_eval_images(run: Run, records: list[dict]) -> None:
 
 def _sample_row(run: Run, i: int, k: int, outputs: dict, pools: list[list[dict]]) -> list[tuple]:
     """(image cell, label, colour of the label) of one row of samples.png, every generated cell judged."""
-    recon, captions, combo = dict(outputs["reconstructions"]), outputs["llm_eval"]["captions"], COMBOS[int(run.world.combo[i])]
+    recon, captions = dict(outputs["reconstructions"]), outputs["llm_eval"]["captions"]
+    combo = COMBOS[int(run.world.combo[i])]
     text, colour = _verdict(judge(recon[i]), combo)
     right = captions[i] == combo.caption
     cells = [(_big(to_image(run.world.images[i])), combo.caption, (0, 0, 0)), (_framed(recon[i], colour), text, colour),
-             (_text_cell(captions[i], size=13), "caption right" if right else "caption wrong", RIGHT if right else WRONG)]
+             (_text_cell(captions[i], size=13), f"caption {'right' if right else 'wrong'}", RIGHT if right else WRONG)]
     for n, pool in enumerate(pools):
         r = pool[(k * 7 + n) % len(pool)] if pool else None
         if r is None:
@@ -1387,8 +1395,8 @@ def draw_attention(run: Run, maps: torch.Tensor, indices: list[int], queries: tu
     grid = int(round((maps.shape[-1] - 1) ** 0.5))
     sheet = Image.new("RGB", (CELL * (len(queries) + 1) + 10, 40 + (CELL + 6) * len(indices)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 4), "cross-attention of query q over the 8x8-pixel patches (darker = more; min-max per map)", fill=(0, 0, 0),
-              font=font(13))
+    draw.text((4, 4), "cross-attention of query q over the 8x8-pixel patches (darker = more; min-max per map)",
+              fill=(0, 0, 0), font=font(13))
     for c, q in enumerate(queries):
         draw.text((CELL * (c + 1) + 30, 22), f"q = {q}", fill=(0, 0, 0), font=font(12))
     for r, i in enumerate(indices):
