@@ -39,6 +39,7 @@ Usage:
   python train.py --tiny                       # every stage; results table + metrics.json in out/tiny/
   python train.py --tiny --resume              # continue an interrupted run
   python train.py --tiny --no-causal           # the bidirectional Q-Former ablation, all else equal
+  python train.py --tiny --no-causal --out out/bidir --compare out/tiny   # ... its figures beside the default's
   python train.py --tiny --smoke               # a handful of steps per stage (tests)
   torchrun --nproc_per_node=2 train.py --tiny  # data parallel (gloo on CPU, nccl on CUDA)
   python train.py --help                       # every field of the config dataclasses is a flag

@@ -4,6 +4,7 @@ measured by hand (README); here the stages run in --smoke.
 """
 import json
 import random
+from itertools import combinations
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from PIL import Image
 import llama
 from tokenizer import chat_conversation, chat_prompt, Tokenizer
 import train
-from world import ATTRIBUTES, HELD_OUT_PAIRS, build_world, parse_caption
+from world import ATTRIBUTES, HELD_OUT_PAIRS, Combo, build_world, parse_caption
 
 N_CODES = 256
 
@@ -100,6 +101,16 @@ def test_held_out_pairs_are_never_drawn_in_training(data, tokenizer):
                 drawn.add(combo)
     assert not any(c.held_out for c in drawn), [c for c in drawn if c.held_out]
     assert len(drawn) == 120 and True in inputs  # not vacuous: all held-in combos drawn, held-out ones read
+
+def test_attribute_level_requests_name_some_attributes_of_their_image(data):
+    partial = train.LLMData(data.world, torch.tensor(data.codes), data.builder, attribute_requests=1.0)
+    rng = random.Random(0)
+    for i in partial.train_drawable[:40]:
+        user, reply, images = partial.t2i_turn(rng, i)
+        combo = partial.combos[i]
+        assert combo.caption not in user and images == [partial.codes[i]]
+        assert any(combo.describe(subset) in user for k in (1, 2, 3) for subset in combinations(ATTRIBUTES, k))
+    assert Combo("circle", "blue", "small", "left").describe(("position", "colour")) == "a blue shape on the left"
 
 def test_lora_starts_as_the_base_model_and_merges_exactly():
     torch.manual_seed(0)
