@@ -1275,7 +1275,7 @@ def draw_curves(curves: dict[str, list[float]]) -> Image.Image:
     for k, name in enumerate(names):
         x0, y0 = (k % 3) * W, (k // 3) * H
         values = [max(v, 1e-6) for v in curves[name] if math.isfinite(v)]
-        box = (x0 + left, y0 + pad, x0 + W - 12, y0 + H - pad)
+        box = (x0 + left, y0 + pad, x0 + W - 24, y0 + H - pad)
         draw.rectangle(box, outline=(0, 0, 0))
         draw.text((x0 + left, y0 + 4), f"{name}: {LOSS_NAMES.get(name, 'loss')}", fill=(0, 0, 0), font=font(13))
         if len(values) < 2:
@@ -1292,7 +1292,7 @@ def draw_curves(curves: dict[str, list[float]]) -> Image.Image:
         for t in _log_ticks(10 ** lo, 10 ** hi):
             y = xy(0, t)[1]
             draw.line((box[0] - 4, y, box[0], y), fill=(0, 0, 0))
-            draw.text((x0 + 2, y - 7), f"{t:.3g}", fill=(0, 0, 0), font=f)
+            draw.text((box[0] - 6 - draw.textlength(f"{t:.3g}", font=f), y - 7), f"{t:.3g}", fill=(0, 0, 0), font=f)
         for step in (0, len(values) // 2, len(values) - 1):
             x = xy(step, values[0])[0]
             draw.line((x, box[3], x, box[3] + 4), fill=(0, 0, 0))
