@@ -28,6 +28,10 @@ blip2_qformer_casual.py (stage 1) and blip2_qformer_codebook_all_image.py (stage
     23 ids with bos, eos and pad, where the official ones use CLIP's BPE and BERT's WordPiece;
   * unused codes are re-seeded from encoder outputs during stage 2 (the official code has no restart; at tiny scale
     most codes would never be chosen, wasting the vocabulary the LLM learns);
+  * stage 2 adds an attribute-factorisation loss (`factor_loss`): with the official loss alone each code value
+    comes to name a whole (shape, colour, size, position) combination, repeated along the 32 positions, so the LLM
+    cannot draw an unseen pair from codes it has written; with it, positions 0-7 carry the shape, 8-15 the colour,
+    16-23 the size and 24-31 the position (code_probes.png);
   * DDP is written out as an explicit gradient all-reduce (what DistributedDataParallel does in buckets), because
     several stages train a few modules called in different orders, which DDP wrappers make hard to read.
 
@@ -36,6 +40,7 @@ Usage:
   python train.py --tiny --resume              # continue an interrupted run (same flags; one run per folder)
   python train.py --tiny --overwrite           # a new run in place of the one in --out
   python train.py --tiny --no-causal           # the bidirectional Q-Former ablation, all else equal
+  python train.py --tiny --no-causal --out out/bidir --compare out/tiny   # ... its figures beside the default's
   python train.py --tiny --smoke               # a handful of steps per stage (tests)
   torchrun --nproc_per_node=2 train.py --tiny  # data parallel (gloo on CPU, nccl on CUDA)
   python train.py --help                       # every field of the config dataclasses is a flag
@@ -46,12 +51,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import math
 import os
 import platform
 import random
 import re
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +65,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import llama
@@ -102,6 +107,8 @@ class CodebookStageConfig:
     w_cos: float = 2.0
     w_mse: float = 0.5
     restart_every: int = 25  # re-seed unused codes from encoder outputs every N steps (0: never)
+    w_factor: float = 1.0  # the attribute-factorisation loss (`factor_loss`; 0: the official loss alone). 3 composes
+    #                        more held-out pairs but drops held-in text-to-image below its target (README)
 
 @dataclass
 class DecoderStageConfig:
@@ -126,6 +133,7 @@ class LLMConfig:
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
     reverse_ratio: float = 0.5   # official: half of the image-text pairs are trained image -> caption
+    attribute_requests: float = 0.0  # fraction of text-to-image turns that name only some attributes (world.py)
     lora_steps: int = 60
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -150,6 +158,8 @@ class TrainConfig:
     threads: int = 0           # torch CPU threads per process (0: leave torch's default)
     no_causal: bool = False    # bidirectional Q-Former, all else equal (the paper's ablation; SeedConfig.causal)
     ckpt_every: int = 50       # steps between mid-stage checkpoints
+    compare: str = ""          # another run's --out (e.g. the --no-causal one): its probes and code losses are drawn
+    #                            beside this run's in code_probes.png and code_loss_by_position.png
     clip: ClipStageConfig = field(default_factory=ClipStageConfig)
     qformer: QFormerStageConfig = field(default_factory=QFormerStageConfig)
     codebook: CodebookStageConfig = field(default_factory=CodebookStageConfig)
@@ -627,10 +637,45 @@ def restart_dead_codes(quantize: "vq.VectorQuantizer", z: torch.Tensor, gen: tor
         noise = torch.randn(len(dead), z.shape[1], generator=gen).to(z.device) * 0.01 * z.std()
         quantize.embedding.weight.data[dead] = z[pick] + noise
 
+def attribute_labels(world: World) -> torch.Tensor:
+    """(1350, 4) long: the index of each image's value of every attribute (ATTRIBUTES order) in VALUES."""
+    return torch.tensor([[VALUES[a].index(getattr(COMBOS[c], a)) for a in ATTRIBUTES] for c in world.combo.tolist()])
+
+def factor_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Positions split into len(ATTRIBUTES) consecutive groups; in group a, the code-space vectors z (B, 32, d)
+    should depend on attribute a alone: the within-class variance of z over the batch (classes = a's values,
+    labels (B, 4)) as a fraction of its total variance. 0 when every image with the same value of a has the same
+    vectors there (so the same codes), whatever its other attributes."""
+    groups = z.split(z.shape[1] // labels.shape[1], dim=1)
+    loss = z.new_zeros(())
+    for a, g in enumerate(groups):
+        onehot = F.one_hot(labels[:, a]).float()                                    # (B, V)
+        means = (onehot.t() @ g.flatten(1)) / onehot.sum(0).clamp(min=1)[:, None]   # (V, P*d) class means
+        within = (g.flatten(1) - onehot @ means).pow(2).sum(1).mean()
+        total = (g.flatten(1) - g.flatten(1).mean(0)).pow(2).sum(1).mean()
+        loss = loss + within / (total + 1e-6)
+    return loss / len(groups)
+
+def code_probes(codes: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """(P, A) accuracy of each code position alone at predicting each attribute: on the `train` images, a table
+    code value -> most common label (N, A) at that position; scored on the `test` images, a value never seen in
+    training read as the most common label overall. Codes (N, P) long."""
+    n_values, n_labels = int(codes.max()) + 1, int(labels.max()) + 1
+    out = torch.zeros(codes.shape[1], labels.shape[1])
+    for a in range(labels.shape[1]):
+        fallback = torch.bincount(labels[train, a], minlength=n_labels).argmax()
+        for p in range(codes.shape[1]):
+            counts = torch.zeros(n_values, n_labels).index_put_(
+                (codes[train, p], labels[train, a]), torch.ones(len(train)), accumulate=True)
+            table = torch.where(counts.sum(1) > 0, counts.argmax(1), fallback)
+            out[p, a] = (table[codes[test, p]] == labels[test, a]).float().mean()
+    return out
+
 def stage_codebook(run: Run, prev: dict) -> dict:
     """Stage 2: encode_task_layer + VQ + decode_task_layer, the query reconstructor and the image-embedding head,
     Q-Former frozen. Loss (official weights) 5 * VQ + 2 * (1 - cos(rebuilt queries, queries)) + 0.5 * MSE(image
-    embedding from the codes, tiny-CLIP image embedding). Then every image's 32 codes and, on the test images, the
+    embedding from the codes, tiny-CLIP image embedding), + --codebook.w-factor * `factor_loss` of the code-space
+    vectors (not official; see the header). Then every image's 32 codes and, on the test images, the
     caption accuracy of the embeddings rebuilt from them and the cosine of their image embedding to tiny CLIP's."""
     cfg, world, dev = run.cfg.codebook, run.world, run.device
     tokenizer, queries, targets = prev["tokenizer"], prev["queries"], prev["image_embeds"]
@@ -642,16 +687,18 @@ def stage_codebook(run: Run, prev: dict) -> dict:
     modules = {"trained": trained, "head": head, "recon": recon}
     params = [p for m in modules.values() for p in m.requires_grad_(True).parameters()]
     optimizer = run.optimizer(params, lr=cfg.lr, weight_decay=0.0)
-    train_idx = world.train_idx.to(dev)
+    train_idx, labels = world.train_idx.to(dev), attribute_labels(world).to(dev)
 
     def step(i, gen):
         idx = run.batch(world.train_idx, cfg.batch_size, gen).to(dev)
         q = queries[idx]
-        z_q, codes, vq_loss = tokenizer.quantize(tokenizer.to_code_space(q))   # (B, 32, d), straight-through
+        z = tokenizer.to_code_space(q)
+        z_q, codes, vq_loss = tokenizer.quantize(z)                             # (B, 32, d), straight-through
         rebuilt = tokenizer.from_code_space(z_q)                                # (B, 32, D)
         cos = 1 - F.cosine_similarity(recon(rebuilt), q, dim=-1).mean()
         mse = F.mse_loss(tokenizer.image_embedding(rebuilt), targets[idx])
-        return cfg.w_vq * vq_loss + cfg.w_cos * cos + cfg.w_mse * mse
+        factor = factor_loss(z, labels[idx]) if cfg.w_factor else 0.0
+        return cfg.w_vq * vq_loss + cfg.w_cos * cos + cfg.w_mse * mse + cfg.w_factor * factor
 
     def after_step(i, gen):
         # Restarts stop in the last fifth, so that the heads settle on the final codebook.
@@ -846,8 +893,8 @@ class LLMData:
     pair (world.HELD_OUT_PAIRS) is never an image to draw (caption -> image, a text-to-image reply, an edit target,
     in multi-turn chats too), only an input: image -> caption, captioning, VQA, and the source image of an edit."""
 
-    def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder):
-        self.world, self.builder = world, builder
+    def __init__(self, world: World, codes: torch.Tensor, builder: SequenceBuilder, attribute_requests: float = 0.0):
+        self.world, self.builder, self.attribute_requests = world, builder, attribute_requests
         self.codes = codes.cpu().tolist()                                     # (1350, 32) as lists of ints
         self.combos = [COMBOS[c] for c in world.combo.tolist()]
         self.train = world.train_idx.tolist()
@@ -876,7 +923,12 @@ class LLMData:
         return user, self.combos[i].answer(attribute), [self.codes[i]] if with_image else []
 
     def t2i_turn(self, rng, i):
-        return rng.choice(T2I_REQUESTS).format(self.combos[i].caption), IMAGE_PLACEHOLDER, [self.codes[i]]
+        """A request for image i: its caption, or (with probability --llm.attribute-requests) only one to three
+        of its attributes, so that each attribute's words are tied to the codes on their own."""
+        text = self.combos[i].caption
+        if self.attribute_requests and rng.random() < self.attribute_requests:  # no draw when off: same stream
+            text = self.combos[i].describe(rng.sample(ATTRIBUTES, rng.randint(1, len(ATTRIBUTES) - 1)))
+        return rng.choice(T2I_REQUESTS).format(text), IMAGE_PLACEHOLDER, [self.codes[i]]
 
     def edit_turn(self, rng, i, with_image=True):
         """A random edit of image i whose target is drawable (not held out), keeping the jitter when the target
@@ -938,7 +990,7 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
         if run.main else None
     run.barrier()
     tokenizer = tokenizer or Tokenizer(folder)
-    data = LLMData(run.world, prev["codes"], SequenceBuilder(tokenizer))
+    data = LLMData(run.world, prev["codes"], SequenceBuilder(tokenizer), cfg.attribute_requests)
     run.seed_everything(4)
     config = llama.LlamaConfig.preset("tiny")  # its vocabulary is this tokenizer's: the world's text + 258 image tokens
     if config.vocab_size != len(tokenizer):
@@ -950,6 +1002,9 @@ def stage_llm_pretrain(run: Run, prev: dict) -> dict:
     model.eval()
     run.metrics["llm"] = {"params": sum(p.numel() for p in model.parameters()), "vocab_text": len(tokenizer.sp),
                           "vocab": len(tokenizer)}
+    if run.main:
+        spans = pretrain_spans(run, model, tokenizer, data)
+        run.metrics["llm"].update(spans["metrics"], pretrain_image_code_loss_by_position=spans["per_position"])
     return {"llm": model, "llm_tokenizer": tokenizer, "llm_data": data}
 
 # --- Stage 5: instruction tuning, LoRA then full fine-tuning -------------------------------------------------------
@@ -1039,22 +1094,50 @@ def reply_image(tokenizer: Tokenizer, ids: list[int]) -> list[int] | None:
     return images[0] if images else None
 
 @torch.no_grad()
-def image_code_loss(model: llama.Llama, data: LLMData, images: list[int], pad_id: int, device) -> float:
-    """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of text-to-image replies of real images:
-    the quantity behind the paper's causal vs bidirectional comparison."""
-    vocab, total, count = data.builder.image_vocab, 0.0, 0
-    for k in range(0, len(images), 64):
-        rows = [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), IMAGE_PLACEHOLDER)],
-                                  [data.codes[i]]) for i in images[k:k + 64]]
-        ids, labels = collate(rows, pad_id, device)
+def image_code_loss(model: llama.Llama, rows: list[tuple[list[int], list[int]]], vocab, pad_id: int,
+                    device) -> tuple[float, list[float]]:
+    """Teacher-forced cross-entropy on the image tokens (32 codes + `</img>`) of sequences that each hold one real
+    image, overall and per position in the span (33 values): the quantity behind the paper's causal vs
+    bidirectional comparison, and where along the 1-D order the codes are hard to predict."""
+    total, count = torch.zeros(CODES_PER_IMAGE + 1), torch.zeros(CODES_PER_IMAGE + 1)
+    for k in range(0, len(rows), 64):
+        ids, labels = collate(rows[k:k + 64], pad_id, device)
         target = labels[:, 1:]
-        is_image = ((target >= vocab.code_offset) & (target < vocab.code_offset + vocab.n_codes)) \
-            | (target == vocab.eoi_id)
         losses = F.cross_entropy(model(ids[:, :-1]).float().transpose(1, 2), target.clamp(min=0),
                                  reduction="none")                                        # (B, T-1)
-        total += losses[is_image].sum().item()
-        count += int(is_image.sum())
-    return total / max(count, 1)
+        start = (target == vocab.boi_id).float().argmax(1) + 1                             # first code of the span
+        where = start[:, None] + torch.arange(CODES_PER_IMAGE + 1, device=device)          # (B, 33)
+        picked = losses.gather(1, where.clamp(max=target.shape[1] - 1)).cpu()
+        ok = (where < target.shape[1]).cpu() & (target.gather(1, where.clamp(max=target.shape[1] - 1)) >= 0).cpu()
+        total += (picked * ok).sum(0)
+        count += ok.sum(0)
+    per_position = (total / count.clamp(min=1)).tolist()
+    return float(total.sum() / count.sum().clamp(min=1)), per_position
+
+def t2i_rows(data: LLMData, images: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Text-to-image chats (the evaluation's request) whose replies are the codes of real images."""
+    return [data.builder.chat([(T2I_REQUESTS[0].format(data.combos[i].caption), IMAGE_PLACEHOLDER)],
+                              [data.codes[i]]) for i in images]
+
+@torch.no_grad()
+def pretrain_spans(run: Run, model: llama.Llama, tok: Tokenizer, data: LLMData, samples: int = 4) -> dict:
+    """The paper's valid-span measure where the two tokenizers can differ at this scale: the LLM after pretraining
+    only, asked `<s>{caption}` for every combination, `samples` continuations each by plain sampling (T 1, no
+    top-k/top-p, constrained decoding off); a span is valid when it is `<img>` + exactly 32 codes + `</img>`. Also
+    the per-position image-code loss there, on the test images, in the pretraining format."""
+    prompts = [data.builder.encode("<s>" + c.caption, []) for c in COMBOS for _ in range(samples)]
+    prompts = prompts[:8 if run.cfg.smoke else None]
+    gen = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
+    out = []
+    for i in range(0, len(prompts), 150):
+        out += model.generate(prompts[i:i + 150], max_new_tokens=CODES_PER_IMAGE + 4, stop_ids=(tok.eos_id,),
+                              image_vocab=tok.image_vocab, do_sample=True, top_k=None, top_p=None, generator=gen)
+    valid = sum(reply_image(tok, o) is not None for o in out)
+    test = run.world.test_idx.tolist()[:8 if run.cfg.smoke else None]
+    rows = [data.builder.plain(data.combos[i].caption + IMAGE_PLACEHOLDER, [data.codes[i]]) for i in test]
+    loss, per_position = image_code_loss(model, rows, tok.image_vocab, tok.pad_id, run.device)
+    return {"metrics": {"pretrain_valid_spans": f"{valid}/{len(out)}", "pretrain_valid_span_rate": valid / len(out),
+                        "pretrain_image_code_loss": loss}, "per_position": per_position}
 
 def ask(builder: SequenceBuilder, user: str, images=()) -> list[int]:
     """The ids of a one-turn chat prompt (it ends in "ASSISTANT:"), the images spliced in."""
@@ -1139,9 +1222,61 @@ def evaluate_llm(run: Run, prev: dict, model: llama.Llama) -> dict:
     draw_requests(run, prev, model, records)
     metrics.update(image_scores(records))
     held_in_test = [i for i in test if not data.combos[i].held_out]
-    metrics["image_code_loss"] = image_code_loss(model, data, held_in_test, prev["llm_tokenizer"].pad_id, run.device)
+    tok = prev["llm_tokenizer"]
+    metrics["image_code_loss"], per_position = image_code_loss(model, t2i_rows(data, held_in_test), tok.image_vocab,
+                                                               tok.pad_id, run.device)
+    run.metrics["llm"]["image_code_loss_by_position"] = per_position
     run.metrics.setdefault("llm", {}).update(metrics)
     return {"records": records, "captions": dict(zip(test, captions))}
+
+# --- What each code carries: prefix decodes, probes, the Q-Former's attention --------------------------------------
+def prefix_codes(codes: torch.Tensor, k: int, fill: torch.Tensor) -> torch.Tensor:
+    """The first k of each row of codes (N, 32), the rest taken from `fill` (32,): the code each later position
+    holds most often over the train images, so a prefix is completed by the "typical image" and not by noise."""
+    out = fill.to(codes.device).expand_as(codes).clone()
+    out[:, :k] = codes[:, :k]
+    return out
+
+def most_common_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, P) codes -> (P,) the most frequent code at each position."""
+    return torch.stack([torch.bincount(codes[:, p]).argmax() for p in range(codes.shape[1])])
+
+def evaluate_prefixes(run: Run, outputs: dict) -> dict:
+    """Decode test images from their first k codes for every k in PREFIX_KS (`prefix_codes`), judge each result
+    against the image's own attributes: per k the decoded images, the verdicts and each attribute's accuracy."""
+    world, codes, tokenizer = run.world, outputs["codes"], outputs["tokenizer"]
+    indices = [int(i) for i in world.test_idx][::14][:4 if run.cfg.smoke else 20]
+    fill, targets = most_common_codes(codes[world.train_idx.to(codes.device)]), [COMBOS[int(world.combo[i])]
+                                                                                 for i in indices]
+    result = {"ks": list(PREFIX_KS), "indices": indices, "images": {}, "right": {},
+              "accuracy": {a: [] for a in ATTRIBUTES}}
+    with torch.no_grad():  # every k in one decoder call: (len(PREFIX_KS) * N, E)
+        embeds = tokenizer.embed(torch.cat([prefix_codes(codes[indices], k, fill) for k in PREFIX_KS]))
+    images = decode_embeddings(outputs["decoder"], embeds, run.cfg.decoder, noise_seed=run.cfg.seed)
+    for n, k in enumerate(PREFIX_KS):
+        result["images"][k] = images[n * len(indices):(n + 1) * len(indices)]
+        verdicts = [judge(image) for image in result["images"][k]]
+        result["right"][k] = [all(v[a] == getattr(t, a) for a in ATTRIBUTES) for v, t in zip(verdicts, targets)]
+        for a in ATTRIBUTES:
+            result["accuracy"][a].append(sum(v[a] == getattr(t, a) for v, t in zip(verdicts, targets)) / len(targets))
+    return result
+
+@torch.no_grad()
+def cross_attention_maps(tokenizer: "seed.SeedTokenizer", vit_tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 1+N, W) ViT tokens -> (B, 32, 1+N): the weights of the Q-Former's first cross-attention (mean over its
+    heads), recomputed from that layer's input by a forward hook, so the model itself stays one SDPA call."""
+    layer = next(l.crossattention for l in tokenizer.qformer.layers if l.crossattention is not None)
+    seen = {}
+    hook = layer.register_forward_hook(lambda module, args, kwargs, out: seen.update(x=args[0], ctx=kwargs["context"]),
+                                       with_kwargs=True)
+    try:
+        tokenizer.query_embeddings(tokenizer.ln_vision(vit_tokens))
+    finally:
+        hook.remove()
+    (B, T, _), S, h = seen["x"].shape, seen["ctx"].shape[1], layer.n_heads
+    q = layer.query(seen["x"]).view(B, T, h, -1).transpose(1, 2)
+    k = layer.key(seen["ctx"]).view(B, S, h, -1).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(1)
 
 # === Reports: metrics.json, the results table, samples.png, curves.png, codes.png, the evaluation images. ===========
 # The level at which a stage has learned its task, checked by the results table: (group, metric) -> minimum.
@@ -1150,6 +1285,15 @@ TARGETS = {("clip", "caption_acc_test"): 0.95, ("tokenizer", "caption_acc_contin
            ("decoder", "recon_all"): 0.85, ("llm", "caption_exact"): 0.90, ("llm", "vqa_acc"): 0.90,
            ("llm", "t2i_heldin_all"): 0.80, ("llm", "t2i_heldout_all"): 0.50, ("llm", "valid_span_rate"): 0.98}
 CELL = 96  # pixels of one 32x32 image in the report figures (3x, nearest neighbour)
+FIGURES = ("samples.png", "curves.png", "codes.png", "code_probes.png", "attention.png", "prefix_decodes.png",
+           "code_loss_by_position.png")  # what every complete run writes into --out
+PREFIX_KS = (1, 2, 4, 8, 16, 32)  # prefix_decodes.png: images decoded from the first k codes
+RIGHT, WRONG = (20, 140, 40), (200, 30, 30)  # the frame of a judged cell
+# What each stage's curve is (curves.png, curves.json): the loss `step_fn` returns.
+LOSS_NAMES = {"clip": "multi-positive InfoNCE", "qformer": "last-query ITC (InfoNCE)",
+              "codebook": "5 VQ + 2 (1-cos) + 0.5 MSE + factor", "decoder": "v-prediction MSE",
+              "llm_pretrain": "next-token CE", "llm_lora": "next-token CE, replies",
+              "llm_sft": "next-token CE, replies"}
 
 def machine_info(run: Run) -> dict:
     """Where the run ran: the numbers that make its timings meaningful (a busy machine is slower)."""
@@ -1159,21 +1303,44 @@ def machine_info(run: Run) -> dict:
             "torch_threads": torch.get_num_threads(), "world_size": run.world_size,
             "load_average_1_5_15min": [round(x, 2) for x in load] if load else None}
 
-def _big(image: Image.Image) -> Image.Image:
-    return image.resize((CELL, CELL), Image.NEAREST)
+def font(size: int = 13) -> "ImageFont.FreeTypeFont":
+    """Pillow's scalable default font (legible at README scale, unlike the 6-px bitmap one)."""
+    return ImageFont.load_default(size=size)
 
-def _text_cell(text: str, width: int = CELL, height: int = CELL) -> Image.Image:
-    """A white cell with `text` wrapped to its width (PIL's default bitmap font, about 6 px per character)."""
-    cell = Image.new("RGB", (width, height), (255, 255, 255))
-    lines = textwrap.wrap(" ".join(text.split()), width // 6, break_long_words=False, break_on_hyphens=False)
+def _big(image: Image.Image, size: int = CELL) -> Image.Image:
+    return image.resize((size, size), Image.NEAREST)
+
+def _text_cell(text: str, width: int = CELL, height: int = CELL, size: int = 12, fill=(0, 0, 0)) -> Image.Image:
+    """A white cell with `text` wrapped to its width."""
+    cell, f = Image.new("RGB", (width, height), (255, 255, 255)), font(size)
+    draw, lines = ImageDraw.Draw(cell), []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=f) <= width - 6:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
     for k, line in enumerate(lines):
-        ImageDraw.Draw(cell).text((3, 3 + 11 * k), line, fill=(0, 0, 0))
+        draw.text((3, 2 + (size + 2) * k), line, fill=fill, font=f)
     return cell
+
+def _verdict(judged: dict | None, target) -> tuple[str, tuple]:
+    """The judge's verdict on a generated image as a short text and its colour."""
+    if judged is None:
+        return "no valid image", WRONG
+    wrong = [a for a in ATTRIBUTES if judged[a] != getattr(target, a)]
+    if not wrong:
+        return "judged right", RIGHT
+    return "wrong " + ", ".join(f"{a}: {judged[a]}" for a in wrong), WRONG
+
+def _framed(image: Image.Image, colour: tuple) -> Image.Image:
+    framed = _big(image).copy()
+    ImageDraw.Draw(framed).rectangle((0, 0, CELL - 1, CELL - 1), outline=colour, width=4)
+    return framed
 
 def save_eval_images(run: Run, records: list[dict]) -> None:
     """Every generated evaluation image as OUT/eval/<task>_<k>.png, and OUT/eval/index.json with each one's prompt,
-    intended attributes, held-out flag, 32 codes, the judge's verdict and the decoder-free diagnostic, so that anyone
-    can re-judge the images. A generation without a valid image span has no file (file: null)."""
+    the attributes it requests, held-out flag, 32 codes, the judge's verdict and the decoder-free diagnostic, so
+    that anyone can re-judge the images. A generation without a valid image span has no file (file: null)."""
     folder = run.out / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     index = []
@@ -1187,92 +1354,223 @@ def save_eval_images(run: Run, records: list[dict]) -> None:
                       "nearest_real": dataclasses.asdict(r["nearest"]) if "nearest" in r else None})
     weights.write_json(folder / "index.json", index)
 
+def _sample_row(run: Run, i: int, k: int, outputs: dict, pools: list[list[dict]]) -> list[tuple]:
+    """(image cell, label, colour of the label) of one row of samples.png, every generated cell judged."""
+    recon, captions = dict(outputs["reconstructions"]), outputs["llm_eval"]["captions"]
+    combo = COMBOS[int(run.world.combo[i])]
+    text, colour = _verdict(judge(recon[i]), combo)
+    right = captions[i] == combo.caption
+    cells = [(_big(to_image(run.world.images[i])), combo.caption, (0, 0, 0)), (_framed(recon[i], colour), text, colour),
+             (_text_cell(captions[i], size=13), f"caption {'right' if right else 'wrong'}", RIGHT if right else WRONG)]
+    for n, pool in enumerate(pools):
+        r = pool[(k * 7 + n) % len(pool)] if pool else None
+        if r is None:
+            cells.append((_text_cell(""), "", (0, 0, 0)))
+            continue
+        text, colour = _verdict(r["judged"], r["target"])
+        image = _framed(r["image"], colour) if "image" in r else _text_cell("(no valid image span)")
+        if r["task"] == "edit":
+            cells.append((_big(to_image(run.world.images[r["source"]])), r["prompt"], (0, 0, 0)))
+        cells.append((image, (r["target"].caption + ": " if r["task"] == "t2i" else "") + text, colour))
+    return cells
+
 def draw_samples(run: Run, outputs: dict) -> Image.Image:
     """samples.png: rows of input | reconstruction from its codes | generated caption | text-to-image (held-in) |
-    text-to-image (held-out) | an edit (instruction, then the result)."""
+    text-to-image (held-out) | an edit (its input and instruction, then the result); every generated cell framed
+    green (judged right) or red (wrong, with what the judge read)."""
     records, captions = outputs["llm_eval"]["records"], outputs["llm_eval"]["captions"]
-    recon = dict(outputs.get("reconstructions", []))
-    rows = [i for i in recon if i in captions]
+    rows = [i for i in dict(outputs["reconstructions"]) if i in captions]
     rows = rows[::max(1, len(rows) // 4)][:4]  # spread over the combinations
-    t2i_in, t2i_out = ([r for r in records if r["task"] == "t2i" and r["target"].held_out == h] for h in (False, True))
-    edits = [r for r in records if r["task"] == "edit"]
-    header = ["input", "from 32 codes", "caption", "t2i held-in", "t2i held-out", "edit input", "edit result"]
-    sheet = Image.new("RGB", (CELL * len(header), 14 + (CELL + 36) * len(rows)), (255, 255, 255))
+    pools = [[r for r in records if r["task"] == "t2i" and r["target"].held_out == h] for h in (False, True)]
+    pools.append([r for r in records if r["task"] == "edit"])
+    header = ["input", "from its 32 codes", "LLM caption", "t2i held-in", "t2i held-out", "edit input", "edit result"]
+    W, label_h = CELL + 40, 58
+    sheet = Image.new("RGB", (W * len(header), 24 + (CELL + label_h) * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for c, title in enumerate(header):
-        draw.text((c * CELL + 3, 2), title, fill=(0, 0, 0))
-
-    def generated(r):
-        return _big(r["image"]) if "image" in r else _text_cell("(no valid image span)")
-
+        draw.text((c * W + 3, 4), title, fill=(0, 0, 0), font=font(14))
     for k, i in enumerate(rows):
-        y = 14 + k * (CELL + 36)
-        cells = [(_big(to_image(run.world.images[i])), CAPTIONS[int(run.world.combo[i])]),
-                 (_big(recon[i]), ""), (_text_cell(captions[i]), "")]
-        for pool in (t2i_in, t2i_out):
-            r = pool[(k * 7) % len(pool)] if pool else None
-            cells.append((generated(r), r["target"].caption) if r else (_text_cell(""), ""))
-        if edits:
-            r = edits[(k * 11) % len(edits)]
-            cells += [(_big(to_image(run.world.images[r["source"]])), r["prompt"]), (generated(r), "")]
-        for c, (cell, label) in enumerate(cells):
-            sheet.paste(cell, (c * CELL, y))
-            sheet.paste(_text_cell(label, CELL, 36), (c * CELL, y + CELL))
+        y = 24 + k * (CELL + label_h)
+        for c, (cell, label, colour) in enumerate(_sample_row(run, i, k, outputs, pools)):
+            sheet.paste(cell, (c * W + 20 * (cell.width == CELL), y))
+            sheet.paste(_text_cell(label, W - 4, label_h - 4, size=11, fill=colour), (c * W, y + CELL + 2))
     return sheet
 
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values of a log axis from lo to hi: the powers of ten inside, and 2x, 5x when there are few."""
+    ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in (1, 2, 5)]
+    inside = [t for t in ticks if lo <= t <= hi]
+    return inside if len(inside) >= 2 else [lo, hi]
+
 def draw_curves(curves: dict[str, list[float]]) -> Image.Image:
-    """curves.png: the training loss of every stage, one panel each (a 10-step moving average over the raw
-    loss in grey), drawn with PIL only."""
-    W, H, pad = 320, 200, 30
+    """curves.png: one panel per stage, its loss (named in LOSS_NAMES) against the step on a log scale, the raw
+    loss in grey and a 10-step moving average in blue, with ticks on both axes."""
+    W, H, left, pad = 420, 260, 56, 34
     names = list(curves)
     sheet = Image.new("RGB", (W * max(1, min(3, len(names))), H * max(1, math.ceil(len(names) / 3))), "white")
-    draw = ImageDraw.Draw(sheet)
+    draw, f = ImageDraw.Draw(sheet), font(12)
     for k, name in enumerate(names):
         x0, y0 = (k % 3) * W, (k // 3) * H
-        values = [v for v in curves[name] if math.isfinite(v)]
-        draw.rectangle((x0 + pad, y0 + pad, x0 + W - 10, y0 + H - pad), outline=(0, 0, 0))
-        draw.text((x0 + pad, y0 + 8), f"{name}: {len(curves[name])} steps", fill=(0, 0, 0))
+        values = [max(v, 1e-6) for v in curves[name] if math.isfinite(v)]
+        box = (x0 + left, y0 + pad, x0 + W - 24, y0 + H - pad)
+        draw.rectangle(box, outline=(0, 0, 0))
+        draw.text((x0 + left, y0 + 4), f"{name}: {LOSS_NAMES.get(name, 'loss')}", fill=(0, 0, 0), font=font(13))
         if len(values) < 2:
             continue
-        lo, hi = min(values), max(values)
+        lo, hi = math.log10(min(values)), math.log10(max(values))
         smooth = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
 
         def xy(i, v):
-            return (x0 + pad + (W - 10 - 2 * pad) * i / (len(values) - 1),
-                    y0 + H - pad - (H - 2 * pad) * (v - lo) / max(hi - lo, 1e-12))
+            return (box[0] + (box[2] - box[0]) * i / (len(values) - 1),
+                    box[3] - (box[3] - box[1]) * (math.log10(v) - lo) / max(hi - lo, 1e-9))
 
         draw.line([xy(i, v) for i, v in enumerate(values)], fill=(200, 200, 200))
         draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
-        draw.text((x0 + 2, y0 + pad - 4), f"{hi:.3g}", fill=(0, 0, 0))
-        draw.text((x0 + 2, y0 + H - pad - 8), f"{lo:.3g}", fill=(0, 0, 0))
-        draw.text((x0 + pad, y0 + H - pad + 4), f"final {smooth[-1]:.4g}", fill=(0, 0, 0))
+        for t in _log_ticks(10 ** lo, 10 ** hi):
+            y = xy(0, t)[1]
+            draw.line((box[0] - 4, y, box[0], y), fill=(0, 0, 0))
+            draw.text((box[0] - 6 - draw.textlength(f"{t:.3g}", font=f), y - 7), f"{t:.3g}", fill=(0, 0, 0), font=f)
+        for step in (0, len(values) // 2, len(values) - 1):
+            x = xy(step, values[0])[0]
+            draw.line((x, box[3], x, box[3] + 4), fill=(0, 0, 0))
+            draw.text((x - 10, box[3] + 5), str(step + 1), fill=(0, 0, 0), font=f)
+        draw.text((box[2] - 150, box[3] + 18), f"step (log loss; final {smooth[-1]:.3g})", fill=(0, 0, 0), font=f)
+    return sheet
+
+def _heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], title: str, cell=(26, 22)) -> Image.Image:
+    """A table of values in [0, 1] as shades of blue, each with its value (two digits)."""
+    cw, ch = cell
+    left, top = 90, 40
+    sheet = Image.new("RGB", (left + cw * len(cols) + 10, top + ch * len(rows) + 10), "white")
+    draw, f = ImageDraw.Draw(sheet), font(11)
+    draw.text((4, 4), title, fill=(0, 0, 0), font=font(13))
+    for c, name in enumerate(cols):
+        draw.text((left + c * cw + 3, top - 16), name, fill=(0, 0, 0), font=f)
+    for r, name in enumerate(rows):
+        draw.text((4, top + r * ch + 4), name, fill=(0, 0, 0), font=f)
+        for c, v in enumerate(matrix[r]):
+            shade = int(255 - 200 * max(0.0, min(1.0, v)))
+            box = (left + c * cw, top + r * ch, left + (c + 1) * cw - 1, top + (r + 1) * ch - 1)
+            draw.rectangle(box, fill=(shade, shade, 255))
+            draw.text((box[0] + 2, box[1] + 5), f"{v:.2f}"[1:] if v < 1 else "1.0",
+                      fill=(255, 255, 255) if v > 0.6 else (0, 0, 0), font=f)
+    return sheet
+
+def draw_probes(probes: dict[str, list[list[float]]]) -> Image.Image:
+    """code_probes.png: per run (causal, bidirectional), how well each code position alone predicts each attribute
+    (`code_probes`, test images), positions along the x axis, chance next to each attribute."""
+    rows = [f"{a} (1/{len(VALUES[a])})" for a in ATTRIBUTES]  # chance: the labels are balanced
+    panels = [_heatmap([list(col) for col in zip(*matrix)], rows, [str(p) for p in range(len(matrix))],
+                       f"{name}: accuracy of one code position alone (test images)") for name, matrix in probes.items()]
+    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    for k, panel in enumerate(panels):
+        sheet.paste(panel, (0, sum(p.height for p in panels[:k])))
     return sheet
 
 def draw_codes(run: Run, codes: torch.Tensor, n_codes: int) -> Image.Image:
-    """codes.png: how often each code is used over all 1350 images (bars, codes sorted by frequency), and the
-    32 codes of a few test images, each code a colour cell with its number."""
-    counts = torch.bincount(codes.flatten().cpu(), minlength=n_codes).sort(descending=True).values
-    used = int((counts > 0).sum())
-    W, H = 2 * 16 * 34 + CELL, 160
-    examples = run.world.test_idx.tolist()[::50][:6]
-    sheet = Image.new("RGB", (W, H + len(examples) * (CELL // 2 + 40)), "white")
+    """codes.png: how often each code is used over all 1350 images (codes sorted by frequency), the entropy of
+    the code at each of the 32 positions, and for the most used codes the images that use them."""
+    counts = torch.bincount(codes.flatten().cpu(), minlength=n_codes)
+    order = counts.argsort(descending=True)
+    W, H, f = 40 + 2 * n_codes if n_codes <= 512 else 1064, 150, font(12)
+    examples = order[:6].tolist()
+    sheet = Image.new("RGB", (max(W, 700), 2 * H + 40 + len(examples) * (CELL // 2 + 8)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 4), f"code usage over all {codes.shape[0]} images: {used}/{n_codes} codes used, "
-                      f"sorted by frequency (max {int(counts[0])})", fill=(0, 0, 0))
-    bar = (W - 8) / n_codes
-    for k, c in enumerate(counts.tolist()):
-        h = (H - 30) * c / max(int(counts[0]), 1)
-        draw.rectangle((4 + k * bar, H - 4 - h, 4 + (k + 1) * bar, H - 4), fill=(30, 80, 200))
-    for row, i in enumerate(examples):
-        y = H + row * (CELL // 2 + 40)
-        sheet.paste(to_image(run.world.images[i]).resize((CELL // 2, CELL // 2), Image.NEAREST), (4, y))
-        draw.text((CELL // 2 + 10, y), CAPTIONS[int(run.world.combo[i])], fill=(0, 0, 0))
-        for q, code in enumerate(codes[i].tolist()):
-            hue = (code * 0.618034) % 1.0  # golden-ratio hues: neighbouring codes get distinct colours
-            colour = tuple(int(255 * (0.55 + 0.45 * math.cos(2 * math.pi * (hue + s / 3)))) for s in range(3))
-            x, yy = CELL // 2 + 10 + (q % 16) * 34, y + 14 + (q // 16) * 18
-            draw.rectangle((x, yy, x + 32, yy + 16), fill=colour)
-            draw.text((x + 3, yy + 3), str(code), fill=(0, 0, 0))
+    draw.text((4, 4), f"code usage over all {codes.shape[0]} images: {int((counts > 0).sum())}/{n_codes} codes "
+                      f"used, sorted by frequency (max {int(counts[order[0]])})", fill=(0, 0, 0), font=font(13))
+    bar = (W - 40) / n_codes
+    for k, c in enumerate(counts[order].tolist()):
+        h = (H - 40) * c / max(int(counts[order[0]]), 1)
+        draw.rectangle((20 + k * bar, H - 4 - h, 20 + (k + 1) * bar, H - 4), fill=(30, 80, 200))
+    entropy = [float(-(p * p.log2()).sum()) for p in
+               (torch.bincount(codes[:, q].cpu(), minlength=n_codes).float().div(len(codes)).clamp(min=1e-12)
+                for q in range(codes.shape[1]))]
+    draw.text((4, H + 4), f"entropy of the code at each position (bits; max {max(entropy):.2f}, log2 150 = 7.23)",
+              fill=(0, 0, 0), font=font(13))
+    for q, e in enumerate(entropy):
+        h = (H - 44) * e / max(max(entropy), 1e-9)
+        draw.rectangle((20 + q * 20, 2 * H - 16 - h, 20 + q * 20 + 16, 2 * H - 16), fill=(200, 110, 30))
+        draw.text((20 + q * 20, 2 * H - 14), str(q), fill=(0, 0, 0), font=font(9))
+    for row, code in enumerate(examples):
+        y = 2 * H + 10 + row * (CELL // 2 + 8)
+        users = torch.nonzero((codes == code).any(1)).squeeze(1)
+        positions = sorted(set(torch.nonzero(codes == code)[:, 1].tolist()))
+        draw.text((4, y + 4), f"code {code}: {len(users)} images", fill=(0, 0, 0), font=f)
+        draw.text((4, y + 20), f"at {len(positions)} positions", fill=(0, 0, 0), font=f)
+        for n, i in enumerate(users[torch.linspace(0, len(users) - 1, min(10, len(users))).long()].tolist()):
+            sheet.paste(to_image(run.world.images[i]).resize((CELL // 2, CELL // 2), Image.NEAREST),
+                        (130 + n * (CELL // 2 + 4), y))
+    return sheet
+
+def draw_prefixes(run: Run, prefixes: dict) -> Image.Image:
+    """prefix_decodes.png: a few test images decoded from their first k codes (the rest filled as
+    `prefix_codes` says), and the judged accuracy of each attribute over all the inputs as k grows."""
+    ks, shown = prefixes["ks"], prefixes["indices"][:5]
+    W = 110 + CELL * len(ks)
+    sheet = Image.new("RGB", (W, 30 + (CELL + 4) * len(shown) + 30 + 18 * len(ATTRIBUTES)), "white")
+    draw, f = ImageDraw.Draw(sheet), font(12)
+    draw.text((4, 4), "decoded from the first k of the 32 codes", fill=(0, 0, 0), font=font(13))
+    for c, k in enumerate(ks):
+        draw.text((110 + c * CELL + 30, 20), f"k = {k}", fill=(0, 0, 0), font=f)
+    for r, i in enumerate(shown):
+        y = 36 + r * (CELL + 4)
+        sheet.paste(to_image(run.world.images[i]).resize((CELL - 10, CELL - 10), Image.NEAREST), (4, y))
+        for c, k in enumerate(ks):
+            image = prefixes["images"][k][r]
+            sheet.paste(_framed(image, RIGHT if prefixes["right"][k][r] else WRONG), (110 + c * CELL, y))
+    y = 40 + (CELL + 4) * len(shown)
+    draw.text((4, y), f"judged accuracy over {len(prefixes['indices'])} test images:", fill=(0, 0, 0), font=f)
+    for a_k, a in enumerate(ATTRIBUTES):
+        draw.text((4, y + 18 * (a_k + 1)), a, fill=(0, 0, 0), font=f)
+        for c, k in enumerate(ks):
+            draw.text((110 + c * CELL + 30, y + 18 * (a_k + 1)), f"{prefixes['accuracy'][a][c]:.2f}",
+                      fill=(0, 0, 0), font=f)
+    return sheet
+
+def draw_attention(run: Run, maps: torch.Tensor, indices: list[int], queries: tuple[int, ...]) -> Image.Image:
+    """attention.png: the Causal Q-Former's cross-attention (layer 0, mean over heads) of a few queries over the
+    image patches, each map (patch grid, CLS left out and renormalised) laid over the image."""
+    grid = int(round((maps.shape[-1] - 1) ** 0.5))
+    sheet = Image.new("RGB", (CELL * (len(queries) + 1) + 10, 40 + (CELL + 6) * len(indices)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), "cross-attention of query q over the 8x8-pixel patches (darker = more; min-max per map)",
+              fill=(0, 0, 0), font=font(13))
+    for c, q in enumerate(queries):
+        draw.text((CELL * (c + 1) + 30, 22), f"q = {q}", fill=(0, 0, 0), font=font(12))
+    for r, i in enumerate(indices):
+        y, image = 40 + r * (CELL + 6), _big(to_image(run.world.images[i]))
+        sheet.paste(image, (0, y))
+        for c, q in enumerate(queries):
+            w = maps[r, q, 1:].reshape(grid, grid).cpu()
+            w = (w - w.min()) / (w.max() - w.min()).clamp(min=1e-12)   # this query's most and least attended patch
+            heat = Image.fromarray((w * 180).byte().numpy(), "L").resize((CELL, CELL), Image.NEAREST)
+            sheet.paste(Image.composite(Image.new("RGB", (CELL, CELL), (0, 0, 0)), image, heat), (CELL * (c + 1), y))
+    return sheet
+
+def draw_code_loss(by_position: dict[str, list[float]]) -> Image.Image:
+    """code_loss_by_position.png: the LLM's teacher-forced loss on each of the 32 codes (and `</img>`) of real
+    images, one line per LLM (causal / bidirectional tokenizer; after pretraining / after instruction tuning)."""
+    W, H, left, pad = 720, 300, 50, 30
+    sheet = Image.new("RGB", (W, H + 20 * len(by_position)), "white")
+    draw, f = ImageDraw.Draw(sheet), font(12)
+    draw.text((left, 6), "image-code loss (nats) at each position of the span, test images", fill=(0, 0, 0),
+              font=font(13))
+    box = (left, pad, W - 10, H - pad)
+    draw.rectangle(box, outline=(0, 0, 0))
+    hi = max(max(v) for v in by_position.values()) * 1.05 or 1.0
+    palette = [(30, 80, 200), (200, 60, 30), (30, 150, 60), (150, 60, 190)]
+    for n, (name, values) in enumerate(by_position.items()):
+        pts = [(box[0] + (box[2] - box[0]) * q / (len(values) - 1), box[3] - (box[3] - box[1]) * v / hi)
+               for q, v in enumerate(values)]
+        draw.line(pts, fill=palette[n % 4], width=2)
+        draw.text((left, H + 20 * n), f"{name}: mean {sum(values[:-1]) / (len(values) - 1):.3f} over the 32 codes",
+                  fill=palette[n % 4], font=f)
+    for t in range(5):
+        y = box[3] - (box[3] - box[1]) * t / 4
+        draw.text((4, y - 7), f"{hi * t / 4:.2f}", fill=(0, 0, 0), font=f)
+    for q in range(0, 33, 4):
+        x = box[0] + (box[2] - box[0]) * q / 32
+        draw.text((x - (36 if q == 32 else 4), box[3] + 4), "</img>" if q == 32 else str(q), fill=(0, 0, 0), font=f)
     return sheet
 
 def results_table(run: Run) -> str:
@@ -1280,6 +1578,8 @@ def results_table(run: Run) -> str:
     lines = [f"{'metric':<34} {'value':>10}  target", "-" * 56]
     for group, values in run.metrics.items():
         for name, value in values.items():
+            if isinstance(value, (list, dict)):  # per-position tables: in metrics.json and the figures
+                continue
             target = TARGETS.get((group, name))
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             check = "" if target is None else f">= {target:.2f} {'ok' if value >= target else 'MISSED'}"
@@ -1313,20 +1613,66 @@ def write_generation_config(run: Run) -> list[str]:
                                                             "demo_image": "demo.png", "demo": image.caption})
     return ["generation_config.json", "demo.png"]
 
+def compared_run(run: Run) -> dict:
+    """The metrics of the run named by --compare ({} without one), and its name: causal or bidirectional."""
+    if not run.cfg.compare:
+        return {}
+    report = json.loads((Path(run.cfg.compare) / "metrics.json").read_text())  # main checked that it exists
+    return {"name": "bidirectional" if report["config"]["no_causal"] else "causal", "metrics": report["metrics"]}
+
+def write_code_figures(run: Run, outputs: dict, other: dict) -> None:
+    """code_probes.png, codes.png, attention.png (and the probes in the metrics) from the tokenizer's codes."""
+    name, world, codes = "bidirectional" if run.cfg.no_causal else "causal", run.world, outputs["codes"].cpu()
+    probes = code_probes(codes, attribute_labels(world), world.train_idx, world.test_idx)
+    run.metrics["tokenizer"]["code_probes"] = probes.tolist()  # (32 positions, ATTRIBUTES)
+    run.metrics["tokenizer"].update({f"probe_best_{a}": probes[:, k].max().item() for k, a in enumerate(ATTRIBUTES)})
+    run.metrics["tokenizer"]["distinct_codes_per_image"] = sum(len(set(row)) for row in codes.tolist()) / len(codes)
+    both = {name: probes.tolist()}
+    if other.get("metrics", {}).get("tokenizer", {}).get("code_probes"):
+        both[other["name"] + " (--compare)"] = other["metrics"]["tokenizer"]["code_probes"]
+    draw_probes(both).save(run.out / "code_probes.png")
+    draw_codes(run, codes, outputs["tokenizer"].quantize.n_codes).save(run.out / "codes.png")
+    shown = [int(i) for i in world.test_idx][::62][:5]
+    maps = cross_attention_maps(outputs["tokenizer"], outputs["vit_tokens"][shown])
+    draw_attention(run, maps, shown, (0, 1, 8, 16, 24, 31)).save(run.out / "attention.png")
+
+def write_llm_figures(run: Run, outputs: dict, other: dict) -> None:
+    """eval/ with index.json, samples.png and code_loss_by_position.png."""
+    save_eval_images(run, outputs["llm_eval"]["records"])
+    if "reconstructions" in outputs:
+        draw_samples(run, outputs).save(run.out / "samples.png")
+    lines = {}
+    for label, metrics in (("bidirectional" if run.cfg.no_causal else "causal", run.metrics["llm"]),
+                           (other.get("name", "") + " (--compare)", other.get("metrics", {}).get("llm", {}))):
+        for key, stage in (("pretrain_image_code_loss_by_position", "after pretraining"),
+                           ("image_code_loss_by_position", "after instruction tuning")):
+            if metrics.get(key):
+                lines[f"{label}, {stage}"] = metrics[key]
+    draw_code_loss(lines).save(run.out / "code_loss_by_position.png")
+
 def write_reports(run: Run, outputs: dict) -> None:
-    """metrics.json, the evaluation images with index.json, samples.png, curves.png, codes.png, and the table."""
+    """metrics.json, the evaluation images with index.json, every figure, curves.json, and the table."""
     if not run.main:
         return
     if "judge" not in run.metrics:  # how far the judge itself can be trusted: its accuracy on the clean renders
         truth = [COMBOS[int(c)] for c in run.world.combo]
         run.metrics["judge"] = {f"clean_{k}": v for k, v in judge_accuracy(run.world.images, truth).items()}
-    if "llm_eval" in outputs:
-        save_eval_images(run, outputs["llm_eval"]["records"])
-        draw_samples(run, outputs).save(run.out / "samples.png")
+    other = compared_run(run)
     if "codes" in outputs:
-        draw_codes(run, outputs["codes"], outputs["tokenizer"].quantize.n_codes).save(run.out / "codes.png")
+        write_code_figures(run, outputs, other)
+    if "decoder" in outputs and "codes" in outputs:
+        t0 = time.time()
+        prefixes = evaluate_prefixes(run, outputs)
+        run.timings["prefix_decodes"] = time.time() - t0
+        run.metrics["decoder"].update({f"prefix_{a}": v for a, v in prefixes["accuracy"].items()},
+                                      prefix_ks=prefixes["ks"])
+        draw_prefixes(run, prefixes).save(run.out / "prefix_decodes.png")
+    if "llm_eval" in outputs:
+        write_llm_figures(run, outputs, other)
     if run.curves:
         draw_curves(run.curves).save(run.out / "curves.png")
+        weights.write_json(run.out / "curves.json", {name: {"loss": LOSS_NAMES.get(name, "loss"), "values": values}
+                                                     for name, values in run.curves.items()})
     report = {"metrics": run.metrics, "timings_s": run.timings, "machine": machine_info(run),
               "config": dataclasses.asdict(run.cfg)}
     weights.write_json(run.out / "metrics.json", report)
@@ -1353,6 +1699,8 @@ def main(argv: list[str] | None = None) -> Run:
     if not cfg.tiny:
         raise SystemExit("train.py has one training preset, the tiny SEED on the shapes world: "
                          "run `python train.py --tiny` (see --help for every option)")
+    if cfg.compare and not (Path(cfg.compare) / "metrics.json").exists():  # named now, not after the whole run
+        raise SystemExit(f"--compare {cfg.compare}: no metrics.json there; give the --out of a finished run")
     run = Run(cfg)
     outputs: dict = {}
     t0, c0 = time.time(), time.process_time()

@@ -17,7 +17,8 @@ left", "on the right", "in the center": always 7 words. The four VQA questions (
 or the place phrase. An edit instruction changes exactly one attribute: "make it {colour}", "turn it into a
 {shape}", "make it {large|small}", "move it {place}". Requests for a caption or a picture are paraphrased
 (CAPTION_REQUESTS, T2I_REQUESTS), so that a model learns the task and not one sentence; the first of each is the one
-the evaluation asks with.
+the evaluation asks with. An attribute-level request names only some attributes (Combo.describe: "draw a blue
+shape."), and any image that has them answers it.
 
 Held-out compositions. The (shape, colour) pairs (triangle, blue), (circle, yellow) and (square, purple) are never an
 image the LLM learns to draw: no caption -> image sequence, text-to-image reply or edit target shows them. They are
@@ -71,6 +72,14 @@ class Combo:
     @property
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.shape} {PLACES[self.position]}"
+
+    def describe(self, attributes) -> str:
+        """A request-level description naming only `attributes` (in caption order), e.g. ("colour", "shape") ->
+        "a blue triangle", ("size",) -> "a small shape": what an attribute-level request asks for."""
+        words = [self.size if "size" in attributes else "", self.colour if "colour" in attributes else "",
+                 self.shape if "shape" in attributes else "shape", PLACES[self.position] if "position" in attributes
+                 else ""]
+        return "a " + " ".join(w for w in words if w)
 
     @property
     def held_out(self) -> bool:

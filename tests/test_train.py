@@ -115,6 +115,30 @@ def test_judge_is_exact_on_clean_renders_and_robust_to_mild_noise():
     wrong = world.judge_accuracy([data.images[0]], [world.COMBOS[1]])  # an image judged against another combo
     assert wrong["all"] == 0.0
 
+def test_code_probes_read_what_each_position_carries():
+    # position 0 copies the attribute-0 label, position 1 is constant, position 2 holds a code unseen in training
+    labels = torch.tensor([[0, 1], [1, 0], [2, 1], [0, 0], [1, 1], [2, 0]])
+    codes = torch.stack([labels[:, 0] + 10, torch.full((6,), 3), torch.tensor([5, 5, 5, 7, 7, 7])], 1)
+    train_idx, test_idx = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    probes = train.code_probes(codes, labels, train_idx, test_idx)
+    assert probes.shape == (3, 2)
+    assert probes[0, 0] == 1.0                          # a position that copies the attribute predicts it exactly
+    assert probes[1, 0] == pytest.approx(1 / 3)         # a constant code predicts the majority label only
+    assert probes[2, 1] == pytest.approx(1 / 3)         # unseen codes fall back to the majority label (1)
+
+def test_prefix_codes_keep_the_first_k_and_fill_the_rest():
+    codes = torch.arange(12).view(2, 6)
+    fill = torch.full((6,), -1)
+    assert train.prefix_codes(codes, 2, fill).tolist() == [[0, 1, -1, -1, -1, -1], [6, 7, -1, -1, -1, -1]]
+    assert torch.equal(train.prefix_codes(codes, 6, fill), codes) and codes[0, 2] == 2  # the input is not changed
+    assert train.most_common_codes(torch.tensor([[1, 2], [1, 3], [4, 3]])).tolist() == [1, 3]
+
+def test_factor_loss_is_zero_only_for_codes_that_depend_on_their_attribute_alone():
+    labels = torch.tensor([[i % 3, i % 5, i % 2, (i // 2) % 5] for i in range(30)])
+    factored = torch.stack([labels[:, g // 2].float()[:, None].expand(-1, 3) * (g + 1) for g in range(8)], 1)
+    assert train.factor_loss(factored, labels) < 1e-6              # 8 positions, 2 per attribute, d = 3
+    assert train.factor_loss(torch.randn(30, 8, 3), labels) > 0.5  # noise: the within-class variance stays
+
 # --- stages 0-3 in smoke mode, checkpoints, resume -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

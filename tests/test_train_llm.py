@@ -4,6 +4,7 @@ measured by hand (README); here the stages run in --smoke.
 """
 import json
 import random
+from itertools import combinations
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from PIL import Image
 import llama
 from tokenizer import chat_conversation, chat_prompt, Tokenizer
 import train
-from world import ATTRIBUTES, HELD_OUT_PAIRS, build_world, parse_caption
+from world import ATTRIBUTES, HELD_OUT_PAIRS, Combo, build_world, parse_caption
 
 N_CODES = 256
 
@@ -101,6 +102,16 @@ def test_held_out_pairs_are_never_drawn_in_training(data, tokenizer):
     assert not any(c.held_out for c in drawn), [c for c in drawn if c.held_out]
     assert len(drawn) == 120 and True in inputs  # not vacuous: all held-in combos drawn, held-out ones read
 
+def test_attribute_level_requests_name_some_attributes_of_their_image(data):
+    partial = train.LLMData(data.world, torch.tensor(data.codes), data.builder, attribute_requests=1.0)
+    rng = random.Random(0)
+    for i in partial.train_drawable[:40]:
+        user, reply, images = partial.t2i_turn(rng, i)
+        combo = partial.combos[i]
+        assert combo.caption not in user and images == [partial.codes[i]]
+        assert any(combo.describe(subset) in user for k in (1, 2, 3) for subset in combinations(ATTRIBUTES, k))
+    assert Combo("circle", "blue", "small", "left").describe(("position", "colour")) == "a blue shape on the left"
+
 def test_lora_starts_as_the_base_model_and_merges_exactly():
     torch.manual_seed(0)
     model = llama.Llama(llama.LlamaConfig.preset("tiny")).eval()
@@ -142,15 +153,29 @@ def test_smoke_trains_the_llm_and_writes_the_reports(tmp_path, capsys):
     assert llm["image_code_loss"] > 0 and 0 <= llm["valid_span_rate"] <= 1
     assert {"llm_pretrain", "llm_lora", "llm_sft", "total"} <= set(report["timings_s"])
     assert report["machine"]["cpu_count"] and report["metrics"]["judge"]["clean_all"] == 1.0
-    for name in ["samples.png", "curves.png", "codes.png"]:
-        assert Image.open(out / name).size[0] > 100
+    for name in train.FIGURES:
+        assert Image.open(out / name).size[0] > 100, name
+    curves = json.loads((out / "curves.json").read_text())
+    assert set(curves) == {"clip", "qformer", "codebook", "decoder", "llm_pretrain", "llm_lora", "llm_sft"}
+    assert all(c["loss"] and len(c["values"]) == train.SMOKE_STEPS for c in curves.values())
+    assert len(report["metrics"]["tokenizer"]["code_probes"]) == 32 and 0 <= llm["pretrain_valid_span_rate"] <= 1
+    assert len(llm["image_code_loss_by_position"]) == len(llm["pretrain_image_code_loss_by_position"]) == 33
     index = json.loads((out / "eval" / "index.json").read_text())
     assert {r["task"] for r in index} == {"t2i", "edit"}
     for r in index:
         assert r["file"] is None or (out / "eval" / r["file"]).exists()
+        assert r["prompt"] and set(r["target"]) == {"shape", "colour", "size", "position"}
         assert r["held_out"] == ((r["target"]["shape"], r["target"]["colour"]) in HELD_OUT_PAIRS)
     # the LLM folder is what sample.py reads: weights, config and the tokenizer files
     model = llama.Llama.from_pretrained(out / "llama")
     tok = Tokenizer(out / "llama")
     assert model.config.vocab_size == len(tok) and tok.image_vocab.n_codes == report["metrics"]["tokenizer"]["n_codes"]
     assert "llm/caption_exact" in capsys.readouterr().out  # the results table
+    # a --no-causal run beside it writes the same figures, and draws the first run's probes next to its own
+    other = tmp_path / "bidirectional"
+    train.main(["--tiny", "--smoke", "--threads", "1", "--no-causal", "--out", str(other), "--compare", str(out)])
+    for name in train.FIGURES:
+        assert (other / name).exists(), name
+    with pytest.raises(SystemExit, match="--compare"):
+        train.main(["--tiny", "--smoke", "--threads", "1", "--stages", "0", "--out", str(other), "--overwrite",
+                    "--compare", str(tmp_path / "missing")])
