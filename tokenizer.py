@@ -36,6 +36,7 @@ import codecs
 import heapq
 import itertools
 import json
+import math
 import os
 import re
 import struct
@@ -93,6 +94,8 @@ def _parse_model(data: bytes, source: str) -> tuple[list[tuple[str, float, int]]
                     raise ValueError("field 1 (pieces) is not a message")
                 fields = dict(_proto_fields(value, "SentencePiece"))
                 score = struct.unpack("<f", fields[2])[0] if 2 in fields else 0.0
+                if not math.isfinite(score):  # a NaN would silently reorder every BPE merge
+                    raise ValueError(f"piece {len(pieces)} has score {score}, not a finite number")
                 pieces.append((fields.get(1, b"").decode("utf-8"), score, fields.get(3, SentencePieceModel.NORMAL)))
             elif number in specs:
                 specs[number] = value

@@ -82,20 +82,27 @@ def test_random_strings_match_sentencepiece(sp):
         ids = [rng.randrange(len(sp)) for _ in range(rng.randint(0, 12))]  # control, byte, invalid UTF-8 ...
         assert sp.decode(ids) == ref.decode(ids), ids
 
-def rebuild_model(data, types=None, extra=()):
-    """The fixture model with some piece types changed and extra pieces appended (field 1 = pieces)."""
+def rebuild_model(data, types=None, extra=(), scores=None):
+    """The fixture model with some piece types (or scores) changed and extra pieces appended (field 1 = pieces)."""
     pieces, rest = [], b""
     for number, value in _proto_fields(data, "ModelProto"):
         if number == 1:
             fields = dict(_proto_fields(value, "SentencePiece"))
             piece = fields[1].decode()
             kind = (types or {}).get(piece, fields.get(3, 1))
-            score = struct.unpack("<f", fields[2])[0]  # fixed32 float
+            score = (scores or {}).get(piece, struct.unpack("<f", fields[2])[0])  # fixed32 float
             pieces.append(_proto_field(1, piece) + _proto_field(2, score) + _proto_field(3, kind))
         else:
             rest += _proto_field(number, value)
     pieces += [_proto_field(1, p) + _proto_field(2, 0.0) + _proto_field(3, 4) for p in extra]
     return b"".join(_proto_field(1, p) for p in pieces) + rest
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf")])
+def test_a_score_that_is_not_a_number_is_refused(tmp_path, score):
+    """A NaN score would silently reorder every merge: the file is refused, naming the piece."""
+    (tmp_path / "tokenizer.model").write_bytes(rebuild_model(SPM.read_bytes(), scores={"at": score}))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokenizer.model'} .*piece 284 has score {score}"):
+        Tokenizer(tmp_path)
 
 @pytest.mark.parametrize("types, extra, named", [({"at": 5}, (), "piece 284 'at' has type UNUSED"),
                                                  ({}, ["<img>"], "piece 640 '<img>' has type USER_DEFINED")])
