@@ -80,9 +80,10 @@ def test_generation_config_round_trip(tmp_path):
     assert train.write_generation_config(run) == ["generation_config.json", "demo.png"]
     config = sample.read_generation_config(tmp_path)
     assert (config["settings"].steps, config["settings"].guidance, config["settings"].negative) == (25, 2.5, False)
-    assert config["prompts"]["edit"] == "make it green" and len(config["prompts"]["chat"]) == 2
+    assert config["prompts"]["edit"] == train.DEMO["image"].edit(*train.DEMO["edit"])[0]
+    assert len(config["prompts"]["chat"]) == 2
     demo, caption = config["demo"]
-    assert caption == "a large red square on the left" and world.judge(demo) == asdict(train.DEMO["image"])
+    assert caption == train.DEMO["image"].caption and world.judge(demo) == asdict(train.DEMO["image"])
     assert sample.read_generation_config(tmp_path / "nowhere") == {}, "no file: the official defaults"
 
 @pytest.mark.parametrize("edit, message", [
@@ -118,10 +119,10 @@ def test_api_on_a_train_py_run(pipe, run_folder):
 def test_cli_on_a_train_py_run_uses_its_defaults(run_folder, tmp_path, capsys):
     """No flag: the run's demo picture, prompts and settings; each picture has its JSON and an enlarged copy."""
     assert sample.main(["--ckpt", str(run_folder[0]), "--task", "reconstruct", "--out", str(tmp_path)]) == 0
-    assert "[reconstruct] a large red square on the left" in capsys.readouterr().out
+    assert f"[reconstruct] {train.DEMO['image'].caption}" in capsys.readouterr().out
     record = json.loads((tmp_path / "reconstruct.json").read_text())
     assert record["settings"] == asdict(sample.read_generation_config(run_folder[0])["settings"])
-    assert len(record["codes"]) == 32 and record["input"] == "a large red square on the left"
+    assert len(record["codes"]) == 32 and record["input"] == train.DEMO["image"].caption
     with Image.open(tmp_path / "reconstruct_x8.png") as big:
         assert big.size == (256, 256)
 
