@@ -328,8 +328,9 @@ def check_one_run(folder: Path) -> None:
 def load_official(root: Path, model: str, home: torch.device, device: torch.device, dtype: torch.dtype) -> tuple:
     """The released SEED tokenizer, SEED-LLaMA, its text tokenizer and the unCLIP decoder, fetched under `root`;
     the decoder on `device`, the others on `home`."""
-    # Half precision reads the fp16 unCLIP files (half the download); the others are cast as they load.
-    variant = "fp16" if dtype in HALF_DTYPES else None
+    # Half precision on an accelerator reads the fp16 unCLIP files (half the download); the others are cast as they
+    # load. bf16 on the CPU reads the fp32 files, the ones a CPU user has already.
+    variant = "fp16" if dtype in HALF_DTYPES and device.type != "cpu" else None
     files = resolve_official(root, model, variant)
     with tqdm(total=3, desc="loading the official weights", unit="model", file=sys.stderr, disable=None) as bar:
         seed = SeedTokenizer.from_official(files.quantizer, files.vit, device=home, dtype=dtype)
@@ -622,8 +623,8 @@ def add_machine_flags(p: argparse.ArgumentParser) -> None:
     """Where and how the models run: the device, the dtype, int8 weights, a compiled decode step, --low-vram."""
     p.add_argument("--device", help="cuda, mps or cpu (default: the first available, in that order)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda/mps; "
-                   "on cpu bfloat16 where the CPU has it natively (AVX512-BF16), else float32; half precision also "
-                   "selects the fp16 unCLIP files, half the download")
+                   "on cpu bfloat16 where the CPU has it natively (AVX512-BF16), else float32; half precision on a "
+                   "GPU also selects the fp16 unCLIP files, half the download")
     p.add_argument("--int8", action="store_true", help="SEED-LLaMA's attention and MLP weights in int8 with "
                    "per-channel scales (llama.quantize_int8): a quarter of the fp32 bytes per token")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM's decode step (CUDA graphs on "
