@@ -1,7 +1,8 @@
 """Weight files: the one home of what every loader and writer of this project shares, in the order a loader uses it.
 
   1. where the model lives: `pick_device` (cuda, then Apple's mps, then cpu), `pick_dtype` (`inference_dtype`: bf16
-     on a CPU that has it natively), and `pin_to_host` / `on_device` (--low-vram: a part on the GPU only while used);
+     on a CPU that has it natively; `bf16_matrix_units`: where bf16 autocast speeds up training), and `pin_to_host`
+     / `on_device` (--low-vram: a part on the GPU only while used);
   2. the file: `find_weights` (an `*.index.json` stands for its shards), `read_header` (names, shapes, dtypes, no
      data) and `read_weights` (`.safetensors`, or `torch.load(weights_only=True)`, which refuses any pickle that
      would construct more than tensors and so cannot run code; memory-mapped, cast one tensor at a time);
@@ -73,6 +74,13 @@ def fast_cpu_bf16() -> bool:
 def inference_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
     """`pick_dtype`, except bf16 on a CPU with `fast_cpu_bf16` (for inference; training stays in fp32 there)."""
     return torch.bfloat16 if device.type == "cpu" and fast_cpu_bf16() else pick_dtype(device, stored)
+
+def bf16_matrix_units(device: torch.device) -> bool:
+    """Whether `device` has bf16 matrix hardware (a CUDA GPU with bf16, a CPU with AMX tiles), where bf16 autocast
+    speeds up a convolution-bound training step (a small-matrix one, the tiny LLM's, loses more to the casts)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 def pin_to_host(module: nn.Module) -> nn.Module:
     """Every parameter and buffer of `module` into page-locked host memory (ordinary host memory without CUDA), from
