@@ -108,28 +108,18 @@ def bench_llama(args) -> dict:
     prompt_len, new_tokens = (16, 8) if args.dry_run else (256, 64)
     variants = llama_variants(cfg, transformers)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-
-    def generate(model, ours, n):
-        if ours:
-            return model.generate(prompt.tolist(), max_new_tokens=n)[0]
-        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, top_k=None, top_p=None)
-        return out[0, prompt_len:].tolist()
-
     runs, moved = copy_bandwidth_runs(2**20 if args.dry_run else 256 * 2**20)
-    runs |= {(name, n): (lambda m=m, o=o, n=n: generate(m, o, n))
-             for name, (m, _, o) in variants.items() for n in (1, 1 + new_tokens)}
+    runs |= llm_runs({name: (m, o) for name, (m, _, o) in variants.items()}, prompt, new_tokens)
     with torch.inference_mode():
-        tokens = {name: generate(m, o, 1 + new_tokens) for name, (m, _, o) in variants.items()}
+        tokens = {name: runs[name, 1 + new_tokens]() for name in variants}
         t = best_times(runs, args.repeats)
     bandwidth = moved / t["memcpy"]
     bytes_of = {dtype: streamed_bytes(m) for m, dtype, o in variants.values() if o}
-    rows = []
-    for name, (m, dtype, _) in variants.items():
-        decode = new_tokens / (t[name, 1 + new_tokens] - t[name, 1])
-        rows.append(dict(name=name, dtype=dtype, prefill_tok_s=prompt_len / t[name, 1], decode_tok_s=decode,
-                         weight_bytes_per_token=bytes_of[dtype], decode_bound_tok_s=bandwidth / bytes_of[dtype],
-                         fraction_of_bound=decode * bytes_of[dtype] / bandwidth,
-                         greedy_same_as_ours_fp32=sum(a == b for a, b in zip(tokens[name], tokens["ours fp32"]))))
+    rows = llm_rows(t, variants, prompt_len, new_tokens, {n: bytes_of[d] for n, (_, d, _) in variants.items()},
+                    bandwidth)
+    for r in rows:
+        r.update(dtype=variants[r["name"]][1],
+                 greedy_same_as_ours_fp32=sum(a == b for a, b in zip(tokens[r["name"]], tokens["ours fp32"])))
     return dict(benchmark="llama", config=dataclasses.asdict(cfg), prompt_tokens=prompt_len, new_tokens=new_tokens,
                 threads=torch.get_num_threads(), repeats=args.repeats, torch=torch.__version__,
                 transformers=getattr(transformers, "__version__", None), copy_bandwidth_GBps=bandwidth / 1e9,
@@ -326,11 +316,13 @@ def run_pipeline(tok, llm, decoder, device, low_vram: bool) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 def llm_runs(variants: dict, prompt: torch.Tensor, new_tokens: int) -> dict:
-    """best_times runs of generate(1 new token) and generate(1 + new_tokens) for every {name: (model, is_ours)}."""
+    """best_times runs of generate(1 new token) and generate(1 + new_tokens) for every {name: (model, is_ours)}:
+    ours through Llama.generate, transformers' greedy; each returns the new tokens."""
     def generate(model, ours, n):
         if ours:
-            return model.generate(prompt.tolist(), max_new_tokens=n)
-        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, top_k=None, top_p=None)
+            return model.generate(prompt.tolist(), max_new_tokens=n)[0]
+        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, top_k=None, top_p=None)
+        return out[0, prompt.shape[1]:].tolist()
     return {(name, n): (lambda m=m, o=o, n=n: generate(m, o, n))
             for name, (m, o) in variants.items() for n in (1, 1 + new_tokens)}
 
@@ -467,13 +459,13 @@ def train_stage_losses(cfg, folder: Path) -> dict:
     alphas, images = unet.scaled_linear_alphas_cumprod(), world.images[:cfg.decoder.batch_size]
     embeds = torch.randn(len(images), decoder.config.embed_dim)
 
-    def decoder_loss():
+    def decoder_loss(bf16: bool):
         gen = torch.Generator().manual_seed(0)
-        return train.decoder_loss(decoder, images, embeds, cfg.decoder, alphas, gen)
+        return train.decoder_loss(decoder, images, embeds, replace(cfg.decoder, bf16=bf16), alphas, gen)
     tok = train.build_llm_tokenizer(folder, 256, cfg.llm.text_vocab_size)
     data = train.LLMData(world, torch.randint(256, (len(world.images), 32)), train.SequenceBuilder(tok))
     rng = random.Random(0)
-    out = {"clip": (clip, clip_loss, clip_loss), "decoder": (decoder.unet.train(), decoder_loss, decoder_loss)}
+    out = {"clip": (clip, clip_loss, clip_loss), "decoder": (decoder.unet.train(), lambda: decoder_loss(False), lambda: decoder_loss(True))}
     for stage, sample in (("llm_pretrain", lambda r: data.pretrain(r, cfg.llm.reverse_ratio)),
                           ("llm_sft", data.instruct)):
         torch.manual_seed(4)
@@ -487,7 +479,8 @@ def bench_train(args) -> dict:
     """One training step of stages of `train.py --tiny` at its default sizes, the old recipe and the current one
     taking turns: torch's default AdamW against the fused one everywhere, and for the LLM stages one padded batch
     with the head on every position against length-grouped micro-batches with the head on labelled positions only
-    (train.llm_loss). Stages 1 and 2 change only as stage 0 does (the optimiser); LoRA as the SFT step."""
+    (train.llm_loss), the decoder in fp32 against --decoder.bf16 (bf16 autocast where the device has bf16 matrix
+    units). Stages 1 and 2 change only as stage 0 does (the optimiser); LoRA as the SFT step."""
     import train
     cfg = train.parse_config(["--tiny"])
     with tempfile.TemporaryDirectory() as folder:
