@@ -72,6 +72,26 @@ def test_the_text_towers_read_one_token_per_word():
 def test_the_tiny_decoder_draws_from_the_tiny_embedding():
     assert DecoderConfig.preset("tiny").embed_dim == SeedConfig.preset("tiny").embed_dim
 
+def test_decoder_loss_under_bf16_autocast_stays_close_to_fp32(monkeypatch):
+    """--decoder.bf16 runs the UNet under bf16 autocast only where weights.bf16_matrix_units says so; the loss and
+    the gradients stay fp32 and close to the fp32 step's. Forced on here, so that every CPU checks the bf16 path."""
+    torch.manual_seed(0)
+    decoder = UnCLIPDecoder(DecoderConfig.preset("tiny"))
+    images, embeds = world.build_world().images[:8], torch.randn(8, decoder.config.embed_dim)
+    alphas = train.unet.scaled_linear_alphas_cumprod()
+    monkeypatch.setattr(train.weights, "bf16_matrix_units", lambda device: True)
+    losses, grads = {}, {}
+    for bf16 in (False, True):
+        cfg = train.dataclasses.replace(train.DecoderStageConfig(), bf16=bf16)
+        decoder.zero_grad()
+        losses[bf16] = train.decoder_loss(decoder, images, embeds, cfg, alphas, torch.Generator().manual_seed(1))
+        losses[bf16].backward()
+        grads[bf16] = torch.cat([p.grad.flatten() for p in decoder.unet.parameters() if p.grad is not None])
+    assert losses[True].dtype == torch.float32 and grads[True].dtype == torch.float32
+    assert losses[True].item() != losses[False].item()  # the bf16 path did run
+    assert abs(losses[True].item() - losses[False].item()) < 0.02 * losses[False].item()
+    assert torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0) > 0.98
+
 # --- the shapes world ----------------------------------------------------------------------------------------------
 
 def test_world_follows_the_spec_and_is_deterministic():
