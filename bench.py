@@ -465,7 +465,8 @@ def train_stage_losses(cfg, folder: Path) -> dict:
     tok = train.build_llm_tokenizer(folder, 256, cfg.llm.text_vocab_size)
     data = train.LLMData(world, torch.randint(256, (len(world.images), 32)), train.SequenceBuilder(tok))
     rng = random.Random(0)
-    out = {"clip": (clip, clip_loss, clip_loss), "decoder": (decoder.unet.train(), lambda: decoder_loss(False), lambda: decoder_loss(True))}
+    out = {"clip": (clip, clip_loss, clip_loss),
+           "decoder": (decoder.unet.train(), lambda: decoder_loss(False), lambda: decoder_loss(True))}
     for stage, sample in (("llm_pretrain", lambda r: data.pretrain(r, cfg.llm.reverse_ratio)),
                           ("llm_sft", data.instruct)):
         torch.manual_seed(4)
@@ -477,10 +478,9 @@ def train_stage_losses(cfg, folder: Path) -> dict:
 
 def bench_train(args) -> dict:
     """One training step of stages of `train.py --tiny` at its default sizes, the old recipe and the current one
-    taking turns: torch's default AdamW against the fused one everywhere, and for the LLM stages one padded batch
-    with the head on every position against length-grouped micro-batches with the head on labelled positions only
-    (train.llm_loss), the decoder in fp32 against --decoder.bf16 (bf16 autocast where the device has bf16 matrix
-    units). Stages 1 and 2 change only as stage 0 does (the optimiser); LoRA as the SFT step."""
+    taking turns: default against fused AdamW everywhere; the decoder in fp32 against --decoder.bf16; the LLM stages
+    one padded batch with the head on every position against length-grouped micro-batches with the head on labelled
+    positions only (train.llm_loss). Stages 1 and 2 change as stage 0 does (the optimiser); LoRA as the SFT step."""
     import train
     cfg = train.parse_config(["--tiny"])
     with tempfile.TemporaryDirectory() as folder:

@@ -124,7 +124,7 @@ class DecoderStageConfig:
     guidance: float = 2.5
     eval_images: int = 150     # reconstructions judged for the decoder metric (test images, one per combination)
     bf16: bool = True          # the UNet's training step under bf16 autocast where weights.bf16_matrix_units (AMX,
-    #                            CUDA): 1.8x faster on AMX, judged the same (README); fp32 on other devices
+    #                            CUDA): 1.75x a step on AMX, judged the same (README); fp32 on other devices
 
 @dataclass
 class LLMConfig:

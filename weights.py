@@ -72,7 +72,7 @@ def fast_cpu_bf16() -> bool:
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 def inference_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
-    """`pick_dtype`, except bf16 on a CPU with `fast_cpu_bf16` (for inference; training stays in fp32 there)."""
+    """`pick_dtype`, except bf16 on a CPU with `fast_cpu_bf16` (for inference; training: `bf16_matrix_units`)."""
     return torch.bfloat16 if device.type == "cpu" and fast_cpu_bf16() else pick_dtype(device, stored)
 
 def bf16_matrix_units(device: torch.device) -> bool:
