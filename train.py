@@ -1567,8 +1567,8 @@ def draw_code_loss(by_position: dict[str, list[float]]) -> Image.Image:
         pts = [(box[0] + (box[2] - box[0]) * q / (len(values) - 1), box[3] - (box[3] - box[1]) * v / hi)
                for q, v in enumerate(values)]
         draw.line(pts, fill=palette[n % 4], width=2)
-        draw.text((left, H + 20 * n), f"{name}: mean {sum(values[:-1]) / (len(values) - 1):.3f} over the 32 codes",
-                  fill=palette[n % 4], font=f)
+        draw.text((left, H + 20 * n), f"{name}: mean {sum(values) / len(values):.3f} over the span "
+                  "(metrics.json's image_code_loss)", fill=palette[n % 4], font=f)
     for t in range(5):
         y = box[3] - (box[3] - box[1]) * t / 4
         draw.text((4, y - 7), f"{hi * t / 4:.2f}", fill=(0, 0, 0), font=f)
