@@ -384,7 +384,7 @@ def gpu_llm(llm: llama.Llama, device, args) -> tuple[list[dict], float]:
             t = best_times(llm_runs(compiled, prompt, new_tokens), args.repeats)
             rows += llm_rows(t, compiled, prompt_len, new_tokens, bytes_of, bandwidth)
     llm.__dict__.pop("decode_step", None)  # back to the eager step: the pipeline runs as sample.py does by default
-    llm.cache_len = None
+    llm.compiled = False
     torch._dynamo.reset()  # and the compiled graphs' memory is not counted in the pipeline's peak
     return rows, bandwidth
 

@@ -166,24 +166,35 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # views (B, nkv, end, hs): no copy
 
+def matvec(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """weight @ x for one row x (..., in) as a multiply-and-sum in fp32, for the CPU under torch.compile: inductor
+    turns it into one reduction kernel that streams the weight once, split over every thread, and upcasts int8
+    or bf16 weights inside it (scales: the per-row factors of int8 weights). MKL's gemv runs one row on one
+    thread on some CPUs (half the memory bandwidth of two cores); eager, this would materialise weight * x."""
+    y = (weight.float() * x.reshape(1, -1).float()).sum(-1)
+    return (y if scales is None else y * scales.float()).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
 class Linear(nn.Linear):
-    """nn.Linear without bias, except that one row of bf16 activations on the CPU goes through torch.mv: decoding
-    one token is exactly that, and there oneDNN's bf16 GEMM streams the weights at about 2/3 of mv's rate (AVX512,
-    torch 2.13; `python bench.py llama` shows the result)."""
+    """nn.Linear without bias, with a choice of kernel for one row on the CPU (decoding one token is exactly
+    that): under torch.compile `matvec`; eager and in bf16 torch.mv, because oneDNN's bf16 GEMM streams the
+    weights at about 2/3 of mv's rate on the AMX CPU of the README's table (torch 2.13; `python bench.py llama`)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == self.in_features:
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        if x.device.type == "cpu" and x.numel() == self.in_features:
+            if torch.compiler.is_compiling():
+                return matvec(self.weight, x)
+            if x.dtype == torch.bfloat16:
+                return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights and one float scale per output channel, W ~ scales[:, None] * weight
     (weight-only quantisation as pytorch-labs/gpt-fast quantize.py WeightOnlyInt8QuantHandler). On the CPU with bf16
-    activations and a few rows (decoding) the packed int8 kernel; otherwise dequantise-and-matmul, which
-    torch.compile fuses on CUDA."""
+    activations and a few rows (decoding) the packed int8 kernel, or `matvec` under torch.compile; otherwise
+    dequantise-and-matmul, which torch.compile fuses on CUDA."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -197,6 +208,8 @@ class Int8Linear(nn.Module):
         # The packed kernel's time grows with the rows: past about 16 (a prompt) one dequantised bf16 GEMM is faster
         # (bench.py llama's prefill); torch 2.13's kernel also crashes on widths that are not multiples of 16.
         rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and rows == 1 and torch.compiler.is_compiling():
+            return matvec(self.weight, x, self.scales)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and rows <= 16:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
@@ -267,7 +280,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.cache_len = None  # KV cache slots generate makes: None = what a call needs (compile_decode: all)
+        self.compiled = False  # set by compile_decode: generate then takes the static step, on bucketed caches
         for module in self.modules():  # HF initializer_range 0.02; only matters when training from scratch
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -361,11 +374,20 @@ class Llama(nn.Module):
         return self.lm_head(self.hidden(tok[:, None], slot, pad)[:, 0])
 
     def compile_decode(self) -> Llama:
-        """Wrap decode_step in torch.compile (one graph for every step; CUDA graphs on CUDA); generate uses it."""
+        """Wrap decode_step in torch.compile (one graph for every step; CUDA graphs on CUDA); generate uses it.
+        On the CPU its one-row linears become `matvec` reductions, which stream the weights on every thread."""
         mode = "reduce-overhead" if self.lm_head.weight.device.type == "cuda" else None
         self.decode_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
-        self.cache_len = self.config.max_seq_len  # one cache shape for every call: no recompilation per prompt
+        self.compiled = True
         return self
+
+    def cache_slots(self, needed: int) -> int:
+        """KV cache length for a call that needs `needed` slots. The static step reads every slot, and each cache
+        length is one compiled graph: a power of two (at most 4 graphs up to 2048), not the whole context, whose
+        unwritten slots would be read too (at 2048 slots the bench model's fp32 cache is 134 MB per token)."""
+        if not self.compiled:
+            return needed
+        return min(max(256, 1 << (needed - 1).bit_length()), self.config.max_seq_len)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
@@ -393,7 +415,7 @@ class Llama(nn.Module):
         max_new = min(cfg.max_new_tokens, self.config.max_seq_len - idx.shape[1])  # stop at the context end
         if max_new == 0:
             return out
-        self.setup_cache(idx.shape[0], self.cache_len or idx.shape[1] + max_new)
+        self.setup_cache(idx.shape[0], self.cache_slots(idx.shape[1] + max_new))
         logits = self.prefill(idx, pad)
         return self.decode_loop(logits, out, cfg, span, idx.shape[1], pad, max_new, generator, on_token)
 
@@ -424,7 +446,7 @@ class Llama(nn.Module):
             if all(done) or step == max_new - 1:
                 break
             feed = tok.repeat(n_rows // n_prompts)  # the unconditional rows follow their conditional row
-            if self.cache_len or feed.device.type != "cpu":  # the static step: compiled, or a GPU
+            if self.compiled or feed.device.type != "cpu":  # the static step: compiled, or a GPU
                 logits = self.decode_step(feed, torch.tensor(start + step, device=feed.device), pad)
             else:  # eager on the CPU, SDPA over the filled slots alone is faster than over the masked cache
                 logits = self(feed[:, None], start + step, pad)[:, 0]

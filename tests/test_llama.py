@@ -155,6 +155,34 @@ def test_int8_close_to_float(tiny, dtype):
     expected = torch.nn.functional.linear(x.float(), layer.weight.float()) * layer.scales.float()
     torch.testing.assert_close(layer(x).float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0.02)
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_is_the_linear(dtype):
+    """llama.matvec, the one-row product the CPU decode step compiles to, equals F.linear (and int8 weights times
+    their scales); here it runs eagerly, as the same arithmetic."""
+    torch.manual_seed(8)
+    w, x = torch.randn(48, 32, dtype=dtype), torch.randn(1, 1, 32, dtype=dtype)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    torch.testing.assert_close(llama.matvec(w, x).float(), want, atol=0.02 * want.abs().max().item(), rtol=0.01)
+    q, scales = torch.randint(-127, 128, (48, 32), dtype=torch.int8), torch.rand(48, dtype=dtype)
+    want = torch.nn.functional.linear(x.float(), q.float()) * scales.float()
+    torch.testing.assert_close(llama.matvec(q, x, scales).float(), want, atol=0.02 * want.abs().max().item(),
+                               rtol=0.01)
+    assert llama.matvec(w, x).shape == (1, 1, 48)
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_cpu_decode_matches_eager(tiny):
+    """compile_decode on the CPU (inductor: the linears become matvec reductions, the cache a power of two long)
+    gives eager's greedy tokens for the float and the int8 model."""
+    torch._dynamo.reset()
+    prompt = [[3, 4, 5, 6, 7, 8]]
+    for model in (copy.deepcopy(tiny), quantize_int8(copy.deepcopy(tiny).bfloat16())):
+        eager = model.generate(prompt, max_new_tokens=8)
+        model.compile_decode()
+        assert model.cache_slots(14) == min(256, model.config.max_seq_len)
+        assert model.generate(prompt, max_new_tokens=8) == eager
+    torch._dynamo.reset()
+
 def test_int8_any_width():
     """Widths that are not a multiple of 16 (train.py's tiny FFN is 344) take the dequantising path on the CPU."""
     torch.manual_seed(7)
@@ -368,5 +396,5 @@ def test_decode_step_is_one_graph(tiny):
     for model in (copy.deepcopy(tiny), quantize_int8(copy.deepcopy(tiny))):
         eager = model.generate(prompts, max_new_tokens=6)
         model.decode_step = torch.compile(model.decode_step, backend="eager", fullgraph=True, dynamic=False)
-        model.cache_len = model.config.max_seq_len
+        model.compiled = True
         assert model.generate(prompts, max_new_tokens=6) == eager
