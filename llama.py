@@ -170,7 +170,7 @@ def matvec(weight: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = 
     """weight @ x for one row x (..., in) as a multiply-and-sum in fp32, for the CPU under torch.compile: inductor
     turns it into one reduction kernel that streams the weight once, split over every thread, and upcasts int8
     or bf16 weights inside it (scales: the per-row factors of int8 weights). MKL's gemv runs one row on one
-    thread on some CPUs (half the memory bandwidth of two cores); eager, this would materialise weight * x."""
+    thread on some CPUs (under half of what two cores read); eager, this would materialise weight * x."""
     y = (weight.float() * x.reshape(1, -1).float()).sum(-1)
     return (y if scales is None else y * scales.float()).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
