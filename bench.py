@@ -1,15 +1,17 @@
 """bench.py: speed of our models against the reference implementations, random weights, side by side in one run.
 
-    python bench.py [llama] [llama_load] [unet] [train] [gpu] [--threads 2] [--repeats 3] [--json] [--dry-run]
+    python bench.py [llama] [llama_load] [unet] [train] [gpu] [--threads 2] [--repeats 3] [--json] [--compile]
+                    [--dry-run]
 
 Each `bench_<name>(args)` builds both implementations with the same weights, checks that they agree, times them
 (best of --repeats rounds after a warm-up, the contenders taking turns within a round) and prints a table or, with
---json, returns one object for `{name: result}`. `llama`: transformers fp32 / bf16 against ours fp32 / bf16 / int8,
-with the weight bytes each decoded token streams and a memory copy timed in the same rounds, so that each decode
-rate is also a fraction of the bandwidth bound. `llama_load`: the loader's peak host RAM. `unet`: one CFG step
-against diffusers. `train`: one step of train.py's stages, the old recipe against the current one. `gpu`: the
-full-size models on CUDA (skipped without one); `--dry-run` runs `llama` and `gpu` at tiny sizes on the CPU. A
-benchmark whose reference library is absent says so and runs ours alone or is skipped. Run on a quiet machine.
+--json, returns one object for `{name: result}`. `llama`: transformers fp32 / bf16 against ours fp32 / bf16 / int8
+(with `--compile` also each of ours with its decode step compiled), with the weight bytes each decoded token
+streams and a memory copy timed in the same rounds, so that each decode rate is also a fraction of the bandwidth
+bound. `llama_load`: the loader's peak host RAM. `unet`: one CFG step against diffusers. `train`: one step of
+train.py's stages, the old recipe against the current one. `gpu`: the full-size models on CUDA (skipped without
+one); `--dry-run` runs `llama` and `gpu` at tiny sizes on the CPU. A benchmark whose reference library is absent
+says so and runs ours alone or is skipped. Run on a quiet machine.
 """
 import argparse
 import contextlib
@@ -80,13 +82,17 @@ def hf_llama_config(transformers, cfg: llama.LlamaConfig):
         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
         attn_implementation="sdpa", bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
-def llama_variants(cfg: llama.LlamaConfig, transformers) -> dict:
-    """{name: (model, dtype, is_ours)}: ours in fp32, bf16 and int8 (bf16 activations) and, when installed,
-    transformers' LlamaForCausalLM in fp32 and bf16, all with the same random weights."""
+def llama_variants(cfg: llama.LlamaConfig, transformers, compiled: bool) -> dict:
+    """{name: (model, dtype, is_ours)}: ours in fp32, bf16 and int8 (bf16 activations), each also with its decode
+    step compiled if `compiled`, and, when installed, transformers' LlamaForCausalLM in fp32 and bf16, all with the
+    same random weights."""
     torch.manual_seed(0)
     ours = llama.Llama(cfg).eval()
     out = {"ours fp32": (ours, "float32", True), "ours bf16": (copy.deepcopy(ours).bfloat16(), "bfloat16", True),
            "ours int8": (llama.quantize_int8(copy.deepcopy(ours).bfloat16()), "int8", True)}
+    if compiled:
+        out |= {f"{name} compiled": (copy.deepcopy(model).compile_decode(), dtype, True)
+                for name, (model, dtype, _) in out.items()}
     if transformers is not None:
         ref = transformers.LlamaForCausalLM(hf_llama_config(transformers, cfg)).eval()
         ref.load_state_dict(ours.state_dict())  # same key names: the same weights in both
@@ -106,7 +112,7 @@ def bench_llama(args) -> dict:
         print("llama: transformers is not installed (pip install -r requirements-dev.txt): ours only")
     cfg = llama.LlamaConfig(**(LLAMA_DRY_RUN if args.dry_run else LLAMA_BENCH))
     prompt_len, new_tokens = (16, 8) if args.dry_run else (256, 64)
-    variants = llama_variants(cfg, transformers)
+    variants = llama_variants(cfg, transformers, args.compile)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     runs, moved = copy_bandwidth_runs(2**20 if args.dry_run else 256 * 2**20)
     runs |= llm_runs({name: (m, o) for name, (m, _, o) in variants.items()}, prompt, new_tokens)
@@ -130,6 +136,10 @@ def llama_ratios(rows: list[dict]) -> dict:
     decode = {r["name"]: r["decode_tok_s"] for r in rows}
     pairs = [("ours bf16", "ours fp32"), ("ours int8", "ours fp32"), ("ours int8", "transformers bf16"),
              ("ours fp32", "transformers fp32"), ("ours bf16", "transformers bf16")]
+    pairs += [("ours bf16 compiled", "ours fp32 compiled"), ("ours int8 compiled", "ours fp32 compiled"),
+              ("ours int8 compiled", "transformers bf16"), ("ours fp32 compiled", "transformers fp32"),
+              ("ours fp32 compiled", "ours fp32"), ("ours bf16 compiled", "ours bf16"),
+              ("ours int8 compiled", "ours int8")]
     return {f"{a} / {b}": decode[a] / decode[b] for a, b in pairs if a in decode and b in decode}
 
 def llama_fixture_quality() -> dict:
@@ -518,6 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed rounds per measurement, the best kept (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object {benchmark: result} instead of "
                         "tables (llama, train, gpu)")
+    parser.add_argument("--compile", action="store_true", help="llama: also ours with the decode step compiled "
+                        "(Llama.compile_decode; about a minute of compiling first)")
     parser.add_argument("--dry-run", action="store_true", help="llama and gpu at tiny sizes on the CPU: the "
                         "logic, not the numbers (tests)")
     args = parser.parse_args(argv)

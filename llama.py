@@ -190,11 +190,16 @@ class Linear(nn.Linear):
                 return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
+# Under torch.compile an int8 one-row linear is a `matvec` only on AVX512 CPUs: on a 2-core AVX512 EPYC the compiled
+# int8 step decoded 1.75x as fast as eager with it, on a 2-core AVX2 EPYC 0.49x (0.87x with the packed kernel kept
+# inside the compiled step); README, speed section.
+INT8_MATVEC = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights and one float scale per output channel, W ~ scales[:, None] * weight
     (weight-only quantisation as pytorch-labs/gpt-fast quantize.py WeightOnlyInt8QuantHandler). On the CPU with bf16
-    activations and a few rows (decoding) the packed int8 kernel, or `matvec` under torch.compile; otherwise
-    dequantise-and-matmul, which torch.compile fuses on CUDA."""
+    activations and a few rows (decoding) the packed int8 kernel, or `matvec` under torch.compile on AVX512;
+    otherwise dequantise-and-matmul, which torch.compile fuses on CUDA."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -208,7 +213,7 @@ class Int8Linear(nn.Module):
         # The packed kernel's time grows with the rows: past about 16 (a prompt) one dequantised bf16 GEMM is faster
         # (bench.py llama's prefill); torch 2.13's kernel also crashes on widths that are not multiples of 16.
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and rows == 1 and torch.compiler.is_compiling():
+        if x.device.type == "cpu" and rows == 1 and INT8_MATVEC and torch.compiler.is_compiling():
             return matvec(self.weight, x, self.scales)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.in_features % 16 == 0 and rows <= 16:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)

@@ -1,6 +1,7 @@
 """bench.py's logic at tiny sizes (`--dry-run`): the JSON of `bench.py llama --json`, `bench.py gpu` on the CPU,
 and a --help that shows the defaults. The numbers themselves are for a quiet machine, not for tests."""
 import json
+import shutil
 
 import pytest
 
@@ -32,6 +33,17 @@ def test_llama_json_schema(capsys):
     for kind in ("bf16", "int8"):
         quality = result["fixture"][kind]
         assert 0 <= quality["greedy_same"] <= quality["greedy_of"] == 16 and quality["max_logit_drift"] >= 0
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_llama_compile_rows(capsys):
+    """--compile adds each of ours with its decode step compiled: same bytes per token, fp32's greedy tokens kept."""
+    result = run_json(capsys, "llama", "--compile")["llama"]
+    rows = {r["name"]: r for r in result["rows"]}
+    for name in ("ours fp32", "ours bf16", "ours int8"):
+        assert rows[f"{name} compiled"]["weight_bytes_per_token"] == rows[name]["weight_bytes_per_token"]
+    assert rows["ours fp32 compiled"]["greedy_same_as_ours_fp32"] == result["new_tokens"] + 1
+    assert {"ours int8 compiled / ours fp32 compiled", "ours fp32 compiled / ours fp32"} <= set(result["ratios"])
 
 def test_gpu_dry_run(capsys):
     result = run_json(capsys, "gpu")["gpu"]

@@ -172,8 +172,9 @@ def test_matvec_is_the_linear(dtype):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
 def test_compiled_cpu_decode_matches_eager(tiny):
-    """compile_decode on the CPU (inductor: the linears become matvec reductions, the cache a power of two long)
-    gives eager's greedy tokens for the float and the int8 model."""
+    """compile_decode on the CPU (inductor: the float linears become matvec reductions, the int8 ones too on AVX512
+    and the packed kernel elsewhere; the cache a power of two long) gives eager's greedy tokens for the float and
+    the int8 model."""
     torch._dynamo.reset()
     prompt = [[3, 4, 5, 6, 7, 8]]
     for model in (copy.deepcopy(tiny), quantize_int8(copy.deepcopy(tiny).bfloat16())):

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["weights.py", "tokenizer.py", "world.py", "vq.py", "qformer.py", "llama.py", "unet.py", "seed.py"]
 SCRIPTS = ["train.py", "sample.py", "bench.py"]
-LINE_BUDGET = 7075  # every top-level module together
+LINE_BUDGET = 7095  # every top-level module together
 OURS = {Path(m).stem for m in MODELS + SCRIPTS}
 # What each module may import from this repository (the design card's "house").
 ALLOWED_LOCAL = {
